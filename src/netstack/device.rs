@@ -1,0 +1,97 @@
+//! The smoltcp [`Device`] a flow is polled with: at most one inbound packet, and the
+//! stack's shared outbound [`PacketQueue`].
+
+use bytes::{Bytes, BytesMut};
+use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::time::Instant;
+
+use super::queue::PacketQueue;
+
+/// A device for one poll of one flow.
+pub(crate) struct FlowDevice<'a> {
+    inbound: Option<Bytes>,
+    outbound: &'a PacketQueue,
+    mtu: usize,
+    /// Set when egress was refused because the outbound queue was full.
+    pub(crate) refused: bool,
+}
+
+impl<'a> FlowDevice<'a> {
+    pub(crate) fn new(inbound: Option<Bytes>, outbound: &'a PacketQueue, mtu: usize) -> Self {
+        FlowDevice {
+            inbound,
+            outbound,
+            mtu,
+            refused: false,
+        }
+    }
+}
+
+/// The capabilities of every device of the inner link: IP medium, a large MTU and no
+/// checksums (the TLS link below already guarantees integrity).
+pub(crate) fn capabilities(mtu: usize) -> DeviceCapabilities {
+    let mut caps = DeviceCapabilities::default();
+    caps.medium = Medium::Ip;
+    caps.max_transmission_unit = mtu;
+    caps.checksum = ChecksumCapabilities::ignored();
+    caps
+}
+
+impl Device for FlowDevice<'_> {
+    type RxToken<'a>
+        = InboundToken
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = OutboundToken<'a>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _now: Instant) -> Option<(InboundToken, OutboundToken<'_>)> {
+        let packet = self.inbound.take()?;
+        let reply = OutboundToken {
+            queue: self.outbound,
+            reply: true,
+        };
+        Some((InboundToken(packet), reply))
+    }
+
+    fn transmit(&mut self, _now: Instant) -> Option<OutboundToken<'_>> {
+        if !self.outbound.has_room() {
+            self.refused = true;
+            return None;
+        }
+        Some(OutboundToken {
+            queue: self.outbound,
+            reply: false,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        capabilities(self.mtu)
+    }
+}
+
+/// Hands one inbound packet to smoltcp.
+pub(crate) struct InboundToken(Bytes);
+
+impl RxToken for InboundToken {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+/// Builds one outbound packet and appends it to the queue.
+pub(crate) struct OutboundToken<'a> {
+    queue: &'a PacketQueue,
+    reply: bool,
+}
+
+impl TxToken for OutboundToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut packet = BytesMut::zeroed(len);
+        let result = f(&mut packet);
+        self.queue.push(packet.freeze(), self.reply);
+        result
+    }
+}

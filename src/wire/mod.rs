@@ -1,0 +1,81 @@
+//! The frame format of the agent link.
+//!
+//! Agent and relay talk over one TLS connection carrying a stream of frames: control
+//! messages and raw IP packets. This module only turns bytes into [`Frame`]s and back;
+//! it does no I/O, so a driver reads into a [`BytesMut`](bytes::BytesMut), calls
+//! [`Frame::parse`] until it returns `Ok(None)`, and writes what [`Frame::encode`]
+//! (or [`packet_header`] followed by the packet itself) produces.
+//!
+//! # Frame layout
+//!
+//! Every frame is a 5-byte header followed by its payload:
+//!
+//! | offset | size     | field    | meaning                                                        |
+//! |--------|----------|----------|----------------------------------------------------------------|
+//! | 0      | 1        | `kind`   | which frame this is, see below                                 |
+//! | 1      | 4        | `length` | payload length in bytes, big-endian, header not included       |
+//! | 5      | `length` | payload  | the fields of the frame kind, in order                         |
+//!
+//! Integers are big-endian. `str16` is a `u16` byte length followed by that many bytes
+//! of UTF-8; `bytes16` is a `u16` length followed by that many raw bytes.
+//!
+//! | kind   | frame              | direction     | payload fields                                                                                 |
+//! |--------|--------------------|---------------|------------------------------------------------------------------------------------------------|
+//! | `0x01` | [`Hello`]          | agent → relay | `version: u16`, `token: str16`, `resume: bytes16` (resume ticket, may be empty)                |
+//! | `0x02` | [`Welcome`]        | relay → agent | `version: u16`, `ticket: bytes16`                                                              |
+//! | `0x03` | [`ForwardRequest`] | agent → relay | `request_id: u32`, `port: u16`, `flags: u8` (bit 0 unencrypted, bit 1 h2, others 0)            |
+//! | `0x04` | [`Forwarded`]      | relay → agent | `request_id: u32`, `port: u16`, `hostname: str16`, `tls_port: u16`, `tcp_port: u16` (0 = none) |
+//! | `0x05` | [`Frame::Close`]   | both          | `port: u16`                                                                                    |
+//! | `0x06` | [`ErrorFrame`]     | both          | `request_id: u32` (0 = the whole link), `code: u16`, `message: str16`                          |
+//! | `0x07` | [`Frame::Ping`]    | both          | `nonce: u64`                                                                                   |
+//! | `0x08` | [`Frame::Pong`]    | both          | `nonce: u64`                                                                                   |
+//! | `0x10` | [`Frame::Packet`]  | both          | the whole payload is one raw IP packet, 1 to 65 535 bytes                                      |
+//!
+//! A control frame (every kind but `Packet`) must end exactly after its last field. The
+//! encoding is canonical: every frame that parses re-encodes to exactly the same bytes.
+//! The link speaks [`PROTOCOL_VERSION`], sent in [`Hello`] and [`Welcome`].
+//!
+//! # Bounds
+//!
+//! A payload is at most [`MAX_PAYLOAD_LEN`] bytes, so a reader never buffers more than
+//! `HEADER_LEN + MAX_PAYLOAD_LEN` bytes of one frame. A longer `length` is
+//! rejected with [`FrameError::TooLong`] as soon as the header is in, before any of the
+//! payload is awaited, and an unknown `kind` as soon as its byte is in. Nothing is
+//! allocated from a length field until the bytes it counts are present. Parsing never
+//! panics; on any error the link should be closed.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use portferry::wire::Frame;
+//!
+//! let mut buf = BytesMut::new();
+//! Frame::Ping(7).encode(&mut buf);
+//! Frame::Close { port: 8080 }.encode(&mut buf);
+//!
+//! assert_eq!(Frame::parse(&mut buf), Ok(Some(Frame::Ping(7))));
+//! assert_eq!(Frame::parse(&mut buf), Ok(Some(Frame::Close { port: 8080 })));
+//! assert_eq!(Frame::parse(&mut buf), Ok(None));
+//! ```
+
+mod control;
+mod error;
+mod field;
+mod frame;
+
+#[cfg(test)]
+mod tests;
+
+pub use control::{ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Hello, Welcome};
+pub use error::FrameError;
+pub use frame::{packet_header, Frame, FrameKind};
+
+/// Size of the frame header: one `kind` byte and a big-endian `u32` payload length.
+pub const HEADER_LEN: usize = 5;
+
+/// Largest payload a frame may carry: the largest IP packet.
+pub const MAX_PAYLOAD_LEN: usize = 65_535;
+
+/// Version of this frame format, exchanged in [`Hello`] and [`Welcome`].
+pub const PROTOCOL_VERSION: u16 = 1;

@@ -1,0 +1,304 @@
+//! Two userspace stacks back to back in memory: the relay side opens inner
+//! connections, the agent side accepts them and splices them to real loopback TCP
+//! services.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use portferry::netstack::{ConnectError, InnerStream, Stack, StackConfig};
+use portferry::splice::forward_to;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+/// Upper bound for any single test step: a hang fails the test instead of the CI job.
+const STEP: Duration = Duration::from_secs(60);
+
+/// A relay-side and an agent-side stack joined by an in-memory link.
+fn linked_stacks() -> (Stack, Stack) {
+    let relay = Stack::new(StackConfig::relay());
+    let agent = Stack::new(StackConfig::agent());
+    tokio::spawn(portferry::netstack::connect_in_memory(
+        relay.clone(),
+        agent.clone(),
+    ));
+    (relay, agent)
+}
+
+/// A loopback TCP echo service: echoes until EOF, then closes its write side.
+async fn echo_service() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.split();
+                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
+                    let _ = writer.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Agent side forwards inner `port` to `target`, as a tunnel would.
+fn forward(agent: &Stack, port: u16, target: SocketAddr) {
+    let listener = agent.listen(port).unwrap();
+    tokio::spawn(forward_to(listener, target, Duration::from_secs(5)));
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), distinct per seed.
+fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends `data` through `stream` while reading the echo; returns what came back.
+async fn echo_through(stream: InnerStream, data: &[u8]) -> Vec<u8> {
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let send = async {
+        for chunk in data.chunks(256 * 1024) {
+            writer.write_all(chunk).await.unwrap();
+        }
+        writer.shutdown().await.unwrap();
+    };
+    let receive = async {
+        let mut echoed = Vec::with_capacity(data.len());
+        reader.read_to_end(&mut echoed).await.unwrap();
+        echoed
+    };
+    let ((), echoed) = tokio::join!(send, receive);
+    echoed
+}
+
+/// Waits until both stacks have forgotten every flow.
+async fn until_no_flows(relay: &Stack, agent: &Stack) {
+    timeout(STEP, async {
+        while relay.stats().flows + agent.stats().flows > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "flows leaked: relay {:?}, agent {:?}",
+            relay.stats(),
+            agent.stats()
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_256_mib_through_one_connection_intact() {
+    let (relay, agent) = linked_stacks();
+    forward(&agent, 8000, echo_service().await);
+    let data = pseudo_random(1, 256 << 20);
+    let stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let echoed = timeout(STEP * 4, echo_through(stream, &data))
+        .await
+        .unwrap();
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "echoed bytes differ");
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_1000_concurrent_connections() {
+    let (relay, agent) = linked_stacks();
+    forward(&agent, 8000, echo_service().await);
+    let clients: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let relay = relay.clone();
+            tokio::spawn(async move {
+                let data = pseudo_random(i, 16 * 1024 + i as usize);
+                let stream = relay.connect(8000).await.unwrap();
+                assert!(
+                    echo_through(stream, &data).await == data,
+                    "connection {i} got wrong bytes"
+                );
+            })
+        })
+        .collect();
+    timeout(STEP * 2, async {
+        for client in clients {
+            client.await.unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        agent.stats().refused_syns,
+        0,
+        "a SYN of the burst was refused"
+    );
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_still_delivers_the_whole_response() {
+    let (relay, agent) = linked_stacks();
+    // A service that answers only after the request's EOF.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        let mut response = request.clone();
+        response.reverse();
+        stream.write_all(&pseudo_random(7, 3 << 20)).await.unwrap();
+        stream.write_all(&response).await.unwrap();
+    });
+    forward(&agent, 8000, addr);
+
+    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    stream.write_all(b"request body").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut response = Vec::new();
+    timeout(STEP, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut expected = pseudo_random(7, 3 << 20);
+    expected.extend_from_slice(b"ydob tseuqer");
+    assert!(response == expected, "response differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_is_refused_when_nothing_listens_locally() {
+    let (relay, agent) = linked_stacks();
+    // A loopback port with nothing listening on it.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    forward(&agent, 8000, closed);
+    let result = timeout(STEP, relay.connect(8000))
+        .await
+        .expect("connect hung");
+    assert_eq!(result.unwrap_err(), ConnectError::Refused);
+
+    // And a port the agent does not forward at all.
+    let result = timeout(STEP, relay.connect(8001))
+        .await
+        .expect("connect hung");
+    assert_eq!(result.unwrap_err(), ConnectError::Refused);
+    assert_eq!(agent.stats().refused_syns, 1);
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_by_the_local_service_reaches_the_inner_client() {
+    let (relay, agent) = linked_stacks();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut byte = [0; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        stream.set_zero_linger().unwrap();
+    });
+    forward(&agent, 8000, addr);
+    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    stream.write_all(b"x").await.unwrap();
+    let mut buf = [0; 16];
+    let error = timeout(STEP, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    drop(stream);
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_by_the_inner_client_reaches_the_local_service() {
+    let (relay, agent) = linked_stacks();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0; 16];
+        let first = stream.read(&mut buf).await.map(|n| buf[..n].to_vec());
+        let second = stream.read(&mut buf).await;
+        let _ = seen_tx.send((first.unwrap(), second));
+    });
+    forward(&agent, 8000, addr);
+    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    stream.write_all(b"hi").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stream.abort();
+    let (first, second) = timeout(STEP, seen_rx).await.unwrap().unwrap();
+    assert_eq!(first, b"hi");
+    assert_eq!(
+        second.unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_does_not_stall_another_connection() {
+    let (relay, agent) = linked_stacks();
+    forward(&agent, 8000, echo_service().await);
+
+    // This client writes until every buffer on the way is full and never reads.
+    let mut stalled = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let junk = pseudo_random(3, 64 * 1024);
+    let filled = timeout(Duration::from_secs(2), async {
+        loop {
+            stalled.write_all(&junk).await.unwrap();
+        }
+    })
+    .await;
+    assert!(filled.is_err(), "the stalled connection never filled up");
+
+    let data = pseudo_random(4, 64 << 20);
+    let stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let echoed = timeout(STEP * 2, echo_through(stream, &data))
+        .await
+        .expect("stalled by the other connection");
+    assert!(echoed == data, "echoed bytes differ");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_stack_resets_its_connections() {
+    let (relay, agent) = linked_stacks();
+    forward(&agent, 8000, echo_service().await);
+    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    relay.close();
+    let mut buf = [0; 4];
+    let error = timeout(STEP, stream.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    assert_eq!(relay.connect(8000).await.unwrap_err(), ConnectError::Closed);
+    // The agent's end of the link sees the link close and resets its side too.
+    until_no_flows(&relay, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_kernel_echo_baseline_sanity() {
+    // The echo service itself behaves as the tests above assume.
+    let addr = echo_service().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    assert_eq!(out, b"ping");
+}
