@@ -27,6 +27,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent;
+pub mod demo;
+mod error;
+pub mod link;
 pub mod netstack;
+pub mod relay;
 pub mod splice;
+pub mod tls;
+pub mod token;
 pub mod wire;
+
+pub use agent::{
+    forward, forward_with, Agent, AgentConfig, ForwardOptions, Tunnel, TunnelListener, TunnelStream,
+};
+pub use error::{parse_port, Error};

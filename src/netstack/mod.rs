@@ -601,7 +601,7 @@ async fn pump(from: Stack, to: Stack) {
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data
 /// consistent, so a panic elsewhere must not cascade.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -1,0 +1,355 @@
+//! The agent link: one connection (TLS in production) carrying control frames and the
+//! raw IP packets of a [`Stack`] between agent and relay.
+//!
+//! [`FrameReader`] and [`FrameWriter`] move [`Frame`]s over any tokio byte stream;
+//! [`run`] drives an established link: inbound packets go to the stack's ingress,
+//! outbound packets are drained from the stack's queue and written in batches (one
+//! flush, so one TLS record run and one syscall, per batch), control frames pass
+//! through bounded channels, and heartbeats detect a dead peer.
+//!
+//! # Bounds and timeouts
+//! The reader buffers at most one frame (`HEADER_LEN + MAX_PAYLOAD_LEN` bytes) beyond
+//! what it has parsed; the writer's batch is at most [`LinkConfig::write_batch_bytes`]
+//! plus one frame. A link on which nothing arrives for [`LinkConfig::idle_timeout`], or
+//! whose writes make no progress for as long, is closed; each side sends a ping every
+//! [`LinkConfig::ping_interval`], so a live but quiet link is never idle that long.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use crate::netstack::Stack;
+use crate::wire::{packet_header, Frame, FrameError, HEADER_LEN, MAX_PAYLOAD_LEN};
+
+/// Timing and batching of a link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// How often each side sends a ping.
+    pub ping_interval: Duration,
+    /// A link with no inbound frame, or no write progress, for this long is dead.
+    pub idle_timeout: Duration,
+    /// Bytes of frames collected before they are written out in one go.
+    pub write_batch_bytes: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        LinkConfig {
+            ping_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+            write_batch_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Why a link ended other than by an orderly close.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// Reading or writing the connection failed.
+    Io(io::Error),
+    /// The peer sent a malformed frame.
+    Frame(FrameError),
+    /// The connection ended in the middle of a frame.
+    Truncated,
+    /// Nothing arrived from the peer (or no write went through) within the idle
+    /// timeout: the peer or the network is gone.
+    Idle(Duration),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Io(e) => write!(f, "link I/O failed: {e}"),
+            LinkError::Frame(e) => write!(f, "peer sent a malformed frame: {e}"),
+            LinkError::Truncated => f.write_str("link closed in the middle of a frame"),
+            LinkError::Idle(d) => write!(f, "link idle for {d:?}: peer unreachable"),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LinkError::Io(e) => Some(e),
+            LinkError::Frame(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        LinkError::Io(e)
+    }
+}
+
+impl From<FrameError> for LinkError {
+    fn from(e: FrameError) -> Self {
+        LinkError::Frame(e)
+    }
+}
+
+/// Reads frames off a byte stream.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps a stream.
+    pub fn new(io: R) -> Self {
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(2 * (HEADER_LEN + MAX_PAYLOAD_LEN)),
+        }
+    }
+
+    /// Reads the next frame; `Ok(None)` when the stream ends cleanly between frames.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, LinkError> {
+        loop {
+            if let Some(frame) = Frame::parse(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            // `parse` has checked the header, so this reserve is bounded by one frame.
+            self.buf.reserve(HEADER_LEN + MAX_PAYLOAD_LEN);
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(LinkError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Like [`read_frame`](Self::read_frame), failing with [`LinkError::Idle`] after `limit`.
+    pub async fn read_frame_within(&mut self, limit: Duration) -> Result<Option<Frame>, LinkError> {
+        timeout(limit, self.read_frame())
+            .await
+            .map_err(|_| LinkError::Idle(limit))?
+    }
+}
+
+/// Collects frames into a batch and writes it to a byte stream.
+#[derive(Debug)]
+pub struct FrameWriter<W> {
+    io: W,
+    batch: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps a stream.
+    pub fn new(io: W) -> Self {
+        FrameWriter {
+            io,
+            batch: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Adds a frame to the batch.
+    pub fn push(&mut self, frame: &Frame) {
+        frame.encode(&mut self.batch);
+    }
+
+    /// Adds an IP packet to the batch as a `Packet` frame (1 to 65535 bytes).
+    pub fn push_packet(&mut self, packet: &Bytes) {
+        self.batch.extend_from_slice(&packet_header(packet.len()));
+        self.batch.extend_from_slice(packet);
+    }
+
+    /// Bytes waiting in the batch.
+    pub fn batched(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Writes the batch out and flushes the stream.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.batch.is_empty() {
+            self.io.write_all(&self.batch).await?;
+            self.batch.clear();
+        }
+        self.io.flush().await
+    }
+
+    /// Writes one frame and flushes.
+    pub async fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        self.push(frame);
+        self.flush().await
+    }
+
+    /// Like [`flush`](Self::flush), failing with [`LinkError::Idle`] after `limit`.
+    pub async fn flush_within(&mut self, limit: Duration) -> Result<(), LinkError> {
+        timeout(limit, self.flush())
+            .await
+            .map_err(|_| LinkError::Idle(limit))?
+            .map_err(LinkError::Io)
+    }
+
+    /// Shuts the stream down after writing what is batched.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.flush().await?;
+        self.io.shutdown().await
+    }
+}
+
+/// Control frames received on a link, for the session that owns it.
+pub type ControlReceiver = mpsc::Receiver<Frame>;
+/// Sends control frames on a link; dropping every sender closes the link.
+pub type ControlSender = mpsc::Sender<Frame>;
+
+/// Capacity of the control channels in each direction.
+pub const CONTROL_QUEUE: usize = 64;
+
+/// Drives an established link until it closes or fails, then closes `stack` (which
+/// resets every connection on it).
+///
+/// Packets move between the link and `stack`; pings are answered here; every other
+/// inbound frame is passed to `inbound`, and frames from `outbound` are sent. The link
+/// closes cleanly when the peer closes it or when every [`ControlSender`] of
+/// `outbound` is dropped.
+pub async fn run<R, W>(
+    mut reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    stack: Stack,
+    inbound: mpsc::Sender<Frame>,
+    mut outbound: ControlReceiver,
+    config: LinkConfig,
+) -> Result<(), LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (pong_tx, mut pong_rx) = mpsc::channel::<u64>(8);
+    let read_side = async {
+        loop {
+            match reader.read_frame_within(config.idle_timeout).await? {
+                None => return Ok(()),
+                // Drops are counted by the stack.
+                Some(Frame::Packet(packet)) => drop(stack.ingress(packet)),
+                // A peer flooding pings gets only what fits; liveness is shown anyway.
+                Some(Frame::Ping(nonce)) => drop(pong_tx.try_send(nonce)),
+                Some(Frame::Pong(_)) => {}
+                Some(control) => {
+                    if inbound.send(control).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    let write_side = async {
+        let mut ping = tokio::time::interval(config.ping_interval);
+        let mut nonce = 0u64;
+        let mut packets = Vec::with_capacity(256);
+        loop {
+            tokio::select! {
+                biased;
+                frame = outbound.recv() => match frame {
+                    Some(frame) => writer.push(&frame),
+                    None => {
+                        writer.flush_within(config.idle_timeout).await?;
+                        return Ok(());
+                    }
+                },
+                Some(nonce) = pong_rx.recv() => writer.push(&Frame::Pong(nonce)),
+                _ = ping.tick() => {
+                    nonce += 1;
+                    writer.push(&Frame::Ping(nonce));
+                }
+                n = stack.outbound().drain(&mut packets, 256) => {
+                    if n == 0 {
+                        writer.flush_within(config.idle_timeout).await?;
+                        return Ok(());
+                    }
+                }
+            }
+            // Take whatever else is ready now, so that one flush carries it all.
+            loop {
+                for packet in packets.drain(..) {
+                    writer.push_packet(&packet);
+                }
+                if writer.batched() >= config.write_batch_bytes {
+                    break;
+                }
+                let more = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, 256))
+                })
+                .await;
+                if !matches!(more, std::task::Poll::Ready(n) if n > 0) {
+                    break;
+                }
+            }
+            writer.flush_within(config.idle_timeout).await?;
+        }
+    };
+    let result = tokio::select! {
+        result = read_side => result,
+        result = write_side => result,
+    };
+    stack.close();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_through_a_stream() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut writer = FrameWriter::new(a);
+        let mut reader = FrameReader::new(b);
+        writer.push(&Frame::Ping(1));
+        writer.push_packet(&Bytes::from_static(&[0x45; 100]));
+        writer.shutdown().await.unwrap();
+        assert_eq!(reader.read_frame().await.unwrap(), Some(Frame::Ping(1)));
+        assert_eq!(
+            reader.read_frame().await.unwrap(),
+            Some(Frame::Packet(Bytes::from_static(&[0x45; 100])))
+        );
+        assert_eq!(reader.read_frame().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_frame_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut encoded = BytesMut::new();
+        Frame::Ping(1).encode(&mut encoded);
+        a.write_all(&encoded[..encoded.len() - 1]).await.unwrap();
+        drop(a);
+        let mut reader = FrameReader::new(b);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(LinkError::Truncated)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_rejected_from_its_header() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff]).await.unwrap();
+        let mut reader = FrameReader::new(b);
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(LinkError::Frame(FrameError::TooLong { .. }))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_detected() {
+        let (_a, b) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(b);
+        let limit = Duration::from_secs(15);
+        assert!(matches!(
+            reader.read_frame_within(limit).await,
+            Err(LinkError::Idle(_))
+        ));
+    }
+}
