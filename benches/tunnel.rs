@@ -1,0 +1,323 @@
+//! End-to-end benchmark: a relay, an agent and loopback services in one process,
+//! measured against direct loopback TCP in the same run. Prints one table.
+//!
+//! `cargo bench --bench tunnel` (set `PORTFERRY_BENCH_MIB` to change the bulk size).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
+use portferry::token::Token;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+/// Round trips timed per latency figure.
+const ROUND_TRIPS: usize = 2_000;
+/// New connections timed per setup figure.
+const CONNECTIONS: usize = 300;
+/// `forward()` calls timed.
+const FORWARDS: usize = 50;
+
+fn main() {
+    // `cargo bench` passes `--bench`; this program takes no other arguments.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(run());
+}
+
+/// Everything the measurements need, set up once.
+struct Setup {
+    agent: Agent,
+    tls: TlsConnector,
+    echo: SocketAddr,
+    sink: SocketAddr,
+    hello: SocketAddr,
+}
+
+async fn run() {
+    let state = std::env::temp_dir().join(format!("portferry-bench-{}", std::process::id()));
+    let pki = portferry::tls::local_pki(&state, LOCAL_DOMAIN).expect("local PKI");
+    let token = Token::generate();
+    let relay = Relay::bind(RelayConfig::local(
+        pki.identity.clone(),
+        vec![token.clone()],
+        0,
+        0,
+    ))
+    .await
+    .expect("relay");
+    let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
+    config.relay_ca = Some(pki.ca_cert_path.clone());
+    tokio::spawn(relay.run());
+    let setup = Setup {
+        agent: Agent::connect(config).await.expect("agent"),
+        tls: TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"])),
+        echo: start_service(echo).await,
+        sink: start_service(sink).await,
+        hello: portferry::demo::start_hello_service()
+            .await
+            .expect("hello service"),
+    };
+    let mib: usize = std::env::var("PORTFERRY_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let bulk = mib << 20;
+
+    let options = ForwardOptions {
+        unencrypted: true,
+        ..ForwardOptions::default()
+    };
+    let echo_tunnel = setup
+        .agent
+        .forward_with(setup.echo.port(), options.clone())
+        .await
+        .unwrap();
+    let sink_tunnel = setup
+        .agent
+        .forward_with(setup.sink.port(), options)
+        .await
+        .unwrap();
+    let echo_raw = raw_addr(&echo_tunnel);
+    let sink_raw = raw_addr(&sink_tunnel);
+
+    println!("portferry end-to-end benchmark ({mib} MiB bulk, {ROUND_TRIPS} round trips, {CONNECTIONS} connections)");
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "measure", "direct TCP", "tunnel", "ratio"
+    );
+
+    let direct = throughput(bulk, || TcpStream::connect(setup.sink)).await;
+    let raw = throughput(bulk, || TcpStream::connect(sink_raw)).await;
+    let https = throughput(bulk, || tls_connect(&setup, &sink_tunnel)).await;
+    row_rate("single-stream throughput, raw TCP tunnel", direct, raw);
+    row_rate("single-stream throughput, HTTPS tunnel", direct, https);
+
+    let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap()).await;
+    let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
+    let https = round_trips(tls_connect(&setup, &echo_tunnel).await.unwrap()).await;
+    row_time(
+        "64-byte round trip p50, raw TCP tunnel",
+        direct.p(50),
+        raw.p(50),
+    );
+    row_time(
+        "64-byte round trip p99, raw TCP tunnel",
+        direct.p(99),
+        raw.p(99),
+    );
+    row_time(
+        "64-byte round trip p50, HTTPS tunnel",
+        direct.p(50),
+        https.p(50),
+    );
+
+    let direct = connection_setup(|| TcpStream::connect(setup.echo)).await;
+    let raw = connection_setup(|| TcpStream::connect(echo_raw)).await;
+    let https = connection_setup(|| tls_connect(&setup, &echo_tunnel)).await;
+    row_time(
+        "connect + first echo p50, raw TCP tunnel",
+        direct.p(50),
+        raw.p(50),
+    );
+    row_time(
+        "connect + first echo p99, raw TCP tunnel",
+        direct.p(99),
+        raw.p(99),
+    );
+    row_time(
+        "connect + TLS + first echo p50, HTTPS",
+        direct.p(50),
+        https.p(50),
+    );
+
+    let forwards = forward_until_answer(&setup).await;
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "forward() until the URL answers, p50",
+        "-",
+        format_duration(forwards.p(50)),
+        "-"
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "forward() until the URL answers, p99",
+        "-",
+        format_duration(forwards.p(99)),
+        "-"
+    );
+    let _ = std::fs::remove_dir_all(state);
+}
+
+fn raw_addr(tunnel: &Tunnel) -> SocketAddr {
+    let (_, port) = tunnel.tcp_socket().expect("unencrypted tunnel");
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A TLS connection to a tunnel's hostname through the relay's public port.
+async fn tls_connect(
+    setup: &Setup,
+    tunnel: &Tunnel,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let (host, port) = tunnel.tls_socket();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(host.to_owned()).expect("tunnel hostname");
+    setup.tls.connect(name, tcp).await
+}
+
+type Service = fn(TcpStream) -> tokio::task::JoinHandle<()>;
+
+async fn start_service(serve: Service) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            serve(stream);
+        }
+    });
+    addr
+}
+
+/// Echoes until EOF.
+fn echo(mut stream: TcpStream) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (mut reader, mut writer) = stream.split();
+        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    })
+}
+
+/// Reads and discards until EOF, then answers one byte.
+fn sink(mut stream: TcpStream) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        let _ = stream.write_all(b"k").await;
+    })
+}
+
+/// Bytes per second of `bytes` written to a sink, until its acknowledgement.
+async fn throughput<S, F, Fut>(bytes: usize, connect: F) -> f64
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut stream = connect().await.expect("connect");
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        stream.write_all(&chunk).await.unwrap();
+        sent += chunk.len();
+    }
+    stream.shutdown().await.unwrap();
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack).await.unwrap();
+    sent as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Sorted durations, for percentiles.
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        Samples(samples)
+    }
+
+    fn p(&self, percentile: usize) -> Duration {
+        self.0[(self.0.len() - 1) * percentile / 100]
+    }
+}
+
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Samples {
+    let ping = [7u8; 64];
+    let mut pong = [0u8; 64];
+    let mut samples = Vec::with_capacity(ROUND_TRIPS);
+    for _ in 0..ROUND_TRIPS + 100 {
+        let start = Instant::now();
+        stream.write_all(&ping).await.unwrap();
+        stream.read_exact(&mut pong).await.unwrap();
+        samples.push(start.elapsed());
+    }
+    // The first hundred warm up.
+    Samples::new(samples.split_off(100))
+}
+
+async fn connection_setup<S, F, Fut>(connect: F) -> Samples
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let mut samples = Vec::with_capacity(CONNECTIONS);
+    let mut pong = [0u8; 64];
+    for _ in 0..CONNECTIONS {
+        let start = Instant::now();
+        let mut stream = connect().await.expect("connect");
+        stream.write_all(&[1u8; 64]).await.unwrap();
+        stream.read_exact(&mut pong).await.unwrap();
+        samples.push(start.elapsed());
+    }
+    Samples::new(samples)
+}
+
+/// From calling `forward()` to the first complete HTTPS response through its URL.
+async fn forward_until_answer(setup: &Setup) -> Samples {
+    let mut samples = Vec::with_capacity(FORWARDS);
+    for _ in 0..FORWARDS {
+        let start = Instant::now();
+        let tunnel = setup
+            .agent
+            .forward(setup.hello.port())
+            .await
+            .expect("forward");
+        let mut stream = tls_connect(setup, &tunnel)
+            .await
+            .expect("TLS through the new URL");
+        let request = format!("GET / HTTP/1.1\r\nhost: {}\r\n\r\n", tunnel.tls_socket().0);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        samples.push(start.elapsed());
+        assert!(response.ends_with(portferry::demo::GREETING.as_bytes()));
+        tunnel.close().await.expect("close");
+    }
+    Samples::new(samples)
+}
+
+fn format_duration(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{:.0} µs", d.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+fn row_rate(name: &str, direct: f64, tunnel: f64) {
+    let gbit = |bps: f64| format!("{:.2} Gbit/s", bps * 8.0 / 1e9);
+    println!(
+        "{name:<44} {:>14} {:>14} {:>7.2}x",
+        gbit(direct),
+        gbit(tunnel),
+        tunnel / direct
+    );
+}
+
+fn row_time(name: &str, direct: Duration, tunnel: Duration) {
+    let ratio = tunnel.as_secs_f64() / direct.as_secs_f64();
+    println!(
+        "{name:<44} {:>14} {:>14} {:>7.2}x",
+        format_duration(direct),
+        format_duration(tunnel),
+        ratio
+    );
+}
