@@ -21,8 +21,16 @@ const CONNECTIONS: usize = 300;
 /// `forward()` calls timed.
 const FORWARDS: usize = 50;
 
+/// Idle connections held open for the scale measurement.
+const IDLE_CONNECTIONS: usize = 10_000;
+/// Set in the child process that holds the idle connections: the address to connect to.
+const CLIENTS_ENV: &str = "PORTFERRY_BENCH_IDLE_CLIENTS_OF";
+
 fn main() {
     // `cargo bench` passes `--bench`; this program takes no other arguments.
+    if let Ok(target) = std::env::var(CLIENTS_ENV) {
+        return hold_idle_clients(target.parse().expect("client target"));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -152,7 +160,125 @@ async fn run() {
         format_duration(forwards.p(99)),
         "-"
     );
+    scale(&setup, bulk, sink_raw).await;
     let _ = std::fs::remove_dir_all(state);
+}
+
+/// Throughput of one stream with and without 10,000 idle connections through the same
+/// agent, and the memory those connections cost this process (relay and agent).
+async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
+    // Served straight from the agent's userspace stack: no local socket per connection,
+    // so this process holds only the relay's side of each (the fd limit is 20,000).
+    let options = ForwardOptions {
+        unencrypted: true,
+        ..ForwardOptions::default()
+    };
+    let mut listener = setup.agent.listen(options).await.expect("listen");
+    let target = raw_addr(listener.tunnel());
+    tokio::spawn(async move {
+        while let Ok(stream) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+        }
+    });
+    let without = throughput(bulk, || TcpStream::connect(sink_port)).await;
+
+    let rss_before = resident_bytes();
+    let started = Instant::now();
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .env(CLIENTS_ENV, target.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("client process");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let report = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    });
+    let opened: usize = report
+        .await
+        .unwrap()
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let open_time = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_connection = resident_bytes().saturating_sub(rss_before) as f64 / opened.max(1) as f64;
+    let with = throughput(bulk, || TcpStream::connect(sink_port)).await;
+    drop(child.stdin.take());
+    let _ = child.wait();
+
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "idle connections: asked, opened, time",
+        IDLE_CONNECTIONS,
+        opened,
+        format!("{:.1}s", open_time.as_secs_f64())
+    );
+    row_rate("throughput with 10k idle vs with none", without, with);
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "resident memory per idle connection",
+        "-",
+        format!("{:.1} KiB", per_connection / 1024.0),
+        "-"
+    );
+}
+
+/// Resident set size of this process.
+fn resident_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| {
+            kb.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Child process: opens the idle connections, echoes one byte on each, prints how many
+/// succeeded, and holds them until its stdin closes.
+fn hold_idle_clients(target: SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut streams = Vec::with_capacity(IDLE_CONNECTIONS);
+        let mut pending = tokio::task::JoinSet::new();
+        for i in 0..IDLE_CONNECTIONS {
+            pending.spawn(async move {
+                let mut stream = TcpStream::connect(target).await.ok()?;
+                stream.write_all(&[i as u8]).await.ok()?;
+                let mut echo = [0u8; 1];
+                stream.read_exact(&mut echo).await.ok()?;
+                (echo[0] == i as u8).then_some(stream)
+            });
+            // Keep the number of handshakes in flight bounded.
+            while pending.len() >= 256 {
+                if let Some(Ok(Some(stream))) = pending.join_next().await {
+                    streams.push(stream);
+                }
+            }
+        }
+        while let Some(done) = pending.join_next().await {
+            if let Ok(Some(stream)) = done {
+                streams.push(stream);
+            }
+        }
+        println!("{}", streams.len());
+        // The kernel keeps the idle connections open; nothing here needs polling.
+        let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+    });
 }
 
 fn raw_addr(tunnel: &Tunnel) -> SocketAddr {
