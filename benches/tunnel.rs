@@ -145,6 +145,25 @@ async fn run() {
         https.p(50),
     );
 
+    if let Some(bore) = Bore::start(setup.sink, setup.echo).await {
+        let through_bore = throughput(bulk, || TcpStream::connect(bore.sink)).await;
+        let tunnel = throughput(bulk, || TcpStream::connect(sink_raw)).await;
+        row_rate(
+            "raw TCP tunnel vs bore, same run (bore | us)",
+            through_bore,
+            tunnel,
+        );
+        let through_bore = round_trips(TcpStream::connect(bore.echo).await.unwrap()).await;
+        let tunnel = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
+        row_time(
+            "round trip p50 vs bore (bore | us)",
+            through_bore.p(50),
+            tunnel.p(50),
+        );
+    } else {
+        println!("(install bore-cli to compare with bore in the same run: cargo install bore-cli)");
+    }
+
     let forwards = forward_until_answer(&setup).await;
     println!(
         "{:<44} {:>14} {:>14} {:>8}",
@@ -227,6 +246,73 @@ async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
         format!("{:.1} KiB", per_connection / 1024.0),
         "-"
     );
+}
+
+/// A bore server and two bore clients (sink and echo) on loopback, killed on drop: a
+/// kernel-proxy tunnel to compare with, when `bore` is installed.
+struct Bore {
+    processes: Vec<std::process::Child>,
+    sink: SocketAddr,
+    echo: SocketAddr,
+}
+
+impl Bore {
+    async fn start(sink: SocketAddr, echo: SocketAddr) -> Option<Bore> {
+        let spawn = |args: &[&str]| {
+            std::process::Command::new("bore")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()
+        };
+        let mut bore = Bore {
+            processes: vec![spawn(&[
+                "server",
+                "--bind-addr",
+                "127.0.0.1",
+                "--min-port",
+                "39000",
+                "--max-port",
+                "39100",
+            ])?],
+            sink: SocketAddr::from(([127, 0, 0, 1], 39001)),
+            echo: SocketAddr::from(([127, 0, 0, 1], 39002)),
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (local, remote) in [(sink, bore.sink), (echo, bore.echo)] {
+            let (local_port, remote_port) = (local.port().to_string(), remote.port().to_string());
+            let args = [
+                "local",
+                &local_port,
+                "--local-host",
+                "127.0.0.1",
+                "--to",
+                "127.0.0.1",
+                "--port",
+                &remote_port,
+            ];
+            bore.processes.push(spawn(&args)?);
+        }
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if TcpStream::connect(bore.sink).await.is_ok()
+                && TcpStream::connect(bore.echo).await.is_ok()
+            {
+                return Some(bore);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Bore {
+    fn drop(&mut self) {
+        for process in &mut self.processes {
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
 }
 
 /// Resident set size of this process.

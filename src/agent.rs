@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, OnceCell};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -467,11 +468,15 @@ impl Tunnel {
             // Dropping the forwarder's listener stops new connections at once.
             forwarder.abort();
         }
-        let _ = self
-            .agent
-            .shared
-            .control
-            .try_send(Frame::Close { port: self.port() });
+        let control = &self.agent.shared.control;
+        if let Err(TrySendError::Full(close)) = control.try_send(Frame::Close { port: self.port() })
+        {
+            // The control queue is momentarily full: send it as soon as there is room.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let control = control.clone();
+                runtime.spawn(async move { control.send(close).await });
+            }
+        }
     }
 }
 
