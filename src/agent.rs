@@ -9,19 +9,22 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{oneshot, OnceCell};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
 
 use crate::error::Error;
 use crate::link::{self, ControlSender, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
-use crate::netstack::{InnerStream, ListenError, Listener, Stack, StackConfig};
+use crate::netstack::{lock, InnerStream, ListenError, Listener, Stack, StackConfig};
 use crate::token::Token;
 use crate::wire::{
     ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, PROTOCOL_VERSION,
@@ -127,15 +130,29 @@ pub struct Agent {
 
 struct Shared {
     config: AgentConfig,
+    /// Random identity presented on every link, so that the relay gives a reconnecting
+    /// agent back the hostnames and ports it leased.
+    identity: [u8; 16],
+    /// One stack for the agent's whole life: listeners survive a lost link, connections
+    /// do not.
     stack: Stack,
-    control: ControlSender,
+    /// Sends control frames on the current link; `None` while disconnected.
+    control: Mutex<Option<ControlSender>>,
     next_request: AtomicU32,
     /// Requests waiting for the relay's answer, by request id.
     pending: Mutex<HashMap<u32, oneshot::Sender<Result<Forwarded, Error>>>>,
     /// Tunnels waiting for the relay to confirm their close, by port.
     closing: Mutex<HashMap<u16, oneshot::Sender<()>>>,
+    /// Open tunnels and their options by port, asked for again after a reconnect.
+    tunnels: Mutex<HashMap<u16, (Forwarded, ForwardOptions)>>,
     /// Inner ports handed out to [`Agent::listen`] so far.
     next_listen_port: Mutex<u16>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stack.close();
+    }
 }
 
 impl std::fmt::Debug for Agent {
@@ -148,99 +165,176 @@ impl std::fmt::Debug for Agent {
 
 /// Inner ports [`Agent::listen`] draws from (the top of the port space).
 const LISTEN_PORTS_START: u16 = 61_000;
+/// First delay before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+type LinkHalves = (
+    FrameReader<ReadHalf<TlsStream<TcpStream>>>,
+    FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
+);
+
+/// One attempt to connect, authenticate and be welcomed.
+async fn open_link(config: &AgentConfig, identity: &[u8; 16]) -> Result<LinkHalves, Error> {
+    let server_name = config.server_name()?;
+    let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
+    let limit = config.connect_timeout;
+    let unreachable = |reason: String| Error::RelayUnreachable {
+        relay: config.relay.clone(),
+        reason,
+    };
+    let tcp = match timeout(limit, TcpStream::connect(&config.relay)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
+    };
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let stream = match timeout(limit, connector.connect(server_name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(Error::RelayTls {
+                relay: config.relay.clone(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(Error::Timeout {
+                waiting_for: "the TLS handshake with the relay",
+            })
+        }
+    };
+    let (read_half, write_half) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        token: config.token.expose().to_owned(),
+        resume: bytes::Bytes::copy_from_slice(identity),
+    });
+    writer
+        .send(&hello)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    match reader.read_frame_within(limit).await {
+        Ok(Some(Frame::Welcome(_))) => Ok((reader, writer)),
+        Ok(Some(Frame::Error(refusal))) => Err(refusal_error(refusal)),
+        Ok(_) => Err(unreachable(
+            "the relay closed the link during the handshake".into(),
+        )),
+        Err(link::LinkError::Idle(_)) => Err(Error::Timeout {
+            waiting_for: "the relay's welcome",
+        }),
+        Err(e) => Err(unreachable(e.to_string())),
+    }
+}
+
+/// Runs the agent's links for as long as the agent exists: when a link is lost, its
+/// connections are reset, the agent reconnects with capped, jittered exponential
+/// backoff, and asks again for every open tunnel (the relay's lease gives back the same
+/// hostname and port). Holds only a weak reference, so dropping every `Agent` ends it.
+async fn maintain(agent: Weak<Shared>, mut halves: LinkHalves) {
+    loop {
+        let (reader, writer) = halves;
+        let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
+        let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
+        let (stack, link_config) = {
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            *lock(&shared.control) = Some(control);
+            tokio::spawn(reforward(Arc::downgrade(&shared)));
+            (shared.stack.clone(), shared.config.link.clone())
+        };
+        let dispatch = async {
+            while let Some(frame) = inbound.recv().await {
+                let Some(shared) = agent.upgrade() else { break };
+                shared.dispatch(frame);
+            }
+        };
+        let (result, ()) = tokio::join!(
+            link::run(reader, writer, stack, inbound_tx, outbound, link_config),
+            dispatch
+        );
+        {
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            *lock(&shared.control) = None;
+            shared.stack.reset_connections();
+            shared.fail_pending();
+            match result {
+                Ok(()) => {
+                    tracing::warn!(relay = %shared.config.relay, "relay closed the link; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %shared.config.relay, error = %e, "link lost; reconnecting")
+                }
+            }
+        }
+        let mut backoff = FIRST_BACKOFF;
+        halves = loop {
+            // Full jitter in [backoff/2, backoff): agents that lost the same relay spread out.
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter)).await;
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            match open_link(&shared.config, &shared.identity).await {
+                Ok(halves) => break halves,
+                Err(e @ (Error::Unauthorized | Error::VersionMismatch { .. })) => {
+                    tracing::error!(error = %e, "the relay refuses this agent; giving up");
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, ?backoff, "reconnect failed"),
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        tracing::info!("reconnected to the relay");
+    }
+}
+
+/// After a reconnect, asks the relay again for every open tunnel.
+async fn reforward(agent: Weak<Shared>) {
+    let Some(shared) = agent.upgrade() else {
+        return;
+    };
+    let open: Vec<(Forwarded, ForwardOptions)> = lock(&shared.tunnels).values().cloned().collect();
+    let agent = Agent { shared };
+    for (before, options) in open {
+        match agent.request(before.port, &options).await {
+            Ok(now) if now.hostname == before.hostname && now.tcp_port == before.tcp_port => {}
+            Ok(now) => tracing::error!(
+                port = before.port,
+                old = %before.hostname,
+                new = %now.hostname,
+                "the relay no longer held this tunnel's lease: it has a new address"
+            ),
+            Err(e) => tracing::error!(port = before.port, error = %e, "could not restore a tunnel"),
+        }
+    }
+}
 
 impl Agent {
-    /// Connects to the relay, authenticates, and starts the link.
+    /// Connects to the relay, authenticates, and starts the link. The agent keeps the
+    /// link up from then on, reconnecting when it is lost.
     pub async fn connect(config: AgentConfig) -> Result<Agent, Error> {
-        let server_name = config.server_name()?;
-        let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
-        let limit = config.connect_timeout;
-        let unreachable = |reason: String| Error::RelayUnreachable {
-            relay: config.relay.clone(),
-            reason,
-        };
-        let tcp = match timeout(limit, TcpStream::connect(&config.relay)).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
-        };
-        tcp.set_nodelay(true)?;
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        let stream = match timeout(limit, connector.connect(server_name, tcp)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => {
-                return Err(Error::RelayTls {
-                    relay: config.relay.clone(),
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(Error::Timeout {
-                    waiting_for: "the TLS handshake with the relay",
-                })
-            }
-        };
-        let (read_half, write_half) = tokio::io::split(stream);
-        let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
-        let hello = Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            token: config.token.expose().to_owned(),
-            resume: bytes::Bytes::new(),
-        });
-        writer
-            .send(&hello)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        match reader.read_frame_within(limit).await {
-            Ok(Some(Frame::Welcome(_))) => {}
-            Ok(Some(Frame::Error(refusal))) => return Err(refusal_error(refusal)),
-            Ok(_) => {
-                return Err(unreachable(
-                    "the relay closed the link during the handshake".into(),
-                ))
-            }
-            Err(link::LinkError::Idle(_)) => {
-                return Err(Error::Timeout {
-                    waiting_for: "the relay's welcome",
-                })
-            }
-            Err(e) => return Err(unreachable(e.to_string())),
-        }
-
-        let stack = Stack::new(config.stack.clone());
-        let (control, outbound) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
-        let (inbound_tx, mut inbound) = tokio::sync::mpsc::channel(CONTROL_QUEUE);
+        let identity: [u8; 16] = rand::random();
+        let halves = open_link(&config, &identity).await?;
         let agent = Agent {
             shared: Arc::new(Shared {
-                stack: stack.clone(),
-                control,
+                stack: Stack::new(config.stack.clone()),
+                identity,
+                control: Mutex::new(None),
                 next_request: AtomicU32::new(1),
                 pending: Mutex::new(HashMap::new()),
                 closing: Mutex::new(HashMap::new()),
+                tunnels: Mutex::new(HashMap::new()),
                 next_listen_port: Mutex::new(LISTEN_PORTS_START),
                 config,
             }),
         };
-        let link_config = agent.shared.config.link.clone();
-        tokio::spawn(link::run(
-            reader,
-            writer,
-            stack,
-            inbound_tx,
-            outbound,
-            link_config,
-        ));
-        // The dispatcher holds only a weak reference: dropping every `Agent` closes the link.
-        let weak = Arc::downgrade(&agent.shared);
-        tokio::spawn(async move {
-            while let Some(frame) = inbound.recv().await {
-                let Some(shared) = weak.upgrade() else { break };
-                shared.dispatch(frame);
-            }
-            if let Some(shared) = weak.upgrade() {
-                shared.fail_pending();
-            }
-        });
+        tokio::spawn(maintain(Arc::downgrade(&agent.shared), halves));
         Ok(agent)
     }
 
@@ -256,6 +350,7 @@ impl Agent {
     pub async fn forward_with(&self, port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
         let listener = self.listen_on(port, &options)?;
         let forwarded = self.request(port, &options).await?;
+        self.remember(&forwarded, &options);
         let target = options
             .local_addr
             .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
@@ -269,7 +364,7 @@ impl Agent {
     pub async fn listen(&self, options: ForwardOptions) -> Result<TunnelListener, Error> {
         let (port, listener) = loop {
             let port = {
-                let mut next = crate::netstack::lock(&self.shared.next_listen_port);
+                let mut next = lock(&self.shared.next_listen_port);
                 let port = *next;
                 *next = if port == u16::MAX {
                     LISTEN_PORTS_START
@@ -285,6 +380,7 @@ impl Agent {
             }
         };
         let forwarded = self.request(port, &options).await?;
+        self.remember(&forwarded, &options);
         Ok(TunnelListener {
             tunnel: Tunnel::new(self.clone(), forwarded, None),
             listener,
@@ -304,22 +400,32 @@ impl Agent {
         })
     }
 
+    /// Records an open tunnel, to ask for it again after a reconnect.
+    fn remember(&self, forwarded: &Forwarded, options: &ForwardOptions) {
+        lock(&self.shared.tunnels).insert(forwarded.port, (forwarded.clone(), options.clone()));
+    }
+
     async fn request(&self, port: u16, options: &ForwardOptions) -> Result<Forwarded, Error> {
         let request_id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer) = oneshot::channel();
-        crate::netstack::lock(&self.shared.pending).insert(request_id, answer_tx);
+        lock(&self.shared.pending).insert(request_id, answer_tx);
         let request = Frame::Forward(ForwardRequest {
             request_id,
             port,
             unencrypted: options.unencrypted,
             h2: options.h2,
         });
-        if self.shared.control.send(request).await.is_err() {
-            crate::netstack::lock(&self.shared.pending).remove(&request_id);
+        let control = lock(&self.shared.control).clone();
+        let sent = match control {
+            Some(control) => control.send(request).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            lock(&self.shared.pending).remove(&request_id);
             return Err(Error::LinkClosed);
         }
         let result = timeout(self.shared.config.request_timeout, answer).await;
-        crate::netstack::lock(&self.shared.pending).remove(&request_id);
+        lock(&self.shared.pending).remove(&request_id);
         match result {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(Error::LinkClosed),
@@ -331,7 +437,7 @@ impl Agent {
 
     /// Whether the link to the relay is still up.
     pub fn is_connected(&self) -> bool {
-        !self.shared.stack.is_closed()
+        lock(&self.shared.control).is_some()
     }
 }
 
@@ -340,21 +446,17 @@ impl Shared {
     fn dispatch(&self, frame: Frame) {
         match frame {
             Frame::Forwarded(forwarded) => {
-                if let Some(waiter) =
-                    crate::netstack::lock(&self.pending).remove(&forwarded.request_id)
-                {
+                if let Some(waiter) = lock(&self.pending).remove(&forwarded.request_id) {
                     let _ = waiter.send(Ok(forwarded));
                 }
             }
             Frame::Error(refusal) => {
-                if let Some(waiter) =
-                    crate::netstack::lock(&self.pending).remove(&refusal.request_id)
-                {
+                if let Some(waiter) = lock(&self.pending).remove(&refusal.request_id) {
                     let _ = waiter.send(Err(refusal_error(refusal)));
                 }
             }
             Frame::Close { port } => {
-                if let Some(waiter) = crate::netstack::lock(&self.closing).remove(&port) {
+                if let Some(waiter) = lock(&self.closing).remove(&port) {
                     let _ = waiter.send(());
                 }
             }
@@ -365,10 +467,10 @@ impl Shared {
 
     /// The link is gone: every waiting request fails.
     fn fail_pending(&self) {
-        for (_, waiter) in crate::netstack::lock(&self.pending).drain() {
+        for (_, waiter) in lock(&self.pending).drain() {
             let _ = waiter.send(Err(Error::LinkClosed));
         }
-        crate::netstack::lock(&self.closing).clear();
+        lock(&self.closing).clear();
     }
 }
 
@@ -448,8 +550,14 @@ impl Tunnel {
     /// Closes the tunnel and waits until the relay has stopped routing to it, so the
     /// port can be forwarded again at once.
     pub async fn close(mut self) -> Result<(), Error> {
+        if !self.agent.is_connected() {
+            // The relay holds no route to a disconnected agent's tunnel beyond its
+            // lease, and will not renew it.
+            self.shutdown();
+            return Ok(());
+        }
         let (confirmed_tx, confirmed) = oneshot::channel();
-        crate::netstack::lock(&self.agent.shared.closing).insert(self.port(), confirmed_tx);
+        lock(&self.agent.shared.closing).insert(self.port(), confirmed_tx);
         self.shutdown();
         timeout(self.agent.shared.config.request_timeout, confirmed)
             .await
@@ -468,12 +576,16 @@ impl Tunnel {
             // Dropping the forwarder's listener stops new connections at once.
             forwarder.abort();
         }
-        let control = &self.agent.shared.control;
+        let shared = &self.agent.shared;
+        lock(&shared.tunnels).remove(&self.port());
+        let Some(control) = lock(&shared.control).clone() else {
+            // Disconnected: the relay's lease on the tunnel simply runs out.
+            return;
+        };
         if let Err(TrySendError::Full(close)) = control.try_send(Frame::Close { port: self.port() })
         {
             // The control queue is momentarily full: send it as soon as there is room.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let control = control.clone();
                 runtime.spawn(async move { control.send(close).await });
             }
         }

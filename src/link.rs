@@ -207,8 +207,9 @@ pub type ControlSender = mpsc::Sender<Frame>;
 /// Capacity of the control channels in each direction.
 pub const CONTROL_QUEUE: usize = 64;
 
-/// Drives an established link until it closes or fails, then closes `stack` (which
-/// resets every connection on it).
+/// Drives an established link until it closes or fails. The caller then decides what
+/// becomes of `stack`: the relay closes a session's stack, the agent resets its
+/// connections and keeps it for the next link.
 ///
 /// Packets move between the link and `stack`; pings are answered here; every other
 /// inbound frame is passed to `inbound`, and frames from `outbound` are sent. The link
@@ -289,12 +290,10 @@ where
             writer.flush_within(config.idle_timeout).await?;
         }
     };
-    let result = tokio::select! {
+    tokio::select! {
         result = read_side => result,
         result = write_side => result,
-    };
-    stack.close();
-    result
+    }
 }
 
 #[cfg(test)]

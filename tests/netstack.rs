@@ -25,9 +25,17 @@ fn linked_stacks() -> (Stack, Stack) {
     (relay, agent)
 }
 
+/// A loopback listener whose accept queue takes a burst of 1,000 connections (the
+/// default of 1024 can overflow under load, and the kernel then drops or resets).
+fn roomy_listener() -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.listen(4096).unwrap()
+}
+
 /// A loopback TCP echo service: echoes until EOF, then closes its write side.
 async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = roomy_listener();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {

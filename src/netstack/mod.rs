@@ -486,16 +486,28 @@ impl Stack {
     /// Closes the stack: every connection is reset, listeners stop, and the outbound
     /// queue is closed once drained.
     pub fn close(&self) {
-        let flows: Vec<Arc<Flow>> = {
-            let mut table = lock(&self.shared.flows);
-            table.closed = true;
-            table.flows.drain().map(|(_, flow)| flow).collect()
-        };
+        lock(&self.shared.flows).closed = true;
         lock(&self.shared.listeners).clear();
+        self.reset_flows();
+        self.shared.outbound.close();
+    }
+
+    /// Resets every connection and discards queued packets, keeping listeners: for a
+    /// stack whose link was lost and will be replaced.
+    pub fn reset_connections(&self) {
+        self.reset_flows();
+        self.shared.outbound.clear();
+    }
+
+    fn reset_flows(&self) {
+        let flows: Vec<Arc<Flow>> = lock(&self.shared.flows)
+            .flows
+            .drain()
+            .map(|(_, flow)| flow)
+            .collect();
         for flow in flows {
             flow.reset();
         }
-        self.shared.outbound.close();
     }
 
     /// Whether [`close`](Self::close) was called.

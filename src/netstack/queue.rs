@@ -142,6 +142,17 @@ impl PacketQueue {
         consumer.into_iter().chain(blocked).for_each(Waker::wake);
     }
 
+    /// Discards every queued packet (their connections are gone).
+    pub fn clear(&self) {
+        let blocked = {
+            let mut state = lock(&self.state);
+            state.packets.clear();
+            self.queued_bytes.store(0, Ordering::Relaxed);
+            std::mem::take(&mut state.blocked)
+        };
+        blocked.into_iter().for_each(Waker::wake);
+    }
+
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
