@@ -52,14 +52,11 @@ async fn run() {
     let state = std::env::temp_dir().join(format!("portferry-bench-{}", std::process::id()));
     let pki = portferry::tls::local_pki(&state, LOCAL_DOMAIN).expect("local PKI");
     let token = Token::generate();
-    let relay = Relay::bind(RelayConfig::local(
-        pki.identity.clone(),
-        vec![token.clone()],
-        0,
-        0,
-    ))
-    .await
-    .expect("relay");
+    let mut relay_config = RelayConfig::local(pki.identity.clone(), vec![token.clone()], 0, 0);
+    // The scale measurement holds 10,000 connections on one tunnel, beyond the defaults.
+    relay_config.max_connections_per_tunnel = 2 * IDLE_CONNECTIONS;
+    relay_config.max_connections_per_agent = 2 * IDLE_CONNECTIONS;
+    let relay = Relay::bind(relay_config).await.expect("relay");
     let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
     tokio::spawn(relay.run());

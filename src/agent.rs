@@ -23,7 +23,9 @@ use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
 use crate::error::Error;
-use crate::link::{self, ControlSender, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
+use crate::link::{
+    self, ControlReceiver, ControlSender, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE,
+};
 use crate::netstack::{lock, InnerStream, ListenError, Listener, Stack, StackConfig};
 use crate::token::Token;
 use crate::wire::{
@@ -233,17 +235,14 @@ async fn open_link(config: &AgentConfig, identity: &[u8; 16]) -> Result<LinkHalv
 /// connections are reset, the agent reconnects with capped, jittered exponential
 /// backoff, and asks again for every open tunnel (the relay's lease gives back the same
 /// hostname and port). Holds only a weak reference, so dropping every `Agent` ends it.
-async fn maintain(agent: Weak<Shared>, mut halves: LinkHalves) {
+async fn maintain(agent: Weak<Shared>, mut halves: LinkHalves, mut outbound: ControlReceiver) {
     loop {
         let (reader, writer) = halves;
-        let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
         let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
         let (stack, link_config) = {
             let Some(shared) = agent.upgrade() else {
                 return;
             };
-            *lock(&shared.control) = Some(control);
-            tokio::spawn(reforward(Arc::downgrade(&shared)));
             (shared.stack.clone(), shared.config.link.clone())
         };
         let dispatch = async {
@@ -281,7 +280,11 @@ async fn maintain(agent: Weak<Shared>, mut halves: LinkHalves) {
                 return;
             };
             match open_link(&shared.config, &shared.identity).await {
-                Ok(halves) => break halves,
+                Ok(halves) => {
+                    outbound = shared.install_control();
+                    tokio::spawn(reforward(Arc::downgrade(&shared)));
+                    break halves;
+                }
                 Err(e @ (Error::Unauthorized | Error::VersionMismatch { .. })) => {
                     tracing::error!(error = %e, "the relay refuses this agent; giving up");
                     return;
@@ -334,7 +337,9 @@ impl Agent {
                 config,
             }),
         };
-        tokio::spawn(maintain(Arc::downgrade(&agent.shared), halves));
+        // Installed before returning, so a forward right after connect finds the link.
+        let outbound = agent.shared.install_control();
+        tokio::spawn(maintain(Arc::downgrade(&agent.shared), halves, outbound));
         Ok(agent)
     }
 
@@ -442,6 +447,13 @@ impl Agent {
 }
 
 impl Shared {
+    /// Makes a fresh control channel the current link's; returns its receiving end.
+    fn install_control(&self) -> ControlReceiver {
+        let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
+        *lock(&self.control) = Some(control);
+        outbound
+    }
+
     /// Handles a control frame from the relay.
     fn dispatch(&self, frame: Frame) {
         match frame {

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -88,6 +89,32 @@ struct RelayArgs {
         value_delimiter = ','
     )]
     tokens: Vec<String>,
+    /// Tunnels one agent may have open at once; more are refused (LIMIT_REACHED).
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_TUNNELS_PER_AGENT, value_parser = parse_limit)]
+    max_tunnels_per_agent: usize,
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once; more are
+    /// closed (TLS) or reset (raw TCP).
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL, value_parser = parse_limit)]
+    max_connections_per_tunnel: usize,
+    /// Public connections all tunnels of one agent may have open at once; more are
+    /// closed (TLS) or reset (raw TCP).
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_AGENT, value_parser = parse_limit)]
+    max_connections_per_agent: usize,
+    /// TLS handshakes in progress at once, public and agent together (an agent's lasts
+    /// until its hello is answered); connections beyond it are closed at once.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_limit)]
+    max_pending_handshakes: usize,
+    /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_AGENT_SESSIONS, value_parser = parse_limit)]
+    max_agent_sessions: usize,
+    /// Seconds a connection may take for its TLS handshake (an agent: TLS and hello
+    /// together) before it is closed.
+    #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
+    handshake_timeout: f64,
+    /// Seconds open connections may take to finish after the first Ctrl-C or SIGTERM
+    /// (a second one exits at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_SHUTDOWN_GRACE.as_secs_f64(), value_parser = parse_seconds)]
+    shutdown_grace: f64,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -112,6 +139,22 @@ struct ForwardArgs {
 
 fn parse_port(text: &str) -> Result<u16, String> {
     portferry::parse_port(text).map_err(|e| e.to_string())
+}
+
+fn parse_limit(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number of at least 1")),
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(seconds) if Duration::try_from_secs_f64(seconds).is_ok() => Ok(seconds),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds, e.g. 10 or 0.5"
+        )),
+    }
 }
 
 fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
@@ -190,6 +233,13 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.node = args.node.map(|node| node.to_ascii_lowercase());
     config.tcp_bind = args.tcp_bind;
     config.tcp_ports = args.tcp_ports.0..=args.tcp_ports.1;
+    config.max_tunnels_per_agent = args.max_tunnels_per_agent;
+    config.max_connections_per_tunnel = args.max_connections_per_tunnel;
+    config.max_connections_per_agent = args.max_connections_per_agent;
+    config.max_pending_handshakes = args.max_pending_handshakes;
+    config.max_agent_sessions = args.max_agent_sessions;
+    config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
+    config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;
@@ -209,9 +259,50 @@ async fn relay(args: RelayArgs) -> Result<()> {
     if let Some(ca) = ca_path {
         println!("PORTFERRY_RELAY_CA={}", ca.display());
     }
+    let mut signals = ShutdownSignals::new()?;
+    let handle = relay.handle();
+    let serve = relay.run();
+    tokio::pin!(serve);
     tokio::select! {
-        () = relay.run() => Ok(()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        () = &mut serve => return Ok(()),
+        () = signals.next() => {}
+    }
+    tracing::info!(
+        grace = ?Duration::from_secs_f64(args.shutdown_grace),
+        "shutting down: no new connections, open ones may finish; Ctrl-C again to exit at once"
+    );
+    handle.shutdown();
+    tokio::select! {
+        () = serve => {}
+        () = signals.next() => tracing::warn!("exiting at once"),
+    }
+    Ok(())
+}
+
+/// Ctrl-C (SIGINT) and, on unix, SIGTERM: what asks a relay to stop.
+struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> Result<Self> {
+        Ok(ShutdownSignals {
+            #[cfg(unix)]
+            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// Waits for the next Ctrl-C or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

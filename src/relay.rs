@@ -8,36 +8,86 @@
 //! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
 //!   to tunnels that asked for HTTP/2, terminates TLS and splices the plaintext into an
 //!   inner connection to the agent. An unknown or missing SNI is dropped the same way
-//!   every time, before any certificate is shown.
+//!   every time, before any certificate is shown. Routing follows the SNI only: an
+//!   HTTP `Host` header is never looked at.
 //! - **Raw TCP** tunnels get a port of their own from a configured range.
+//!
+//! # Bounds and failure behaviour
+//!
+//! Every count a client or an agent can raise has a limit in [`RelayConfig`]; at a
+//! limit the new piece of work is refused at once and counted in
+//! [`RelayStats::refused_by_limit`], and nothing already running slows down:
+//!
+//! | limit | counts | at the limit |
+//! |---|---|---|
+//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | TLS handshakes in progress, public and agent (an agent's until its hello is answered) | the new TCP connection is closed |
+//! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
+//! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
+//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
+//! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels | the same |
+//!
+//! Before it is authenticated, a connection to the agent endpoint gets one deadline,
+//! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
+//! its hello, and can make the relay buffer little: besides the TLS session's own
+//! bounded buffers, a hello is read only once its header says it is a hello of at most
+//! [`MAX_HELLO_LEN`] bytes. A public TLS connection gets the same deadline for its whole
+//! handshake. Garbage, a silent peer or a bad hello close the connection and are
+//! counted in [`RelayStats::failed_handshakes`]; a wrong token in
+//! [`RelayStats::unauthorized`]; an unknown SNI in [`RelayStats::unknown_sni`].
+//!
+//! Packets from an agent are untrusted too: the session's stack takes only packets of
+//! connections the relay opened, and never listens, so a SYN from an agent is answered
+//! with a RST and counted in [`StackStats::refused_syns`].
+//!
+//! # Shutdown
+//!
+//! [`Relay::run_until`] (or [`RelayHandle::shutdown`]) first closes the listeners
+//! (public, agent and raw TCP ports) and refuses new tunnels, then lets open public
+//! connections finish for up to [`shutdown_grace`](RelayConfig::shutdown_grace), then
+//! ends every session and connection.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rand::TryRngCore;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::{timeout, timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::error::Error;
 use crate::link::{self, ControlSender, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
-use crate::netstack::{lock, Stack, StackConfig};
+use crate::netstack::{lock, Stack, StackConfig, StackStats};
 use crate::tls::ServerIdentity;
 use crate::token::Token;
 use crate::wire::{
-    ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Welcome, PROTOCOL_VERSION,
+    ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, FrameKind, Hello, Welcome, HEADER_LEN,
+    PROTOCOL_VERSION,
 };
 
 /// The domain of a relay for one machine. Not plain `localhost`: certificate checkers
 /// refuse a wildcard directly under a single label (`*.localhost`), while
 /// `*.portferry.localhost` is fine, and clients resolve every `*.localhost` to loopback.
 pub const LOCAL_DOMAIN: &str = "portferry.localhost";
+
+/// Largest payload of an agent's hello, in bytes. A hello whose header claims more is
+/// refused before any of it is read, so an unauthenticated peer cannot make the relay
+/// buffer a whole maximal frame.
+pub const MAX_HELLO_LEN: usize = 4096;
+
+/// How long [`Relay::run_until`] waits, after the grace period, for its tasks to end.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+/// How often a draining relay looks whether its connections have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Settings of a relay.
 #[derive(Debug, Clone)]
@@ -61,8 +111,30 @@ pub struct RelayConfig {
     /// Certificate (a wildcard for the tunnel hostnames) and key of the public edge and
     /// the agent endpoint.
     pub identity: ServerIdentity,
-    /// Limit for a TLS handshake and an agent's hello.
+    /// Deadline for the whole unauthenticated phase of a connection: a public TLS
+    /// handshake, or an agent's TLS handshake and hello together. A connection that
+    /// has not finished by then is closed and counted in
+    /// [`RelayStats::failed_handshakes`].
     pub handshake_timeout: Duration,
+    /// Tunnels one agent session may have open at once; the next `Forward` is refused
+    /// with `LIMIT_REACHED`.
+    pub max_tunnels_per_agent: usize,
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once; the next
+    /// one is closed (TLS) or reset (raw TCP).
+    pub max_connections_per_tunnel: usize,
+    /// Public connections all tunnels of one agent session may have open at once; the
+    /// next one is closed (TLS) or reset (raw TCP).
+    pub max_connections_per_agent: usize,
+    /// TLS handshakes in progress on the public port and the agent port together (an
+    /// agent's lasts until its hello is answered); a connection beyond it is closed as
+    /// soon as it is accepted.
+    pub max_pending_handshakes: usize,
+    /// Authenticated agent sessions at once; an agent beyond it is refused with
+    /// `LIMIT_REACHED` (and tries again later).
+    pub max_agent_sessions: usize,
+    /// How long a shutting-down relay lets open public connections finish before it
+    /// drops them.
+    pub shutdown_grace: Duration,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -70,8 +142,24 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    /// Default of [`handshake_timeout`](Self::handshake_timeout): 10 s.
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of [`max_tunnels_per_agent`](Self::max_tunnels_per_agent).
+    pub const DEFAULT_MAX_TUNNELS_PER_AGENT: usize = 64;
+    /// Default of [`max_connections_per_tunnel`](Self::max_connections_per_tunnel).
+    pub const DEFAULT_MAX_CONNECTIONS_PER_TUNNEL: usize = 1024;
+    /// Default of [`max_connections_per_agent`](Self::max_connections_per_agent).
+    pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 10_000;
+    /// Default of [`max_pending_handshakes`](Self::max_pending_handshakes).
+    pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+    /// Default of [`max_agent_sessions`](Self::max_agent_sessions).
+    pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
+    /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
     /// Settings for one machine: everything on loopback, domain [`LOCAL_DOMAIN`], the given
-    /// ports (0 picks a free one), raw TCP ports from 20000 to 29999.
+    /// ports (0 picks a free one), raw TCP ports from 20000 to 29999, and the default
+    /// limits and timeouts (the `DEFAULT_*` constants).
     pub fn local(
         identity: ServerIdentity,
         tokens: Vec<Token>,
@@ -89,7 +177,13 @@ impl RelayConfig {
             node: None,
             tokens,
             identity,
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_tunnels_per_agent: Self::DEFAULT_MAX_TUNNELS_PER_AGENT,
+            max_connections_per_tunnel: Self::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL,
+            max_connections_per_agent: Self::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
@@ -104,11 +198,56 @@ impl RelayConfig {
     }
 }
 
-/// A bound relay; [`run`](Relay::run) serves it.
+/// A snapshot of a relay's gauges and counters ([`RelayHandle::stats`]). Counters
+/// count since the relay was bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// Authenticated agent sessions.
+    pub agent_sessions: usize,
+    /// Tunnels currently routed.
+    pub tunnels: usize,
+    /// Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.
+    pub public_connections: usize,
+    /// TLS handshakes in progress (public, and agents' until their hello is answered).
+    pub pending_handshakes: usize,
+    /// Connections, sessions and tunnels refused because a limit was reached.
+    pub refused_by_limit: u64,
+    /// Public TLS connections closed for an unknown or missing SNI.
+    pub unknown_sni: u64,
+    /// Connections closed during their handshake: timeouts, TLS errors, garbage, a
+    /// missing, malformed or oversized hello, an unsupported protocol version.
+    pub failed_handshakes: u64,
+    /// Agents refused for a missing or wrong token.
+    pub unauthorized: u64,
+    /// The relay-side stacks' counters, summed over the live sessions (a session's
+    /// counts leave the sum when it ends).
+    pub stacks: StackStats,
+}
+
+/// A bound relay; [`run`](Relay::run) or [`run_until`](Relay::run_until) serves it.
 pub struct Relay {
     shared: Arc<Shared>,
     agents: TcpListener,
     public: TcpListener,
+}
+
+/// A cheap, cloneable view of a relay that stays usable while
+/// [`run`](Relay::run) owns the [`Relay`]: statistics and shutdown.
+#[derive(Clone)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+}
+
+/// Where a relay is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// Listeners closed, open connections finishing.
+    Draining,
+    /// Everything ended.
+    Stopped,
 }
 
 struct Shared {
@@ -118,6 +257,35 @@ struct Shared {
     http1: Arc<rustls::ServerConfig>,
     http2: Arc<rustls::ServerConfig>,
     routes: Mutex<HashMap<String, Route>>,
+    /// Live sessions' stacks by session id, for statistics.
+    sessions: Mutex<HashMap<u64, Stack>>,
+    next_session: AtomicU64,
+    /// Permits for handshakes in progress ([`RelayConfig::max_pending_handshakes`]).
+    handshakes: Arc<Semaphore>,
+    /// Permits for authenticated sessions ([`RelayConfig::max_agent_sessions`]).
+    session_slots: Arc<Semaphore>,
+    /// Public connections admitted and not yet ended.
+    public_connections: AtomicUsize,
+    counters: Counters,
+    phase: watch::Sender<Phase>,
+    /// Every task serving a session or a connection, so that a stop can end them.
+    tasks: Mutex<Tasks>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    refused_by_limit: AtomicU64,
+    unknown_sni: AtomicU64,
+    failed_handshakes: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
+#[derive(Default)]
+struct Tasks {
+    next: u64,
+    /// Live tasks by id; `None` while one is being spawned.
+    live: HashMap<u64, Option<AbortHandle>>,
+    stopped: bool,
 }
 
 /// Where connections to one tunnel hostname go.
@@ -126,6 +294,58 @@ struct Route {
     stack: Stack,
     port: u16,
     h2: bool,
+    /// Places for this tunnel's public connections.
+    tunnel_connections: Arc<Semaphore>,
+    /// Places for the public connections of every tunnel of the session.
+    agent_connections: Arc<Semaphore>,
+}
+
+/// A public connection's places in its tunnel's and its agent's limits; counted in
+/// [`RelayStats::public_connections`] while it lives.
+struct ConnectionPermit {
+    shared: Arc<Shared>,
+    _tunnel: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.shared
+            .public_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Route {
+    /// Admits one more public connection, or counts a refusal if a limit is reached.
+    fn admit(&self, shared: &Arc<Shared>) -> Option<ConnectionPermit> {
+        let admitted = match self.tunnel_connections.clone().try_acquire_owned() {
+            Err(_) => Err("max_connections_per_tunnel"),
+            Ok(tunnel) => match self.agent_connections.clone().try_acquire_owned() {
+                Err(_) => Err("max_connections_per_agent"),
+                Ok(agent) => Ok((tunnel, agent)),
+            },
+        };
+        match admitted {
+            Ok((tunnel, agent)) => {
+                shared.public_connections.fetch_add(1, Ordering::Relaxed);
+                Some(ConnectionPermit {
+                    shared: shared.clone(),
+                    _tunnel: tunnel,
+                    _agent: agent,
+                })
+            }
+            Err(limit) => {
+                shared.count_refusal(limit);
+                None
+            }
+        }
+    }
+}
+
+/// A semaphore of `permits`, capped at what tokio supports.
+fn semaphore(permits: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
 }
 
 impl std::fmt::Debug for Relay {
@@ -133,6 +353,14 @@ impl std::fmt::Debug for Relay {
         f.debug_struct("Relay")
             .field("agent_addr", &self.agent_addr())
             .field("public_tls_addr", &self.public_tls_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
 }
@@ -151,12 +379,20 @@ impl Relay {
         let http2 = server_config(&[b"h2", b"http/1.1"])?;
         Ok(Relay {
             shared: Arc::new(Shared {
-                config,
                 public_tls_port,
                 agent_tls,
                 http1,
                 http2,
                 routes: Mutex::new(HashMap::new()),
+                sessions: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+                handshakes: semaphore(config.max_pending_handshakes),
+                session_slots: semaphore(config.max_agent_sessions),
+                public_connections: AtomicUsize::new(0),
+                counters: Counters::default(),
+                phase: watch::Sender::new(Phase::Running),
+                tasks: Mutex::new(Tasks::default()),
+                config,
             }),
             agents,
             public,
@@ -179,34 +415,124 @@ impl Relay {
 
     /// Number of tunnels currently routed.
     pub fn tunnel_count(&self) -> usize {
-        lock(&self.shared.routes).len()
+        self.shared.tunnel_count()
     }
 
-    /// Serves agents and the public until the returned future is dropped.
+    /// A snapshot of the relay's gauges and counters.
+    pub fn stats(&self) -> RelayStats {
+        self.shared.stats()
+    }
+
+    /// A handle for statistics and shutdown that outlives the `Relay` moved into
+    /// [`run`](Self::run).
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves agents and the public until [`RelayHandle::shutdown`] is called (then
+    /// shuts down as [`run_until`](Self::run_until) does), or until the returned future
+    /// is dropped, which ends every session and connection at once.
     pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves agents and the public until `shutdown` completes (or
+    /// [`RelayHandle::shutdown`] is called), then shuts down gracefully: the listeners
+    /// are closed at once (new connections are refused by the OS) and new tunnels are
+    /// refused; open public connections may finish for up to
+    /// [`RelayConfig::shutdown_grace`]; then every session and connection is ended and
+    /// this returns. Dropping the future ends everything at once.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
         let Relay {
             shared,
             agents,
             public,
         } = self;
+        let stop_on_drop = StopOnDrop(shared.clone());
+        let signal = async {
+            let mut phase = shared.phase.subscribe();
+            tokio::select! {
+                () = shutdown => {}
+                _ = phase.wait_for(|phase| *phase != Phase::Running) => {}
+            }
+            shared.begin_shutdown();
+        };
+        // Each loop returns, dropping (closing) its listener, once the relay drains.
         tokio::join!(
             accept_loop(agents, shared.clone(), serve_agent),
-            accept_loop(public, shared, serve_public)
+            accept_loop(public, shared.clone(), serve_public),
+            signal,
         );
+        let grace = shared.config.shutdown_grace;
+        tracing::info!(
+            connections = shared.public_connections.load(Ordering::Relaxed),
+            ?grace,
+            "relay stopped accepting; letting open connections finish"
+        );
+        if timeout(grace, shared.drained()).await.is_err() {
+            tracing::warn!(
+                connections = shared.public_connections.load(Ordering::Relaxed),
+                "grace period over; dropping the remaining connections"
+            );
+        }
+        shared.stop();
+        let _ = timeout(STOP_WAIT, shared.stopped()).await;
+        drop(stop_on_drop);
+        tracing::info!("relay stopped");
     }
 }
 
-/// Accepts connections forever, each served by its own task.
+impl RelayHandle {
+    /// Number of tunnels currently routed.
+    pub fn tunnel_count(&self) -> usize {
+        self.shared.tunnel_count()
+    }
+
+    /// A snapshot of the relay's gauges and counters.
+    pub fn stats(&self) -> RelayStats {
+        self.shared.stats()
+    }
+
+    /// Starts a graceful shutdown, as when the future given to
+    /// [`Relay::run_until`] completes; later calls do nothing.
+    pub fn shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+}
+
+/// Ends everything when [`Relay::run_until`] returns or is dropped.
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Accepts connections until the relay drains, each served by its own task once it
+/// has a handshake permit; a connection beyond [`RelayConfig::max_pending_handshakes`]
+/// is closed at once.
 async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
 where
-    F: Fn(Arc<Shared>, TcpStream) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    F: Fn(Arc<Shared>, TcpStream, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut phase = shared.phase.subscribe();
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
+        };
+        match accepted {
             Ok((stream, _)) => {
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    shared.count_refusal("max_pending_handshakes");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(shared.clone(), stream));
+                shared.spawn(serve(shared.clone(), stream, permit));
             }
             // Out of file descriptors and the like: wait instead of spinning.
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -214,76 +540,46 @@ where
     }
 }
 
-/// One agent session: handshake, then tunnel requests until the link ends.
-async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream) {
+/// One agent session: the handshake under one deadline, then tunnel requests until
+/// the link ends.
+async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaphorePermit) {
     let limit = shared.config.handshake_timeout;
-    let Ok(Ok(tls)) = timeout(limit, shared.agent_tls.accept(tcp)).await else {
-        return;
-    };
-    let (read_half, write_half) = tokio::io::split(tls);
-    let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
-    let refusal = |code, message: &str| {
-        Frame::Error(ErrorFrame {
-            request_id: 0,
-            code,
-            message: message.into(),
-        })
-    };
-    let hello = match reader.read_frame_within(limit).await {
-        Ok(Some(Frame::Hello(hello))) => hello,
-        _ => {
-            let _ = writer
-                .send(&refusal(ErrorCode::PROTOCOL, "expected a hello"))
-                .await;
+    let (tls, slot) = match timeout(limit, authenticate(&shared, tcp)).await {
+        Ok(Some(admitted)) => admitted,
+        // Counted where it failed.
+        Ok(None) => return,
+        Err(_) => {
+            shared
+                .counters
+                .failed_handshakes
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
     };
-    if hello.version != PROTOCOL_VERSION {
-        let message = format!(
-            "relay speaks version {PROTOCOL_VERSION}, agent {}",
-            hello.version
-        );
-        let _ = writer
-            .send(&refusal(ErrorCode::BAD_VERSION, &message))
-            .await;
-        return;
-    }
-    if !shared
-        .config
-        .tokens
-        .iter()
-        .any(|token| token.matches(&hello.token))
-    {
-        let _ = writer
-            .send(&refusal(ErrorCode::UNAUTHORIZED, "unknown agent token"))
-            .await;
-        let _ = writer.shutdown().await;
-        return;
-    }
-    let welcome = Frame::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
-        ticket: bytes::Bytes::new(),
-    });
-    if writer.send(&welcome).await.is_err() {
-        return;
-    }
+    drop(handshake);
 
+    let (read_half, write_half) = tokio::io::split(tls);
     let stack = Stack::new(shared.config.stack.clone());
     let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
     let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
-    let link = tokio::spawn(link::run(
-        reader,
-        writer,
+    let mut link = AbortOnDrop(tokio::spawn(link::run(
+        FrameReader::new(read_half),
+        FrameWriter::new(write_half),
         stack.clone(),
         inbound_tx,
         outbound,
         shared.config.link.clone(),
-    ));
+    )));
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    lock(&shared.sessions).insert(id, stack.clone());
     let mut session = Session {
+        id,
         shared: shared.clone(),
         stack,
         control,
+        connections: semaphore(shared.config.max_connections_per_agent),
         tunnels: HashMap::new(),
+        _slot: slot,
     };
     while let Some(frame) = inbound.recv().await {
         if session.handle(frame).await.is_err() {
@@ -291,22 +587,157 @@ async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream) {
         }
     }
     drop(session);
-    let _ = link.await;
+    let _ = (&mut link.0).await;
+}
+
+/// Aborts a task when dropped, so that it never outlives its owner.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The unauthenticated phase of an agent: TLS, a hello of bounded size, its token, a
+/// session slot, and the welcome. `None` (counted) if the agent is turned away.
+async fn authenticate(
+    shared: &Shared,
+    tcp: TcpStream,
+) -> Option<(TlsStream<TcpStream>, OwnedSemaphorePermit)> {
+    let counters = &shared.counters;
+    let Ok(mut tls) = shared.agent_tls.accept(tcp).await else {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    let hello = match read_hello(&mut tls).await {
+        Ok(hello) => hello,
+        Err(message) => {
+            counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            refuse(&mut tls, ErrorCode::PROTOCOL, message).await;
+            return None;
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+        let message = format!(
+            "relay speaks version {PROTOCOL_VERSION}, agent {}",
+            hello.version
+        );
+        refuse(&mut tls, ErrorCode::BAD_VERSION, message).await;
+        return None;
+    }
+    let known = !hello.token.is_empty()
+        && shared
+            .config
+            .tokens
+            .iter()
+            .any(|token| token.matches(&hello.token));
+    if !known {
+        counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+        refuse(
+            &mut tls,
+            ErrorCode::UNAUTHORIZED,
+            "unknown agent token".into(),
+        )
+        .await;
+        return None;
+    }
+    if !shared.is_running() {
+        refuse(
+            &mut tls,
+            ErrorCode::INTERNAL,
+            "the relay is shutting down".into(),
+        )
+        .await;
+        return None;
+    }
+    let Ok(slot) = shared.session_slots.clone().try_acquire_owned() else {
+        shared.count_refusal("max_agent_sessions");
+        let message = format!(
+            "the relay serves its maximum of {} agent sessions (max_agent_sessions)",
+            shared.config.max_agent_sessions
+        );
+        refuse(&mut tls, ErrorCode::LIMIT_REACHED, message).await;
+        return None;
+    };
+    let welcome = Frame::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        ticket: bytes::Bytes::new(),
+    });
+    send_frame(&mut tls, &welcome).await.ok()?;
+    Some((tls, slot))
+}
+
+/// Reads an agent's first frame, which must be a hello of at most [`MAX_HELLO_LEN`]
+/// bytes: the header is checked before the payload is read or room is made for it.
+async fn read_hello(tls: &mut TlsStream<TcpStream>) -> Result<Hello, String> {
+    let mut header = [0u8; HEADER_LEN];
+    tls.read_exact(&mut header)
+        .await
+        .map_err(|_| "expected a hello".to_string())?;
+    if header[0] != u8::from(FrameKind::Hello) {
+        return Err(format!(
+            "expected a hello, got frame kind {:#04x}",
+            header[0]
+        ));
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_HELLO_LEN {
+        return Err(format!(
+            "a hello is at most {MAX_HELLO_LEN} bytes, this one says {len}"
+        ));
+    }
+    let mut frame = BytesMut::zeroed(HEADER_LEN + len);
+    frame[..HEADER_LEN].copy_from_slice(&header);
+    tls.read_exact(&mut frame[HEADER_LEN..])
+        .await
+        .map_err(|_| "the link closed inside the hello".to_string())?;
+    match Frame::parse(&mut frame) {
+        Ok(Some(Frame::Hello(hello))) => Ok(hello),
+        Ok(_) => Err("malformed hello".into()),
+        Err(e) => Err(format!("malformed hello: {e}")),
+    }
+}
+
+/// Writes one frame and flushes.
+async fn send_frame(tls: &mut TlsStream<TcpStream>, frame: &Frame) -> std::io::Result<()> {
+    let mut bytes = BytesMut::with_capacity(frame.encoded_len());
+    frame.encode(&mut bytes);
+    tls.write_all(&bytes).await?;
+    tls.flush().await
+}
+
+/// Tells an agent why it is turned away, and closes the link.
+async fn refuse(tls: &mut TlsStream<TcpStream>, code: ErrorCode, message: String) {
+    let refusal = Frame::Error(ErrorFrame {
+        request_id: 0,
+        code,
+        message,
+    });
+    if send_frame(tls, &refusal).await.is_ok() {
+        let _ = tls.shutdown().await;
+    }
 }
 
 /// The relay's side of one agent link.
 struct Session {
+    id: u64,
     shared: Arc<Shared>,
     stack: Stack,
     control: ControlSender,
+    /// Places for the public connections of all this session's tunnels.
+    connections: Arc<Semaphore>,
     /// This session's tunnels by port.
     tunnels: HashMap<u16, SessionTunnel>,
+    /// This session's place in [`RelayConfig::max_agent_sessions`].
+    _slot: OwnedSemaphorePermit,
 }
 
 struct SessionTunnel {
     hostname: String,
     /// Accepts raw TCP connections, for unencrypted tunnels.
-    tcp_acceptor: Option<JoinHandle<()>>,
+    tcp_acceptor: Option<AbortHandle>,
 }
 
 impl Session {
@@ -355,20 +786,43 @@ impl Session {
                 format!("port {port} is already forwarded"),
             ));
         }
+        let shutting_down = || {
+            (
+                ErrorCode::INTERNAL,
+                "the relay is shutting down".to_string(),
+            )
+        };
+        if !self.shared.is_running() {
+            return Err(shutting_down());
+        }
+        let max = self.shared.config.max_tunnels_per_agent;
+        if self.tunnels.len() >= max {
+            self.shared.count_refusal("max_tunnels_per_agent");
+            return Err((
+                ErrorCode::LIMIT_REACHED,
+                format!("this agent has its maximum of {max} tunnels open (max_tunnels_per_agent)"),
+            ));
+        }
         let route = Route {
             stack: self.stack.clone(),
             port,
             h2: request.h2,
+            tunnel_connections: semaphore(self.shared.config.max_connections_per_tunnel),
+            agent_connections: self.connections.clone(),
         };
         let tcp_acceptor = if request.unencrypted {
-            let (listener, tcp_port) = self.bind_tcp_port().await.ok_or((
-                ErrorCode::LIMIT_REACHED,
-                "no free raw TCP port on the relay".to_string(),
-            ))?;
-            Some((
-                tokio::spawn(serve_raw_tcp(listener, route.clone())),
-                tcp_port,
-            ))
+            let Some((listener, tcp_port)) = self.bind_tcp_port().await else {
+                self.shared.count_refusal("tcp_ports");
+                return Err((
+                    ErrorCode::LIMIT_REACHED,
+                    "no free raw TCP port on the relay".to_string(),
+                ));
+            };
+            let acceptor = self
+                .shared
+                .spawn(serve_raw_tcp(self.shared.clone(), listener, route.clone()))
+                .ok_or_else(shutting_down)?;
+            Some((acceptor, tcp_port))
         } else {
             None
         };
@@ -403,7 +857,7 @@ impl Session {
         None
     }
 
-    /// Stops routing to the tunnel of `port`.
+    /// Stops routing to the tunnel of `port`. Its open connections carry on.
     fn close(&mut self, port: u16) {
         if let Some(tunnel) = self.tunnels.remove(&port) {
             lock(&self.shared.routes).remove(&tunnel.hostname);
@@ -421,6 +875,7 @@ impl Drop for Session {
             self.close(port);
         }
         self.stack.close();
+        lock(&self.shared.sessions).remove(&self.id);
     }
 }
 
@@ -443,6 +898,166 @@ impl Shared {
             .get(&hostname.to_ascii_lowercase())
             .cloned()
     }
+
+    fn tunnel_count(&self) -> usize {
+        lock(&self.routes).len()
+    }
+
+    fn stats(&self) -> RelayStats {
+        let c = &self.counters;
+        let stacks: Vec<Stack> = lock(&self.sessions).values().cloned().collect();
+        let mut sum = StackStats::default();
+        for stack in &stacks {
+            let s = stack.stats();
+            sum.flows += s.flows;
+            sum.listeners += s.listeners;
+            sum.packets_in += s.packets_in;
+            sum.dropped_malformed += s.dropped_malformed;
+            sum.dropped_wrong_address += s.dropped_wrong_address;
+            sum.dropped_unknown_flow += s.dropped_unknown_flow;
+            sum.refused_syns += s.refused_syns;
+            sum.queued_bytes += s.queued_bytes;
+        }
+        let max_handshakes = self
+            .config
+            .max_pending_handshakes
+            .min(Semaphore::MAX_PERMITS);
+        RelayStats {
+            agent_sessions: stacks.len(),
+            tunnels: self.tunnel_count(),
+            public_connections: self.public_connections.load(Ordering::Relaxed),
+            pending_handshakes: max_handshakes.saturating_sub(self.handshakes.available_permits()),
+            refused_by_limit: c.refused_by_limit.load(Ordering::Relaxed),
+            unknown_sni: c.unknown_sni.load(Ordering::Relaxed),
+            failed_handshakes: c.failed_handshakes.load(Ordering::Relaxed),
+            unauthorized: c.unauthorized.load(Ordering::Relaxed),
+            stacks: sum,
+        }
+    }
+
+    /// Counts a refusal at the limit named by its setting.
+    fn count_refusal(&self, limit: &'static str) {
+        self.counters
+            .refused_by_limit
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(limit, "refused: limit reached");
+    }
+
+    fn is_running(&self) -> bool {
+        *self.phase.borrow() == Phase::Running
+    }
+
+    /// Running → draining: the accept loops return and close their listeners.
+    fn begin_shutdown(&self) {
+        self.phase.send_if_modified(|phase| {
+            let start = *phase == Phase::Running;
+            if start {
+                *phase = Phase::Draining;
+            }
+            start
+        });
+    }
+
+    /// Waits until no public connection is open or in its handshake.
+    async fn drained(&self) {
+        let max_handshakes = self
+            .config
+            .max_pending_handshakes
+            .min(Semaphore::MAX_PERMITS);
+        while self.public_connections.load(Ordering::Relaxed) > 0
+            || self.handshakes.available_permits() < max_handshakes
+        {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Ends every task (sessions, connections, raw TCP acceptors) and spawns no more.
+    fn stop(&self) {
+        self.phase.send_replace(Phase::Stopped);
+        let live: Vec<AbortHandle> = {
+            let mut tasks = lock(&self.tasks);
+            tasks.stopped = true;
+            // Each task unregisters itself once it is gone, so `stopped` can wait for it.
+            tasks.live.values().flatten().cloned().collect()
+        };
+        for task in live {
+            task.abort();
+        }
+    }
+
+    /// Waits until the tasks ended by [`stop`](Self::stop) have finished unwinding.
+    async fn stopped(&self) {
+        while !lock(&self.tasks).live.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Spawns a task that [`stop`](Self::stop) can end; `None` (and nothing runs) once
+    /// stopped.
+    fn spawn(
+        self: &Arc<Self>,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> Option<AbortHandle> {
+        let id = {
+            let mut tasks = lock(&self.tasks);
+            if tasks.stopped {
+                return None;
+            }
+            let id = tasks.next;
+            tasks.next += 1;
+            tasks.live.insert(id, None);
+            id
+        };
+        let tracked = Tracked {
+            task: Box::pin(task),
+            _guard: TaskGuard {
+                shared: self.clone(),
+                id,
+            },
+        };
+        // Not under the lock: a runtime that is shutting down drops the task (and so
+        // its guard, which takes the lock) right here.
+        let abort = tokio::spawn(tracked).abort_handle();
+        let mut tasks = lock(&self.tasks);
+        if let Some(slot) = tasks.live.get_mut(&id) {
+            *slot = Some(abort.clone());
+        }
+        if tasks.stopped {
+            // `stop` ran while the task was being spawned.
+            abort.abort();
+        }
+        Some(abort)
+    }
+}
+
+/// A task and its registration. Fields drop in order: the task (a session, say, with
+/// everything it owns) is gone before the registration is.
+struct Tracked {
+    task: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+    _guard: TaskGuard,
+}
+
+impl Future for Tracked {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        self.task.as_mut().poll(cx)
+    }
+}
+
+/// Unregisters a task when it ends (or is aborted).
+struct TaskGuard {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        lock(&self.shared.tasks).live.remove(&self.id);
+    }
 }
 
 /// A DNS label of 26 characters from `a-z2-7` carrying 128 bits from the OS CSPRNG.
@@ -458,11 +1073,21 @@ fn random_label() -> String {
         .collect()
 }
 
+/// Why a public connection did not get going.
+enum PublicFailure {
+    /// The TLS handshake failed or timed out.
+    Tls,
+    /// The agent refused the inner connection (nothing listens on the port).
+    Inner,
+}
+
 /// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
-async fn serve_public(shared: Arc<Shared>, tcp: TcpStream) {
-    let limit = shared.config.handshake_timeout;
+async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaphorePermit) {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let counters = &shared.counters;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let Ok(Ok(start)) = timeout(limit, acceptor).await else {
+    let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
         return;
     };
     let Some(route) = start
@@ -471,6 +1096,11 @@ async fn serve_public(shared: Arc<Shared>, tcp: TcpStream) {
         .and_then(|sni| shared.route(sni))
     else {
         // Unknown or missing SNI: close without an answer, the same way every time.
+        counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // Counted by `admit`; the client sees the connection closed.
+    let Some(_permit) = route.admit(&shared) else {
         return;
     };
     let tls_config = if route.h2 {
@@ -478,27 +1108,55 @@ async fn serve_public(shared: Arc<Shared>, tcp: TcpStream) {
     } else {
         &shared.http1
     };
-    let (tls, inner) = tokio::join!(
-        timeout(limit, start.into_stream(tls_config.clone())),
-        route.stack.connect(route.port)
-    );
-    let (Ok(Ok(mut tls)), Ok(inner)) = (tls, inner) else {
-        return;
+    let tls = async {
+        match timeout_at(deadline, start.into_stream(tls_config.clone())).await {
+            Ok(Ok(tls)) => Ok(tls),
+            _ => Err(PublicFailure::Tls),
+        }
     };
+    let inner = async {
+        route
+            .stack
+            .connect(route.port)
+            .await
+            .map_err(|_| PublicFailure::Inner)
+    };
+    let (mut tls, inner) = match tokio::try_join!(tls, inner) {
+        Ok(both) => both,
+        Err(PublicFailure::Tls) => {
+            counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(PublicFailure::Inner) => return,
+    };
+    drop(handshake);
     let _ = crate::splice::splice(&inner, &mut tls).await;
-    let _ = tls.shutdown().await;
+    // A client that reads nothing cannot hold the connection open.
+    let _ = timeout(shared.config.handshake_timeout, tls.shutdown()).await;
 }
 
-/// Accepts raw TCP connections to an unencrypted tunnel until aborted.
-async fn serve_raw_tcp(listener: TcpListener, route: Route) {
+/// Accepts raw TCP connections to an unencrypted tunnel until aborted or the relay
+/// drains.
+async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, route: Route) {
+    let mut phase = shared.phase.subscribe();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(permit) = route.admit(&shared) else {
+            // At a limit (counted): the client sees a reset, as from a closed port.
+            let _ = stream.set_zero_linger();
             continue;
         };
         let _ = stream.set_nodelay(true);
         let route = route.clone();
-        tokio::spawn(async move {
+        shared.spawn(async move {
+            let _permit = permit;
             match route.stack.connect(route.port).await {
                 Ok(inner) => {
                     let _ = crate::splice::splice_tcp(&inner, stream).await;
