@@ -135,6 +135,10 @@ pub struct RelayConfig {
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
     pub shutdown_grace: Duration,
+    /// How long the hostnames and TCP ports of an agent whose link was lost stay
+    /// reserved for it: an agent that reconnects within it (presenting the same
+    /// identity and token) gets the same URLs back.
+    pub lease_grace: Duration,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -156,6 +160,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Default of [`lease_grace`](Self::lease_grace): 60 s.
+    pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(60);
 
     /// Settings for one machine: everything on loopback, domain [`LOCAL_DOMAIN`], the given
     /// ports (0 picks a free one), raw TCP ports from 20000 to 29999, and the default
@@ -184,6 +190,7 @@ impl RelayConfig {
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            lease_grace: Self::DEFAULT_LEASE_GRACE,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
@@ -259,6 +266,11 @@ struct Shared {
     routes: Mutex<HashMap<String, Route>>,
     /// Live sessions' stacks by session id, for statistics.
     sessions: Mutex<HashMap<u64, Stack>>,
+    /// The live session of each agent identity: a newer session of the same agent
+    /// replaces it.
+    identities: Mutex<HashMap<AgentKey, (u64, Stack)>>,
+    /// Tunnels by agent identity and port: what a reconnecting agent gets back.
+    leases: Mutex<HashMap<(AgentKey, u16), Lease>>,
     next_session: AtomicU64,
     /// Permits for handshakes in progress ([`RelayConfig::max_pending_handshakes`]).
     handshakes: Arc<Semaphore>,
@@ -286,6 +298,23 @@ struct Tasks {
     /// Live tasks by id; `None` while one is being spawned.
     live: HashMap<u64, Option<AbortHandle>>,
     stopped: bool,
+}
+
+/// Who an agent is across its links: the identity it presents and the token it used.
+type AgentKey = ([u8; 16], usize);
+
+/// A tunnel reserved for an agent identity, while its session lives and for
+/// [`RelayConfig::lease_grace`] after.
+struct Lease {
+    hostname: String,
+    tcp_port: Option<u16>,
+    h2: bool,
+    unencrypted: bool,
+    /// The session holding it now.
+    owner: u64,
+    /// Accepts the tunnel's raw TCP connections; kept through the grace period, so the
+    /// port stays reserved.
+    tcp_acceptor: Option<AbortHandle>,
 }
 
 /// Where connections to one tunnel hostname go.
@@ -385,6 +414,8 @@ impl Relay {
                 http2,
                 routes: Mutex::new(HashMap::new()),
                 sessions: Mutex::new(HashMap::new()),
+                identities: Mutex::new(HashMap::new()),
+                leases: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 handshakes: semaphore(config.max_pending_handshakes),
                 session_slots: semaphore(config.max_agent_sessions),
@@ -544,7 +575,7 @@ where
 /// the link ends.
 async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaphorePermit) {
     let limit = shared.config.handshake_timeout;
-    let (tls, slot) = match timeout(limit, authenticate(&shared, tcp)).await {
+    let (tls, slot, agent) = match timeout(limit, authenticate(&shared, tcp)).await {
         Ok(Some(admitted)) => admitted,
         // Counted where it failed.
         Ok(None) => return,
@@ -572,8 +603,15 @@ async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaph
     )));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     lock(&shared.sessions).insert(id, stack.clone());
+    if let Some(key) = agent {
+        // The newest session of an agent wins: an older one still open is closed.
+        if let Some((_, older)) = lock(&shared.identities).insert(key, (id, stack.clone())) {
+            older.close();
+        }
+    }
     let mut session = Session {
         id,
+        agent,
         shared: shared.clone(),
         stack,
         control,
@@ -604,7 +642,7 @@ impl<T> Drop for AbortOnDrop<T> {
 async fn authenticate(
     shared: &Shared,
     tcp: TcpStream,
-) -> Option<(TlsStream<TcpStream>, OwnedSemaphorePermit)> {
+) -> Option<(TlsStream<TcpStream>, OwnedSemaphorePermit, Option<AgentKey>)> {
     let counters = &shared.counters;
     let Ok(mut tls) = shared.agent_tls.accept(tcp).await else {
         counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -627,12 +665,12 @@ async fn authenticate(
         refuse(&mut tls, ErrorCode::BAD_VERSION, message).await;
         return None;
     }
-    let known = !hello.token.is_empty()
-        && shared
-            .config
-            .tokens
-            .iter()
-            .any(|token| token.matches(&hello.token));
+    let token_index = shared
+        .config
+        .tokens
+        .iter()
+        .position(|token| !hello.token.is_empty() && token.matches(&hello.token));
+    let known = token_index.is_some();
     if !known {
         counters.unauthorized.fetch_add(1, Ordering::Relaxed);
         refuse(
@@ -666,7 +704,11 @@ async fn authenticate(
         ticket: bytes::Bytes::new(),
     });
     send_frame(&mut tls, &welcome).await.ok()?;
-    Some((tls, slot))
+    // An agent that presents a 16-byte identity gets its leases back on reconnect.
+    let agent = <[u8; 16]>::try_from(&hello.resume[..])
+        .ok()
+        .zip(token_index);
+    Some((tls, slot, agent))
 }
 
 /// Reads an agent's first frame, which must be a hello of at most [`MAX_HELLO_LEN`]
@@ -723,6 +765,8 @@ async fn refuse(tls: &mut TlsStream<TcpStream>, code: ErrorCode, message: String
 /// The relay's side of one agent link.
 struct Session {
     id: u64,
+    /// The agent's identity, if it presented one: its tunnels are leased.
+    agent: Option<AgentKey>,
     shared: Arc<Shared>,
     stack: Stack,
     control: ControlSender,
@@ -786,6 +830,9 @@ impl Session {
                 format!("port {port} is already forwarded"),
             ));
         }
+        if let Some(forwarded) = self.reclaim(request) {
+            return Ok(forwarded);
+        }
         let shutting_down = || {
             (
                 ErrorCode::INTERNAL,
@@ -803,13 +850,8 @@ impl Session {
                 format!("this agent has its maximum of {max} tunnels open (max_tunnels_per_agent)"),
             ));
         }
-        let route = Route {
-            stack: self.stack.clone(),
-            port,
-            h2: request.h2,
-            tunnel_connections: semaphore(self.shared.config.max_connections_per_tunnel),
-            agent_connections: self.connections.clone(),
-        };
+        let route = self.route(request);
+        let hostname = self.shared.fresh_hostname();
         let tcp_acceptor = if request.unencrypted {
             let Some((listener, tcp_port)) = self.bind_tcp_port().await else {
                 self.shared.count_refusal("tcp_ports");
@@ -820,13 +862,17 @@ impl Session {
             };
             let acceptor = self
                 .shared
-                .spawn(serve_raw_tcp(self.shared.clone(), listener, route.clone()))
+                .spawn(serve_raw_tcp(
+                    self.shared.clone(),
+                    listener,
+                    hostname.clone(),
+                ))
                 .ok_or_else(shutting_down)?;
             Some((acceptor, tcp_port))
         } else {
             None
         };
-        let hostname = self.shared.register(route);
+        self.shared.register(hostname.clone(), route);
         let forwarded = Forwarded {
             request_id: request.request_id,
             port,
@@ -834,14 +880,71 @@ impl Session {
             tls_port: self.shared.public_tls_port,
             tcp_port: tcp_acceptor.as_ref().map(|(_, port)| *port),
         };
+        let mut tcp_acceptor = tcp_acceptor.map(|(task, _)| task);
+        if let Some(key) = self.agent {
+            let lease = Lease {
+                hostname: hostname.clone(),
+                tcp_port: forwarded.tcp_port,
+                h2: request.h2,
+                unencrypted: request.unencrypted,
+                owner: self.id,
+                tcp_acceptor: tcp_acceptor.take(),
+            };
+            if let Some(stale) = lock(&self.shared.leases).insert((key, port), lease) {
+                self.shared.end_lease(stale);
+            }
+        }
         self.tunnels.insert(
             port,
             SessionTunnel {
                 hostname,
-                tcp_acceptor: tcp_acceptor.map(|(task, _)| task),
+                tcp_acceptor,
             },
         );
         Ok(forwarded)
+    }
+
+    /// How public connections reach `request.port` of this session's agent.
+    fn route(&self, request: &ForwardRequest) -> Route {
+        Route {
+            stack: self.stack.clone(),
+            port: request.port,
+            h2: request.h2,
+            tunnel_connections: semaphore(self.shared.config.max_connections_per_tunnel),
+            agent_connections: self.connections.clone(),
+        }
+    }
+
+    /// Gives a reconnected agent back the tunnel it leased for `request.port`, with the
+    /// same hostname and TCP port, if the options match.
+    fn reclaim(&mut self, request: &ForwardRequest) -> Option<Forwarded> {
+        let key = (self.agent?, request.port);
+        let mut leases = lock(&self.shared.leases);
+        let lease = leases.get_mut(&key)?;
+        if lease.h2 != request.h2 || lease.unencrypted != request.unencrypted {
+            // Asked for a different tunnel: the old one ends now.
+            let stale = leases.remove(&key)?;
+            drop(leases);
+            self.shared.end_lease(stale);
+            return None;
+        }
+        lease.owner = self.id;
+        lock(&self.shared.routes).insert(lease.hostname.clone(), self.route(request));
+        let forwarded = Forwarded {
+            request_id: request.request_id,
+            port: request.port,
+            hostname: lease.hostname.clone(),
+            tls_port: self.shared.public_tls_port,
+            tcp_port: lease.tcp_port,
+        };
+        self.tunnels.insert(
+            request.port,
+            SessionTunnel {
+                hostname: lease.hostname.clone(),
+                tcp_acceptor: None,
+            },
+        );
+        Some(forwarded)
     }
 
     /// Binds a random free port of the configured range.
@@ -857,7 +960,8 @@ impl Session {
         None
     }
 
-    /// Stops routing to the tunnel of `port`. Its open connections carry on.
+    /// Stops routing to the tunnel of `port`, and ends its lease. Its open connections
+    /// carry on.
     fn close(&mut self, port: u16) {
         if let Some(tunnel) = self.tunnels.remove(&port) {
             lock(&self.shared.routes).remove(&tunnel.hostname);
@@ -865,32 +969,106 @@ impl Session {
                 acceptor.abort();
             }
         }
+        if let Some(key) = self.agent {
+            let mut leases = lock(&self.shared.leases);
+            if leases
+                .get(&(key, port))
+                .is_some_and(|lease| lease.owner == self.id)
+            {
+                let lease = leases.remove(&(key, port));
+                drop(leases);
+                lease
+                    .into_iter()
+                    .for_each(|lease| self.shared.end_lease(lease));
+            }
+        }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let ports: Vec<u16> = self.tunnels.keys().copied().collect();
-        for port in ports {
+        // Leased tunnels keep their hostname and TCP port for the grace period (their
+        // connections fail fast meanwhile: this stack is closed); the rest end now.
+        let leased: Vec<u16> = match self.agent {
+            Some(key) => {
+                let leases = lock(&self.shared.leases);
+                self.tunnels
+                    .keys()
+                    .copied()
+                    .filter(|&port| leases.get(&(key, port)).is_some_and(|l| l.owner == self.id))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let ended: Vec<u16> = self
+            .tunnels
+            .keys()
+            .copied()
+            .filter(|p| !leased.contains(p))
+            .collect();
+        for port in ended {
             self.close(port);
         }
         self.stack.close();
         lock(&self.shared.sessions).remove(&self.id);
+        if let Some(key) = self.agent {
+            let mut identities = lock(&self.shared.identities);
+            if identities.get(&key).is_some_and(|(id, _)| *id == self.id) {
+                identities.remove(&key);
+            }
+        }
+        if let (Some(key), false) = (self.agent, leased.is_empty()) {
+            let (shared, owner, grace) =
+                (self.shared.clone(), self.id, self.shared.config.lease_grace);
+            let expire = async move {
+                tokio::time::sleep(grace).await;
+                shared.expire_leases(key, owner, &leased);
+            };
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(expire);
+            }
+        }
     }
 }
 
 impl Shared {
-    /// Registers a route under a fresh random hostname and returns the hostname.
-    fn register(&self, route: Route) -> String {
-        let mut routes = lock(&self.routes);
+    /// A hostname no route uses: 128 random bits, so never one handed out before.
+    fn fresh_hostname(&self) -> String {
+        let routes = lock(&self.routes);
         loop {
             let hostname = format!("{}.{}", random_label(), self.config.node_domain());
-            if let std::collections::hash_map::Entry::Vacant(slot) = routes.entry(hostname.clone())
-            {
-                slot.insert(route);
+            if !routes.contains_key(&hostname) {
                 return hostname;
             }
         }
+    }
+
+    /// Routes connections for `hostname`.
+    fn register(&self, hostname: String, route: Route) {
+        lock(&self.routes).insert(hostname, route);
+    }
+
+    /// Stops routing to a lease's hostname and frees its TCP port.
+    fn end_lease(&self, lease: Lease) {
+        lock(&self.routes).remove(&lease.hostname);
+        if let Some(acceptor) = lease.tcp_acceptor {
+            acceptor.abort();
+        }
+    }
+
+    /// Ends the leases of `ports` that session `owner` still holds once its grace
+    /// period is over (a reconnected session has taken over the others).
+    fn expire_leases(&self, key: AgentKey, owner: u64, ports: &[u16]) {
+        let mut leases = lock(&self.leases);
+        let expired: Vec<Lease> = ports
+            .iter()
+            .filter_map(|&port| {
+                let lease = leases.get(&(key, port))?;
+                (lease.owner == owner).then(|| leases.remove(&(key, port)))?
+            })
+            .collect();
+        drop(leases);
+        expired.into_iter().for_each(|lease| self.end_lease(lease));
     }
 
     fn route(&self, hostname: &str) -> Option<Route> {
@@ -1137,7 +1315,7 @@ async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemap
 
 /// Accepts raw TCP connections to an unencrypted tunnel until aborted or the relay
 /// drains.
-async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, route: Route) {
+async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: String) {
     let mut phase = shared.phase.subscribe();
     loop {
         let accepted = tokio::select! {
@@ -1148,13 +1326,17 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, route: Route)
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // Looked up per connection: a reconnected agent's session takes the route over.
+        let Some(route) = shared.route(&hostname) else {
+            let _ = stream.set_zero_linger();
+            continue;
+        };
         let Some(permit) = route.admit(&shared) else {
             // At a limit (counted): the client sees a reset, as from a closed port.
             let _ = stream.set_zero_linger();
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let route = route.clone();
         shared.spawn(async move {
             let _permit = permit;
             match route.stack.connect(route.port).await {
