@@ -26,7 +26,9 @@ use crate::error::Error;
 use crate::link::{
     self, ControlReceiver, ControlSender, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE,
 };
-use crate::netstack::{lock, InnerStream, ListenError, Listener, Stack, StackConfig};
+use crate::netstack::{
+    lock, InnerStream, ListenError, Listener, ListenerStopper, Stack, StackConfig,
+};
 use crate::token::Token;
 use crate::wire::{
     ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, PROTOCOL_VERSION,
@@ -360,8 +362,9 @@ impl Agent {
             .local_addr
             .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
         let connect_timeout = self.shared.config.connect_timeout;
+        let stopper = listener.stopper();
         let task = tokio::spawn(crate::splice::forward_to(listener, target, connect_timeout));
-        Ok(Tunnel::new(self.clone(), forwarded, Some(task)))
+        Ok(Tunnel::new(self.clone(), forwarded, Some((task, stopper))))
     }
 
     /// Opens a tunnel whose connections are handed to the program itself, straight
@@ -508,13 +511,18 @@ pub struct Tunnel {
     forwarded: Forwarded,
     url: String,
     tcp_host: String,
-    /// Serves the forwarded connections; `None` for a [`TunnelListener`]'s tunnel.
-    forwarder: Option<JoinHandle<()>>,
+    /// Serves the forwarded connections, and stops its listener at once; `None` for a
+    /// [`TunnelListener`]'s tunnel.
+    forwarder: Option<(JoinHandle<()>, ListenerStopper)>,
     open: bool,
 }
 
 impl Tunnel {
-    fn new(agent: Agent, forwarded: Forwarded, forwarder: Option<JoinHandle<()>>) -> Self {
+    fn new(
+        agent: Agent,
+        forwarded: Forwarded,
+        forwarder: Option<(JoinHandle<()>, ListenerStopper)>,
+    ) -> Self {
         let url = if forwarded.tls_port == 443 {
             format!("https://{}", forwarded.hostname)
         } else {
@@ -584,8 +592,10 @@ impl Tunnel {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        if let Some(forwarder) = self.forwarder.take() {
-            // Dropping the forwarder's listener stops new connections at once.
+        if let Some((forwarder, listening)) = self.forwarder.take() {
+            // Stopped here rather than when the aborted task drops the listener, so the
+            // port can be forwarded again right away.
+            listening.stop();
             forwarder.abort();
         }
         let shared = &self.agent.shared;

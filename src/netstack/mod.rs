@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 pub(crate) use flow::FlowState;
 pub use queue::PacketQueue;
 pub use smoltcp::wire::Ipv4Address;
-pub use stream::{InnerStream, Listener, PendingConnection};
+pub use stream::{InnerStream, Listener, ListenerStopper, PendingConnection};
 
 use device::FlowDevice;
 use flow::{Flow, FlowKey, FlowOpenError, PacketInfo, Unclassified};
@@ -479,8 +479,9 @@ impl Stack {
             return Err(ListenError::PortInUse(port));
         }
         let (sender, receiver) = mpsc::channel(self.shared.config.accept_backlog.max(1));
+        let registration = sender.downgrade();
         listeners.insert(port, sender);
-        Ok(Listener::new(port, receiver, self.clone()))
+        Ok(Listener::new(port, receiver, registration, self.clone()))
     }
 
     /// Closes the stack: every connection is reset, listeners stop, and the outbound
@@ -542,9 +543,19 @@ impl Stack {
         }
     }
 
-    /// Removes the listener of `port` (called when a [`Listener`] is dropped).
-    fn unlisten(&self, port: u16) {
-        lock(&self.shared.listeners).remove(&port);
+    /// Stops the listener of `port` if it is still the one registered as `registration`
+    /// (a newer listener on the same port is left alone).
+    fn unlisten(&self, port: u16, registration: &mpsc::WeakSender<PendingConnection>) {
+        let Some(ours) = registration.upgrade() else {
+            return;
+        };
+        let mut listeners = lock(&self.shared.listeners);
+        if listeners
+            .get(&port)
+            .is_some_and(|registered| registered.same_channel(&ours))
+        {
+            listeners.remove(&port);
+        }
     }
 }
 

@@ -218,23 +218,51 @@ async fn linger(flow: Arc<Flow>, stack: Stack) {
 /// refuses the connections not yet accepted.
 #[derive(Debug)]
 pub struct Listener {
-    port: u16,
     pending: mpsc::Receiver<PendingConnection>,
+    stopper: ListenerStopper,
+}
+
+/// Stops a [`Listener`] at once, from wherever the listener itself is (for example
+/// inside a task that will only be dropped later).
+#[derive(Debug, Clone)]
+pub struct ListenerStopper {
+    port: u16,
+    registration: mpsc::WeakSender<PendingConnection>,
     stack: Stack,
 }
 
+impl ListenerStopper {
+    /// Stops listening: new connection attempts are refused from now on.
+    pub fn stop(&self) {
+        self.stack.unlisten(self.port, &self.registration);
+    }
+}
+
 impl Listener {
-    pub(crate) fn new(port: u16, pending: mpsc::Receiver<PendingConnection>, stack: Stack) -> Self {
+    pub(crate) fn new(
+        port: u16,
+        pending: mpsc::Receiver<PendingConnection>,
+        registration: mpsc::WeakSender<PendingConnection>,
+        stack: Stack,
+    ) -> Self {
         Listener {
-            port,
             pending,
-            stack,
+            stopper: ListenerStopper {
+                port,
+                registration,
+                stack,
+            },
         }
     }
 
     /// The port listened on.
     pub fn port(&self) -> u16 {
-        self.port
+        self.stopper.port
+    }
+
+    /// A handle that stops this listener.
+    pub fn stopper(&self) -> ListenerStopper {
+        self.stopper.clone()
     }
 
     /// Waits for the next connection attempt; `None` once the stack is closed.
@@ -257,7 +285,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.stack.unlisten(self.port);
+        self.stopper.stop();
     }
 }
 
