@@ -1161,6 +1161,9 @@ impl Shared {
         for task in live {
             task.abort();
         }
+        // A stopped relay holds nothing for agents that may come back.
+        let leases: Vec<Lease> = lock(&self.leases).drain().map(|(_, lease)| lease).collect();
+        leases.into_iter().for_each(|lease| self.end_lease(lease));
     }
 
     /// Waits until the tasks ended by [`stop`](Self::stop) have finished unwinding.
