@@ -639,7 +639,14 @@ impl TunnelListener {
 
     /// Waits for the next connection; fails once the link to the relay is gone.
     pub async fn accept(&mut self) -> Result<TunnelStream, Error> {
-        self.listener.accept().await.map_err(|_| Error::LinkClosed)
+        loop {
+            match self.listener.accept().await {
+                Ok(stream) => return Ok(stream),
+                // One client that stalls its handshake is no reason to stop serving.
+                Err(crate::netstack::ConnectError::TimedOut) => continue,
+                Err(_) => return Err(Error::LinkClosed),
+            }
+        }
     }
 
     /// Closes the tunnel and waits for the relay to confirm.

@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run a relay. With no flags: on loopback, domain `localhost`, with a generated CA
+    /// Run a relay. With no flags: on loopback, domain `portferry.localhost`, with a generated CA
     /// and token kept in the state directory; prints the environment an agent needs.
     Relay(Box<RelayArgs>),
     /// Forward a local port through the relay named by PORTFERRY_RELAY / PORTFERRY_TOKEN

@@ -75,6 +75,7 @@ where
         stats: SpliceStats::default(),
         inner_to_outer_open: true,
         outer_to_inner_open: true,
+        fin_pending: false,
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
     };
     let result = poll_fn(|cx| inner.with_flow(|state, now| splice.poll(cx, state, now))).await;
@@ -124,6 +125,10 @@ struct Splice<'a, S: ?Sized> {
     stats: SpliceStats,
     inner_to_outer_open: bool,
     outer_to_inner_open: bool,
+    /// The stream has ended but the FIN waits until the send buffer is drained: in
+    /// LAST-ACK smoltcp 0.14 takes a window update for a duplicate ACK and drops it, so
+    /// a FIN queued behind data the peer cannot take yet would stall the data.
+    fin_pending: bool,
     /// Wakes the splice when smoltcp's timers (retransmission) are due.
     timer: Pin<Box<Sleep>>,
 }
@@ -211,10 +216,14 @@ impl<S: AsyncRead + AsyncWrite + ?Sized> Splice<'_, S> {
         cx: &mut Context<'_>,
         state: &mut crate::netstack::FlowState,
     ) -> io::Result<()> {
+        let socket = state.socket();
+        if self.fin_pending && socket.send_queue() == 0 {
+            socket.close();
+            self.fin_pending = false;
+        }
         if !self.outer_to_inner_open {
             return Ok(());
         }
-        let socket = state.socket();
         while socket.can_send() {
             let outer = self.outer.as_mut();
             let read = socket.send(|space| {
@@ -230,7 +239,11 @@ impl<S: AsyncRead + AsyncWrite + ?Sized> Splice<'_, S> {
             });
             match read {
                 Ok(Ok(Some(0))) => {
-                    socket.close();
+                    if socket.send_queue() == 0 {
+                        socket.close();
+                    } else {
+                        self.fin_pending = true;
+                    }
                     self.outer_to_inner_open = false;
                     break;
                 }

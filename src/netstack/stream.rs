@@ -131,9 +131,21 @@ impl AsyncWrite for InnerStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.with_flow(|state, _| state.socket().close());
-        Poll::Ready(Ok(()))
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.with_flow(|state, _| {
+            if state.reset_by_peer {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let socket = state.socket();
+            // The FIN goes out once everything before it is acknowledged (see
+            // `Splice::fin_pending` for why it must not wait behind queued data).
+            if socket.may_send() && socket.send_queue() > 0 {
+                state.wake_writer_on_ingress(cx);
+                return Poll::Pending;
+            }
+            socket.close();
+            Poll::Ready(Ok(()))
+        })
     }
 }
 
@@ -146,7 +158,7 @@ impl Drop for InnerStream {
             let socket = state.socket();
             if socket.recv_queue() > 0 || !is_synchronized(socket.state()) {
                 socket.abort();
-            } else {
+            } else if socket.send_queue() == 0 {
                 socket.close();
             }
             state.is_finished()
@@ -198,6 +210,9 @@ async fn linger(flow: Arc<Flow>, stack: Stack) {
                 .recv(|data| (data.len(), ()))
                 .is_ok_and(|()| socket.can_recv())
             {}
+            if socket.may_send() && socket.send_queue() == 0 {
+                socket.close();
+            }
             if state.is_finished() {
                 return Poll::Ready(());
             }
