@@ -13,7 +13,7 @@
 //! stops its own connection.
 
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,9 +22,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 
-use crate::netstack::{InnerStream, Listener};
+use crate::netstack::{FlowTimer, InnerStream, Listener};
 
 /// Bytes moved by a finished [`splice`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,7 +75,7 @@ where
         inner_to_outer_open: true,
         outer_to_inner_open: true,
         fin_pending: false,
-        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        timer: FlowTimer::default(),
     };
     let result = poll_fn(|cx| inner.with_flow(|state, now| splice.poll(cx, state, now))).await;
     if result.is_err() {
@@ -130,7 +129,7 @@ struct Splice<'a, S: ?Sized> {
     /// a FIN queued behind data the peer cannot take yet would stall the data.
     fin_pending: bool,
     /// Wakes the splice when smoltcp's timers (retransmission) are due.
-    timer: Pin<Box<Sleep>>,
+    timer: FlowTimer,
 }
 
 impl<S: AsyncRead + AsyncWrite + ?Sized> Splice<'_, S> {
@@ -153,15 +152,7 @@ impl<S: AsyncRead + AsyncWrite + ?Sized> Splice<'_, S> {
             return Poll::Ready(Ok(self.stats));
         }
         state.wake_reader_on_ingress(cx);
-        if let Some(at) = state.poll_at(now).filter(|&at| at > now) {
-            let delay = Duration::from_micros((at - now).total_micros());
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + delay);
-            if self.timer.as_mut().poll(cx).is_ready() {
-                cx.waker().wake_by_ref();
-            }
-        }
+        self.timer.arm(cx, state, now);
         Poll::Pending
     }
 

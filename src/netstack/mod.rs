@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 pub(crate) use flow::FlowState;
 pub use queue::PacketQueue;
 pub use smoltcp::wire::Ipv4Address;
+pub(crate) use stream::FlowTimer;
 pub use stream::{InnerStream, Listener, ListenerStopper, PendingConnection};
 
 use device::FlowDevice;

@@ -1,16 +1,18 @@
 //! Handles on inner connections: [`InnerStream`] (an open connection),
 //! [`Listener`] and [`PendingConnection`] (the accepting side).
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
+use tokio::time::Sleep;
 
 use super::flow::{Flow, FlowState};
 use super::{ConnectError, Stack};
@@ -24,6 +26,30 @@ use super::{ConnectError, Stack};
 pub struct InnerStream {
     flow: Arc<Flow>,
     stack: Stack,
+    timer: FlowTimer,
+}
+
+/// Wakes whoever drives a flow when smoltcp's timers for it are due (retransmission,
+/// zero-window probe): without it, a lost packet would leave the flow waiting forever.
+#[derive(Default)]
+pub(crate) struct FlowTimer(Option<Pin<Box<Sleep>>>);
+
+impl FlowTimer {
+    /// Arms the timer for the flow's next deadline, waking `cx`'s task then.
+    pub(crate) fn arm(&mut self, cx: &mut Context<'_>, state: &mut FlowState, now: Instant) {
+        let Some(at) = state.poll_at(now).filter(|&at| at > now) else {
+            return;
+        };
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_micros((at - now).total_micros());
+        let sleep = self
+            .0
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        sleep.as_mut().reset(deadline);
+        if sleep.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+    }
 }
 
 impl std::fmt::Debug for InnerStream {
@@ -37,7 +63,11 @@ impl std::fmt::Debug for InnerStream {
 
 impl InnerStream {
     pub(crate) fn new(flow: Arc<Flow>, stack: Stack) -> Self {
-        InnerStream { flow, stack }
+        InnerStream {
+            flow,
+            stack,
+            timer: FlowTimer::default(),
+        }
     }
 
     /// This end's port.
@@ -84,7 +114,8 @@ impl AsyncRead for InnerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.with_flow(|state, _| {
+        let InnerStream { flow, stack, timer } = self.get_mut();
+        with_flow(flow, stack, |state, now| {
             let reset = state.reset_by_peer;
             let socket = state.socket();
             if socket.can_recv() {
@@ -99,6 +130,7 @@ impl AsyncRead for InnerStream {
                 return Poll::Ready(Ok(()));
             }
             state.wake_reader_on_ingress(cx);
+            timer.arm(cx, state, now);
             Poll::Pending
         })
     }
@@ -110,7 +142,8 @@ impl AsyncWrite for InnerStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.with_flow(|state, _| {
+        let InnerStream { flow, stack, timer } = self.get_mut();
+        with_flow(flow, stack, |state, now| {
             if state.reset_by_peer {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
             }
@@ -122,6 +155,7 @@ impl AsyncWrite for InnerStream {
                 return Poll::Ready(Ok(socket.send_slice(data).unwrap_or(0)));
             }
             state.wake_writer_on_ingress(cx);
+            timer.arm(cx, state, now);
             Poll::Pending
         })
     }
@@ -132,7 +166,8 @@ impl AsyncWrite for InnerStream {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.with_flow(|state, _| {
+        let InnerStream { flow, stack, timer } = self.get_mut();
+        with_flow(flow, stack, |state, now| {
             if state.reset_by_peer {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
             }
@@ -141,6 +176,7 @@ impl AsyncWrite for InnerStream {
             // `Splice::fin_pending` for why it must not wait behind queued data).
             if socket.may_send() && socket.send_queue() > 0 {
                 state.wake_writer_on_ingress(cx);
+                timer.arm(cx, state, now);
                 return Poll::Pending;
             }
             socket.close();
@@ -203,8 +239,9 @@ fn is_synchronized(state: tcp::State) -> bool {
 /// Lets a dropped connection finish its graceful close (deliver what is left, exchange
 /// FINs), discarding anything more the peer sends; resets it after the linger timeout.
 async fn linger(flow: Arc<Flow>, stack: Stack) {
+    let mut timer = FlowTimer::default();
     let finish = poll_fn(|cx| {
-        with_flow(&flow, &stack, |state, _| {
+        with_flow(&flow, &stack, |state, now| {
             let socket = state.socket();
             while socket
                 .recv(|data| (data.len(), ()))
@@ -217,6 +254,7 @@ async fn linger(flow: Arc<Flow>, stack: Stack) {
                 return Poll::Ready(());
             }
             state.wake_reader_on_ingress(cx);
+            timer.arm(cx, state, now);
             Poll::Pending
         })
     });
