@@ -233,6 +233,8 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.node = args.node.map(|node| node.to_ascii_lowercase());
     config.tcp_bind = args.tcp_bind;
     config.tcp_ports = args.tcp_ports.0..=args.tcp_ports.1;
+    // Leases survive a restart, so agents that reconnect keep their URLs.
+    config.lease_file = Some(state.join("leases"));
     config.max_tunnels_per_agent = args.max_tunnels_per_agent;
     config.max_connections_per_tunnel = args.max_connections_per_tunnel;
     config.max_connections_per_agent = args.max_connections_per_agent;

@@ -50,6 +50,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,6 +140,10 @@ pub struct RelayConfig {
     /// reserved for it: an agent that reconnects within it (presenting the same
     /// identity and token) gets the same URLs back.
     pub lease_grace: Duration,
+    /// Where leases are kept across restarts: a relay started on the same file gives
+    /// reconnecting agents their hostnames and TCP ports back (each lease is honoured for
+    /// [`lease_grace`](Self::lease_grace) after the start). `None`: leases live in memory.
+    pub lease_file: Option<PathBuf>,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -191,6 +196,7 @@ impl RelayConfig {
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             lease_grace: Self::DEFAULT_LEASE_GRACE,
+            lease_file: None,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
@@ -271,6 +277,8 @@ struct Shared {
     identities: Mutex<HashMap<AgentKey, (u64, Stack)>>,
     /// Tunnels by agent identity and port: what a reconnecting agent gets back.
     leases: Mutex<HashMap<(AgentKey, u16), Lease>>,
+    /// Serializes writes of [`RelayConfig::lease_file`], so the last one wins.
+    lease_saves: Mutex<()>,
     next_session: AtomicU64,
     /// Permits for handshakes in progress ([`RelayConfig::max_pending_handshakes`]).
     handshakes: Arc<Semaphore>,
@@ -303,6 +311,10 @@ struct Tasks {
 /// Who an agent is across its links: the identity it presents and the token it used.
 type AgentKey = ([u8; 16], usize);
 
+/// The owner of a lease restored from [`RelayConfig::lease_file`] whose agent has not
+/// come back yet (sessions are numbered from 1).
+const RESTORED: u64 = 0;
+
 /// A tunnel reserved for an agent identity, while its session lives and for
 /// [`RelayConfig::lease_grace`] after.
 struct Lease {
@@ -315,6 +327,56 @@ struct Lease {
     /// Accepts the tunnel's raw TCP connections; kept through the grace period, so the
     /// port stays reserved.
     tcp_acceptor: Option<AbortHandle>,
+}
+
+impl Lease {
+    /// One line of the lease file: identity (hex), token index, port, hostname, TCP port
+    /// (`-` if none), h2 (0/1), unencrypted (0/1).
+    fn to_line(&self, (identity, token): &AgentKey, port: u16) -> String {
+        let identity: String = identity.iter().map(|b| format!("{b:02x}")).collect();
+        let tcp_port = self
+            .tcp_port
+            .map_or("-".to_string(), |port| port.to_string());
+        format!(
+            "{identity} {token} {port} {} {tcp_port} {} {}\n",
+            self.hostname,
+            u8::from(self.h2),
+            u8::from(self.unencrypted)
+        )
+    }
+
+    /// Reads a line written by [`to_line`](Self::to_line); `None` if it is damaged.
+    fn from_line(line: &str) -> Option<(AgentKey, u16, Lease)> {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [identity, token, port, hostname, tcp_port, h2, unencrypted] = fields[..] else {
+            return None;
+        };
+        if identity.len() != 32 {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(identity.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        let flag = |text: &str| match text {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        };
+        let tcp_port = match tcp_port {
+            "-" => None,
+            port => Some(port.parse().ok()?),
+        };
+        let lease = Lease {
+            hostname: hostname.to_ascii_lowercase(),
+            tcp_port,
+            h2: flag(h2)?,
+            unencrypted: flag(unencrypted)?,
+            owner: RESTORED,
+            tcp_acceptor: None,
+        };
+        Some(((id, token.parse().ok()?), port.parse().ok()?, lease))
+    }
 }
 
 /// Where connections to one tunnel hostname go.
@@ -406,7 +468,7 @@ impl Relay {
         let agent_tls = TlsAcceptor::from(server_config(&[])?);
         let http1 = server_config(&[b"http/1.1"])?;
         let http2 = server_config(&[b"h2", b"http/1.1"])?;
-        Ok(Relay {
+        let relay = Relay {
             shared: Arc::new(Shared {
                 public_tls_port,
                 agent_tls,
@@ -416,6 +478,7 @@ impl Relay {
                 sessions: Mutex::new(HashMap::new()),
                 identities: Mutex::new(HashMap::new()),
                 leases: Mutex::new(HashMap::new()),
+                lease_saves: Mutex::new(()),
                 next_session: AtomicU64::new(1),
                 handshakes: semaphore(config.max_pending_handshakes),
                 session_slots: semaphore(config.max_agent_sessions),
@@ -427,7 +490,9 @@ impl Relay {
             }),
             agents,
             public,
-        })
+        };
+        relay.shared.restore_leases().await;
+        Ok(relay)
     }
 
     /// Where agents connect.
@@ -893,6 +958,7 @@ impl Session {
             if let Some(stale) = lock(&self.shared.leases).insert((key, port), lease) {
                 self.shared.end_lease(stale);
             }
+            self.shared.save_leases();
         }
         self.tunnels.insert(
             port,
@@ -926,6 +992,7 @@ impl Session {
             let stale = leases.remove(&key)?;
             drop(leases);
             self.shared.end_lease(stale);
+            self.shared.save_leases();
             return None;
         }
         lease.owner = self.id;
@@ -980,6 +1047,7 @@ impl Session {
                 lease
                     .into_iter()
                     .for_each(|lease| self.shared.end_lease(lease));
+                self.shared.save_leases();
             }
         }
     }
@@ -1068,7 +1136,76 @@ impl Shared {
             })
             .collect();
         drop(leases);
-        expired.into_iter().for_each(|lease| self.end_lease(lease));
+        if !expired.is_empty() {
+            expired.into_iter().for_each(|lease| self.end_lease(lease));
+            self.save_leases();
+        }
+    }
+
+    /// Writes every lease to [`RelayConfig::lease_file`], if there is one.
+    fn save_leases(&self) {
+        let Some(path) = &self.config.lease_file else {
+            return;
+        };
+        let _in_order = lock(&self.lease_saves);
+        let text: String = lock(&self.leases)
+            .iter()
+            .map(|((agent, port), lease)| lease.to_line(agent, *port))
+            .collect();
+        let temporary = path.with_extension("new");
+        let written =
+            std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, path));
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "could not save the tunnel leases");
+        }
+    }
+
+    /// Takes over the leases a previous run of this relay saved: their hostnames route
+    /// to nothing and their TCP ports stay bound until their agent comes back, or until
+    /// [`RelayConfig::lease_grace`] is over.
+    async fn restore_leases(self: &Arc<Self>) {
+        let Some(path) = &self.config.lease_file else {
+            return;
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        // Connections for a tunnel whose agent is not back yet fail at once.
+        let nobody = Stack::new(self.config.stack.clone());
+        nobody.close();
+        let mut restored: HashMap<AgentKey, Vec<u16>> = HashMap::new();
+        for (agent, port, mut lease) in text.lines().filter_map(Lease::from_line) {
+            if let Some(tcp_port) = lease.tcp_port {
+                let Ok(listener) = TcpListener::bind((self.config.tcp_bind, tcp_port)).await else {
+                    tracing::warn!(
+                        tcp_port,
+                        "a leased TCP port is taken; that lease is dropped"
+                    );
+                    continue;
+                };
+                let acceptor = serve_raw_tcp(self.clone(), listener, lease.hostname.clone());
+                lease.tcp_acceptor = self.spawn(acceptor);
+            }
+            let route = Route {
+                stack: nobody.clone(),
+                port,
+                h2: lease.h2,
+                tunnel_connections: semaphore(self.config.max_connections_per_tunnel),
+                agent_connections: semaphore(self.config.max_connections_per_agent),
+            };
+            self.register(lease.hostname.clone(), route);
+            lock(&self.leases).insert((agent, port), lease);
+            restored.entry(agent).or_default().push(port);
+        }
+        let count: usize = restored.values().map(Vec::len).sum();
+        tracing::info!(leases = count, "restored tunnel leases");
+        let (shared, grace) = (self.clone(), self.config.lease_grace);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            for (agent, ports) in restored {
+                shared.expire_leases(agent, RESTORED, &ports);
+            }
+        });
     }
 
     fn route(&self, hostname: &str) -> Option<Route> {
@@ -1356,6 +1493,38 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leases_are_saved_and_read_back_exactly() {
+        let lease = Lease {
+            hostname: "abc.portferry.localhost".into(),
+            tcp_port: Some(20_001),
+            h2: false,
+            unencrypted: true,
+            owner: 7,
+            tcp_acceptor: None,
+        };
+        let agent = ([0xa5; 16], 2);
+        let line = lease.to_line(&agent, 8000);
+        let (read_agent, port, read) = Lease::from_line(line.trim_end()).unwrap();
+        assert_eq!((read_agent, port), (agent, 8000));
+        assert_eq!(
+            (read.hostname.as_str(), read.tcp_port),
+            ("abc.portferry.localhost", Some(20_001))
+        );
+        assert_eq!(
+            (read.h2, read.unencrypted, read.owner),
+            (false, true, RESTORED)
+        );
+        for damaged in [
+            "",
+            "zz 0 1 a - 0 0",
+            &line[..line.len() - 3],
+            &line.replace(" 1\n", " 2"),
+        ] {
+            assert!(Lease::from_line(damaged).is_none(), "{damaged:?}");
+        }
+    }
 
     #[test]
     fn labels_are_random_dns_labels() {
