@@ -245,6 +245,9 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;
+    // Installed before the relay says it is ready, so a signal sent on that news is
+    // handled (not the default: death).
+    let mut signals = ShutdownSignals::new()?;
     tracing::info!(agents = %relay.agent_addr(), public = %relay.public_tls_addr(), "relay listening");
     println!("relay ready. In the container, set:");
     let agent_host = if args.agent_addr.ip().is_loopback() {
@@ -261,7 +264,6 @@ async fn relay(args: RelayArgs) -> Result<()> {
     if let Some(ca) = ca_path {
         println!("PORTFERRY_RELAY_CA={}", ca.display());
     }
-    let mut signals = ShutdownSignals::new()?;
     let handle = relay.handle();
     let serve = relay.run();
     tokio::pin!(serve);
