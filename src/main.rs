@@ -249,21 +249,25 @@ async fn relay(args: RelayArgs) -> Result<()> {
     // handled (not the default: death).
     let mut signals = ShutdownSignals::new()?;
     tracing::info!(agents = %relay.agent_addr(), public = %relay.public_tls_addr(), "relay listening");
-    println!("relay ready. In the container, set:");
     let agent_host = if args.agent_addr.ip().is_loopback() {
         "localhost".to_string()
     } else {
         args.domain.clone()
     };
-    println!("PORTFERRY_RELAY={agent_host}:{}", relay.agent_addr().port());
+    let mut ready = "relay ready. In the container, set:\n".to_string();
+    ready += &format!(
+        "PORTFERRY_RELAY={agent_host}:{}\n",
+        relay.agent_addr().port()
+    );
     if args.tokens_file.is_none() && args.tokens.is_empty() {
-        println!("PORTFERRY_TOKEN={}", tokens[0].expose());
+        ready += &format!("PORTFERRY_TOKEN={}\n", tokens[0].expose());
     } else {
-        println!("PORTFERRY_TOKEN=<one of the configured tokens>");
+        ready += "PORTFERRY_TOKEN=<one of the configured tokens>\n";
     }
     if let Some(ca) = ca_path {
-        println!("PORTFERRY_RELAY_CA={}", ca.display());
+        ready += &format!("PORTFERRY_RELAY_CA={}\n", ca.display());
     }
+    say(&ready);
     let handle = relay.handle();
     let serve = relay.run();
     tokio::pin!(serve);
@@ -287,22 +291,30 @@ async fn relay(args: RelayArgs) -> Result<()> {
 struct ShutdownSignals {
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
 }
 
 impl ShutdownSignals {
+    /// Starts listening for both signals: once, so that each signal counts once.
     fn new() -> Result<Self> {
-        Ok(ShutdownSignals {
-            #[cfg(unix)]
-            terminate: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("cannot listen for SIGTERM")?,
-        })
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(ShutdownSignals {
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignals {})
     }
 
     /// Waits for the next Ctrl-C or SIGTERM.
     async fn next(&mut self) {
         #[cfg(unix)]
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
         #[cfg(not(unix))]
@@ -318,13 +330,23 @@ fn node_domain(args: &RelayArgs) -> String {
     }
 }
 
-fn print_tunnel(tunnel: &Tunnel) {
-    println!("url:        {}", tunnel.url());
+/// Writes to stdout in one go. A reader that has gone away (`portferry relay | head`)
+/// is no reason to stop serving, so write errors are ignored instead of panicking as
+/// `println!` does.
+fn say(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = std::io::Write::write_all(&mut stdout, text.as_bytes());
+    let _ = std::io::Write::flush(&mut stdout);
+}
+
+/// The lines describing a tunnel.
+fn describe(tunnel: &Tunnel) -> String {
     let (host, port) = tunnel.tls_socket();
-    println!("tls socket: {host}:{port}");
+    let mut text = format!("url:        {}\ntls socket: {host}:{port}\n", tunnel.url());
     if let Ok((host, port)) = tunnel.tcp_socket() {
-        println!("tcp socket: {host}:{port}");
+        text += &format!("tcp socket: {host}:{port}\n");
     }
+    text
 }
 
 async fn forward(args: ForwardArgs) -> Result<()> {
@@ -335,8 +357,10 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         local_addr: args.to,
     };
     let tunnel = agent.forward_with(args.port, options).await?;
-    print_tunnel(&tunnel);
-    println!("forwarding; Ctrl-C to stop");
+    say(&format!(
+        "{}forwarding; Ctrl-C to stop\n",
+        describe(&tunnel)
+    ));
     tokio::signal::ctrl_c().await?;
     tunnel.close().await?;
     Ok(())
@@ -355,17 +379,13 @@ async fn demo(args: StateArgs) -> Result<()> {
     let service = portferry::demo::start_hello_service().await?;
     let agent = Agent::connect(agent_config).await?;
     let tunnel = agent.forward(service.port()).await?;
-    println!("a relay, an agent and a sample HTTP service (on {service}) are running.");
-    print_tunnel(&tunnel);
-    println!();
-    println!("try it from another terminal:");
-    println!(
-        "  curl --cacert {} {}/",
+    say(&format!(
+        "a relay, an agent and a sample HTTP service (on {service}) are running.\n{}\n\
+         try it from another terminal:\n  curl --cacert {} {}/\n\nCtrl-C to stop\n",
+        describe(&tunnel),
         pki.ca_cert_path.display(),
         tunnel.url()
-    );
-    println!();
-    println!("Ctrl-C to stop");
+    ));
     tokio::signal::ctrl_c().await?;
     tunnel.close().await?;
     Ok(())

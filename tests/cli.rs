@@ -5,66 +5,24 @@
 //! panic ([`Running`] kills it on drop).
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+mod common;
+
+use common::{http_get_raw, http_service, portferry, tls_connect, Child, TempDir, HTTP1};
 
 /// Upper bound for any single step: a hang fails the test instead of the CI job.
 const STEP: Duration = Duration::from_secs(10);
 /// What "quickly" means for an error that needs no network.
 const QUICK: Duration = Duration::from_secs(5);
-
-/// A fresh directory under the system's temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nonce: u64 = rand::random();
-        TempDir(std::env::temp_dir().join(format!(
-            "portferry-cli-{}-{n}-{nonce:016x}",
-            std::process::id()
-        )))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The binary, with every `PORTFERRY_*` variable (and `RUST_LOG`) removed from its
-/// environment, so that the machine's settings cannot leak into a test.
-fn portferry<I, S>(args: I) -> Command
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let mut command = Command::new(env!("CARGO_BIN_EXE_portferry"));
-    command.args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PORTFERRY_") {
-            command.env_remove(name);
-        }
-    }
-    command.env_remove("RUST_LOG").stdin(Stdio::null());
-    command
-}
 
 /// A finished run.
 struct Finished {
@@ -128,7 +86,7 @@ fn fails_quickly(args: &[&str]) -> String {
     finished.stderr
 }
 
-/// A long-running child, killed (and reaped) when dropped. Its stdout is read line by
+/// A long-running child, killed (and reaped) when dropped (by [`Child`]). Its stdout is read line by
 /// line on a thread; its stderr is kept for failure messages.
 struct Running {
     child: Child,
@@ -164,7 +122,7 @@ impl Running {
             }
         });
         Running {
-            child,
+            child: Child(child),
             lines,
             stderr,
         }
@@ -189,7 +147,7 @@ impl Running {
                     seen.push(line);
                 }
                 Err(e) => {
-                    let status = self.child.try_wait().ok().flatten();
+                    let status = self.child.0.try_wait().ok().flatten();
                     panic!(
                         "waiting for lines {want:?} ({e:?}; exited: {status:?})\nstdout so far:\n{}\nstderr:\n{}",
                         seen.join("\n"),
@@ -199,13 +157,6 @@ impl Running {
             }
         }
         found.into_iter().map(Option::unwrap).collect()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -229,49 +180,16 @@ fn split_url(url: &str) -> (String, u16, String) {
 /// `ca`; the whole response (head and body).
 async fn https_get(ca: &Path, host: &str, port: u16, path: &str) -> String {
     let roots = portferry::tls::load_ca_roots(ca).expect("the printed CA file loads");
-    let connector = TlsConnector::from(portferry::tls::client_config(roots, &[b"http/1.1"]));
-    let name = ServerName::try_from(host.to_owned()).unwrap();
+    let connector = TlsConnector::from(portferry::tls::client_config(roots, HTTP1));
     let fetch = async {
-        let tcp = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        let tls = tls_connect(&connector, (Ipv4Addr::LOCALHOST, port), host)
             .await
             .unwrap();
-        let mut tls = connector.connect(name, tcp).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        tls.write_all(request.as_bytes()).await.unwrap();
-        let mut response = Vec::new();
-        tls.read_to_end(&mut response).await.unwrap();
-        String::from_utf8_lossy(&response).into_owned()
+        http_get_raw(tls, host, path).await.unwrap()
     };
     tokio::time::timeout(STEP, fetch)
         .await
         .expect("the HTTPS request hung")
-}
-
-/// A loopback HTTP/1.1 service answering every request with `body`.
-async fn http_service(body: &'static str) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// Whether a program is on the PATH.
@@ -382,7 +300,7 @@ struct CliRelay {
 }
 
 fn start_cli_relay() -> CliRelay {
-    let state = TempDir::new();
+    let state = TempDir::new("cli");
     let mut process = Running::spawn(portferry([
         "relay".as_ref(),
         "--state-dir".as_ref(),
@@ -479,7 +397,7 @@ async fn forward_command_exposes_a_local_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_printed_url() {
-    let state = TempDir::new();
+    let state = TempDir::new("cli");
     let mut demo = Running::spawn(portferry([
         "demo".as_ref(),
         "--state-dir".as_ref(),

@@ -8,8 +8,6 @@
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,126 +16,33 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
-use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
-use portferry::tls::LocalPki;
+use portferry::agent::{Agent, AgentConfig, ForwardOptions};
+use portferry::relay::LOCAL_DOMAIN;
 use portferry::token::Token;
 use portferry::Error;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio::time::{sleep, timeout, Instant};
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use tokio::time::{timeout, Instant};
+
+mod common;
+
+use common::{
+    echo, echo_service, eventually, exchange, free_port, pseudo_random, unencrypted, Fixture,
+};
 
 /// Upper bound for any single step of a test (and for each error case as a whole).
 const STEP: Duration = Duration::from_secs(10);
 
-// ───────────────────────────── fixture ─────────────────────────────
+// ───────────────────────────── helpers (the relay fixture is `common::Fixture`) ─────────────────────────────
 
-/// A fresh directory under the system's temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let nonce: u64 = rand::random();
-        TempDir(std::env::temp_dir().join(format!(
-            "portferry-e2e-{}-{n}-{nonce:016x}",
-            std::process::id()
-        )))
+/// Runs `future` within [`STEP`]: errors must come quickly, never as a hang.
+async fn quickly<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    match timeout(STEP, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("{what}: no answer within {STEP:?}"),
     }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A relay served on loopback (stopped when dropped), its PKI and its one token.
-struct Fixture {
-    pki: LocalPki,
-    token: Token,
-    agent_port: u16,
-    public: SocketAddr,
-    serving: JoinHandle<()>,
-    _state: TempDir,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.serving.abort();
-    }
-}
-
-impl Fixture {
-    async fn start() -> Fixture {
-        let state = TempDir::new();
-        let pki = portferry::tls::local_pki(&state.0, LOCAL_DOMAIN).unwrap();
-        let token = Token::generate();
-        let config = RelayConfig::local(pki.identity.clone(), vec![token.clone()], 0, 0);
-        let relay = timeout(STEP, Relay::bind(config)).await.unwrap().unwrap();
-        let agent_port = relay.agent_addr().port();
-        let public = relay.public_tls_addr();
-        Fixture {
-            pki,
-            token,
-            agent_port,
-            public,
-            serving: tokio::spawn(relay.run()),
-            _state: state,
-        }
-    }
-
-    /// How an agent reaches this relay, trusting its CA.
-    fn agent_config(&self) -> AgentConfig {
-        let mut config =
-            AgentConfig::new(format!("localhost:{}", self.agent_port), self.token.clone());
-        config.relay_ca = Some(self.pki.ca_cert_path.clone());
-        config
-    }
-
-    /// A connected agent; its link is up as soon as `Agent::connect` returns.
-    async fn agent(&self) -> Agent {
-        let agent = timeout(STEP, Agent::connect(self.agent_config()))
-            .await
-            .expect("Agent::connect hung")
-            .expect("Agent::connect failed");
-        assert!(
-            agent.is_connected(),
-            "Agent::connect returned before its link was up"
-        );
-        agent
-    }
-
-    /// TLS to the public port with `sni` as the server name, offering `alpn`.
-    async fn tls(&self, sni: &str, alpn: &[&[u8]]) -> io::Result<TlsStream<TcpStream>> {
-        let connector = TlsConnector::from(portferry::tls::client_config(self.pki.roots(), alpn));
-        let name = ServerName::try_from(sni.to_owned()).map_err(io::Error::other)?;
-        let handshake = async {
-            let tcp = TcpStream::connect(self.public).await?;
-            tcp.set_nodelay(true)?;
-            connector.connect(name, tcp).await
-        };
-        timeout(STEP, handshake)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake hung"))?
-    }
-
-    /// TLS to a tunnel, offering `http/1.1` only.
-    async fn tls_to(&self, tunnel: &Tunnel) -> io::Result<TlsStream<TcpStream>> {
-        self.tls(tunnel.tls_socket().0, &[b"http/1.1"]).await
-    }
-}
-
-/// The address of a loopback port nothing listens on (bound, then released).
-async fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// `GET /` over HTTP/1.1 (hyper client) on `io`; status must be 200; the body.
@@ -160,55 +65,6 @@ where
         String::from_utf8(body.to_vec()).unwrap()
     };
     timeout(STEP, run).await.expect("GET hung")
-}
-
-/// Writes `data` on `stream`, closes the write side, and returns everything read back
-/// until EOF (writing and reading at once, so an echo cannot dead-lock on full buffers).
-async fn exchange<S>(stream: S, data: &[u8]) -> io::Result<Vec<u8>>
-where
-    S: AsyncRead + AsyncWrite,
-{
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let write = async {
-        writer.write_all(data).await?;
-        writer.shutdown().await
-    };
-    let read = async {
-        let mut back = Vec::new();
-        reader.read_to_end(&mut back).await?;
-        Ok(back)
-    };
-    let run = async { tokio::try_join!(write, read).map(|((), back)| back) };
-    timeout(STEP, run)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "exchange hung"))?
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), distinct per seed.
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Polls `check` every 10 ms until it holds; panics with `what` after [`STEP`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + STEP;
-    while !check().await {
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        sleep(Duration::from_millis(10)).await;
-    }
 }
 
 // ───────────────────────────── local services ─────────────────────────────
@@ -261,23 +117,6 @@ async fn hyper_http2_service() -> SocketAddr {
     addr
 }
 
-/// A loopback TCP echo service: echoes until EOF, then closes its write side.
-async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
-                    let _ = writer.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// A loopback TCP service that reads each connection to EOF, reports every byte it
 /// received, answers `recorded` and closes.
 async fn recording_service() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -304,12 +143,11 @@ async fn recording_service() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_get_reaches_a_local_http1_server() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let service = hyper_http1_service("hello from hyper").await;
-    let tunnel = timeout(STEP, agent.forward(service.port()))
+    let tunnel = quickly("forward", agent.forward(service.port()))
         .await
-        .unwrap()
         .unwrap();
 
     let (host, tls_port) = tunnel.tls_socket();
@@ -335,12 +173,11 @@ async fn https_get_reaches_a_local_http1_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_service_receives_exactly_the_clients_bytes() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let (service, mut reports) = recording_service().await;
-    let tunnel = timeout(STEP, agent.forward(service.port()))
+    let tunnel = quickly("forward", agent.forward(service.port()))
         .await
-        .unwrap()
         .unwrap();
     let host = tunnel.tls_socket().0.to_owned();
 
@@ -351,7 +188,7 @@ async fn local_service_receives_exactly_the_clients_bytes() {
     sent.extend(pseudo_random(7, 300 * 1024));
 
     let tls = fixture.tls_to(&tunnel).await.unwrap();
-    let answer = exchange(tls, &sent).await.unwrap();
+    let answer = exchange(STEP, tls, &sent).await.unwrap();
     assert_eq!(answer, b"recorded");
     let received = timeout(STEP, reports.recv()).await.unwrap().unwrap();
     assert_eq!(received.len(), sent.len(), "byte count differs");
@@ -365,12 +202,11 @@ async fn local_service_receives_exactly_the_clients_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_offers_h2_only_to_tunnels_that_ask() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let http1 = hyper_http1_service("one").await;
-    let tunnel = timeout(STEP, agent.forward(http1.port()))
+    let tunnel = quickly("forward", agent.forward(http1.port()))
         .await
-        .unwrap()
         .unwrap();
     let host = tunnel.tls_socket().0.to_owned();
 
@@ -394,16 +230,15 @@ async fn alpn_offers_h2_only_to_tunnels_that_ask() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_tunnel_negotiates_h2_and_serves_http2() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let service = hyper_http2_service().await;
     let options = ForwardOptions {
         h2: true,
         ..ForwardOptions::default()
     };
-    let tunnel = timeout(STEP, agent.forward_with(service.port(), options))
+    let tunnel = quickly("forward", agent.forward_with(service.port(), options))
         .await
-        .unwrap()
         .unwrap();
     let host = tunnel.tls_socket().0.to_owned();
 
@@ -441,16 +276,12 @@ async fn h2_tunnel_negotiates_h2_and_serves_http2() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unencrypted_tunnel_serves_raw_tcp_and_https() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let echo = echo_service().await;
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
-    let tunnel = timeout(STEP, agent.forward_with(echo.port(), options))
+    let options = unencrypted();
+    let tunnel = quickly("forward", agent.forward_with(echo.port(), options))
         .await
-        .unwrap()
         .unwrap();
     let (tcp_host, tcp_port) = tunnel.tcp_socket().unwrap();
     assert_eq!(tcp_host, LOCAL_DOMAIN);
@@ -463,14 +294,14 @@ async fn unencrypted_tunnel_serves_raw_tcp_and_https() {
             .await
             .unwrap()
             .unwrap();
-        let back = exchange(tcp, &data).await.unwrap();
+        let back = exchange(STEP, tcp, &data).await.unwrap();
         assert!(back == data, "raw TCP echo differs ({len} bytes)");
     }
 
     // The same service over the HTTPS URL.
     let data = pseudo_random(3, 128 * 1024);
     let tls = fixture.tls_to(&tunnel).await.unwrap();
-    let back = exchange(tls, &data).await.unwrap();
+    let back = exchange(STEP, tls, &data).await.unwrap();
     assert!(back == data, "TLS echo differs");
 }
 
@@ -483,22 +314,18 @@ async fn tls_works(fixture: &Fixture, host: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_tunnel_stops_at_once_and_the_port_can_be_forwarded_again() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let echo = echo_service().await;
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
-    let tunnel = timeout(STEP, agent.forward_with(echo.port(), options.clone()))
+    let options = unencrypted();
+    let tunnel = quickly("forward", agent.forward_with(echo.port(), options.clone()))
         .await
-        .unwrap()
         .unwrap();
     let old_host = tunnel.tls_socket().0.to_owned();
     let old_url = tunnel.url().to_owned();
     let old_tcp_port = tunnel.tcp_socket().unwrap().1;
     let tls = fixture.tls(&old_host, &[b"http/1.1"]).await.unwrap();
-    assert_eq!(exchange(tls, b"before").await.unwrap(), b"before");
+    assert_eq!(exchange(STEP, tls, b"before").await.unwrap(), b"before");
 
     timeout(STEP, tunnel.close()).await.unwrap().unwrap();
 
@@ -527,22 +354,18 @@ async fn closed_tunnel_stops_at_once_and_the_port_can_be_forwarded_again() {
         .expect("forwarding a closed tunnel's port again");
     assert_ne!(again.url(), old_url);
     let tls = fixture.tls_to(&again).await.unwrap();
-    assert_eq!(exchange(tls, b"after").await.unwrap(), b"after");
+    assert_eq!(exchange(STEP, tls, b"after").await.unwrap(), b"after");
     assert!(!tls_works(&fixture, &old_host).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_tunnel_stops_routing() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let echo = echo_service().await;
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
-    let tunnel = timeout(STEP, agent.forward_with(echo.port(), options.clone()))
+    let options = unencrypted();
+    let tunnel = quickly("forward", agent.forward_with(echo.port(), options.clone()))
         .await
-        .unwrap()
         .unwrap();
     let host = tunnel.tls_socket().0.to_owned();
     let tcp_port = tunnel.tcp_socket().unwrap().1;
@@ -553,43 +376,44 @@ async fn dropped_tunnel_stops_routing() {
     let fixture_ref = &fixture;
     let host_ref = host.as_str();
     eventually(
+        STEP,
         "the dropped tunnel's hostname stops working",
         || async move { !tls_works(fixture_ref, host_ref).await },
     )
     .await;
-    eventually("the dropped tunnel's raw TCP port closes", || async move {
-        TcpStream::connect((Ipv4Addr::LOCALHOST, tcp_port))
-            .await
-            .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
-    })
+    eventually(
+        STEP,
+        "the dropped tunnel's raw TCP port closes",
+        || async move {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, tcp_port))
+                .await
+                .is_err_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+        },
+    )
     .await;
     // And the port can be forwarded again.
-    eventually("the dropped tunnel's port can be forwarded again", || {
-        let agent = agent.clone();
-        let options = options.clone();
-        async move {
-            match agent.forward_with(echo.port(), options).await {
-                Ok(tunnel) => tunnel.close().await.is_ok(),
-                Err(_) => false,
+    eventually(
+        STEP,
+        "the dropped tunnel's port can be forwarded again",
+        || {
+            let agent = agent.clone();
+            let options = options.clone();
+            async move {
+                match agent.forward_with(echo.port(), options).await {
+                    Ok(tunnel) => tunnel.close().await.is_ok(),
+                    Err(_) => false,
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }
 
 // ───────────────────────────── 5. errors ─────────────────────────────
 
-/// Runs `future` within [`STEP`]: errors must come quickly, never as a hang.
-async fn quickly<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    match timeout(STEP, future).await {
-        Ok(value) => value,
-        Err(_) => panic!("{what}: no answer within {STEP:?}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_port_twice_is_refused_until_the_first_closes() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let service = hyper_http1_service("twice").await;
     let port = service.port();
@@ -597,10 +421,7 @@ async fn same_port_twice_is_refused_until_the_first_closes() {
 
     for options in [
         ForwardOptions::default(),
-        ForwardOptions {
-            unencrypted: true,
-            ..ForwardOptions::default()
-        },
+        unencrypted(),
         ForwardOptions {
             h2: true,
             ..ForwardOptions::default()
@@ -636,9 +457,9 @@ async fn same_port_twice_is_refused_until_the_first_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_with_unencrypted_is_refused() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
-    let port = free_port().await;
+    let port = free_port();
     let options = ForwardOptions {
         h2: true,
         unencrypted: true,
@@ -655,9 +476,9 @@ async fn h2_with_unencrypted_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_socket_of_an_encrypted_tunnel_is_an_error() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
-    let plain = quickly("forward", agent.forward(free_port().await))
+    let plain = quickly("forward", agent.forward(free_port()))
         .await
         .unwrap();
     assert!(matches!(plain.tcp_socket(), Err(Error::NotUnencrypted)));
@@ -665,7 +486,7 @@ async fn tcp_socket_of_an_encrypted_tunnel_is_an_error() {
         h2: true,
         ..ForwardOptions::default()
     };
-    let h2 = quickly("forward h2", agent.forward_with(free_port().await, h2))
+    let h2 = quickly("forward h2", agent.forward_with(free_port(), h2))
         .await
         .unwrap();
     assert!(matches!(h2.tcp_socket(), Err(Error::NotUnencrypted)));
@@ -679,10 +500,10 @@ async fn tcp_socket_of_an_encrypted_tunnel_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_down_is_relay_unreachable() {
-    let nothing = free_port().await;
+    let nothing = free_port();
     let mut config = AgentConfig::new(format!("localhost:{nothing}"), Token::generate());
     // Trust a real CA file, so that only the missing relay can be the problem.
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     config.relay_ca = Some(fixture.pki.ca_cert_path.clone());
     let started = Instant::now();
     let result = quickly("connect", Agent::connect(config)).await;
@@ -701,7 +522,7 @@ async fn relay_down_is_relay_unreachable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_token_is_unauthorized() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let mut config = fixture.agent_config();
     config.token = Token::generate();
     let result = quickly("connect", Agent::connect(config)).await;
@@ -717,7 +538,7 @@ async fn wrong_token_is_unauthorized() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn system_roots_only_is_a_relay_tls_error() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let mut config = fixture.agent_config();
     config.relay_ca = None;
     let result = quickly("connect", Agent::connect(config)).await;
@@ -731,15 +552,9 @@ async fn system_roots_only_is_a_relay_tls_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_zero_is_invalid() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
-    for options in [
-        ForwardOptions::default(),
-        ForwardOptions {
-            unencrypted: true,
-            ..ForwardOptions::default()
-        },
-    ] {
+    for options in [ForwardOptions::default(), unencrypted()] {
         match quickly("forward 0", agent.forward_with(0, options)).await {
             Err(e @ Error::InvalidPort { .. }) => {
                 assert!(e.to_string().contains("1 to 65535"), "{e}")
@@ -759,7 +574,7 @@ async fn port_zero_is_invalid() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_serves_hyper_without_a_local_port() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let mut listener = quickly("listen", agent.listen(ForwardOptions::default()))
         .await
@@ -796,6 +611,7 @@ async fn listen_serves_hyper_without_a_local_port() {
     let fixture_ref = &fixture;
     let host_ref = host.as_str();
     eventually(
+        STEP,
         "the dropped listener's hostname stops working",
         || async move { !tls_works(fixture_ref, host_ref).await },
     )
@@ -805,21 +621,13 @@ async fn listen_serves_hyper_without_a_local_port() {
 /// An unencrypted [`Agent::listen`] tunnel whose accepted streams echo until EOF,
 /// then shut down their write side. Returns the tunnel's hostname and raw TCP port.
 async fn listen_echo(agent: &Agent) -> (String, u16) {
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = unencrypted();
     let mut listener = quickly("listen", agent.listen(options)).await.unwrap();
     let tcp_port = listener.tunnel().tcp_socket().unwrap().1;
     let host = listener.tunnel().tls_socket().0.to_owned();
     tokio::spawn(async move {
         while let Ok(stream) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = tokio::io::split(stream);
-                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
-                    let _ = writer.shutdown().await;
-                }
-            });
+            tokio::spawn(echo(stream));
         }
     });
     (host, tcp_port)
@@ -827,7 +635,7 @@ async fn listen_echo(agent: &Agent) -> (String, u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_unencrypted_serves_raw_tcp_and_https() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let (host, tcp_port) = listen_echo(&agent).await;
     // Less than one window, so that no zero-window episode happens (see the next test).
@@ -838,9 +646,9 @@ async fn listen_unencrypted_serves_raw_tcp_and_https() {
     )
     .await
     .unwrap();
-    assert!(exchange(tcp, &data).await.unwrap() == data);
+    assert!(exchange(STEP, tcp, &data).await.unwrap() == data);
     let tls = fixture.tls(&host, &[b"http/1.1"]).await.unwrap();
-    assert!(exchange(tls, &data).await.unwrap() == data);
+    assert!(exchange(STEP, tls, &data).await.unwrap() == data);
 }
 
 /// A `TunnelStream` that is still sending when its peer has already closed (an echo
@@ -853,7 +661,7 @@ async fn listen_unencrypted_serves_raw_tcp_and_https() {
 /// dropped stream's) smoltcp timers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_stream_delivers_everything_when_the_client_closes_first() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let (_host, tcp_port) = listen_echo(&agent).await;
     // The stall needs the relay's window to be zero at the moment the echo closes: a
@@ -866,7 +674,7 @@ async fn listen_stream_delivers_everything_when_the_client_closes_first() {
         )
         .await
         .unwrap();
-        let back = exchange(tcp, &data)
+        let back = exchange(STEP, tcp, &data)
             .await
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert!(back == data, "round {round}: the echo differs");
@@ -911,10 +719,10 @@ async fn answer_to_client_hello(fixture: &Fixture, name: ServerName<'static>) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_and_missing_sni_are_closed_without_a_certificate() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     // A live tunnel, so that the relay has routes to (not) match.
-    let tunnel = quickly("forward", agent.forward(free_port().await))
+    let tunnel = quickly("forward", agent.forward(free_port()))
         .await
         .unwrap();
     let live = tunnel.tls_socket().0.to_owned();
@@ -965,13 +773,10 @@ async fn unknown_and_missing_sni_are_closed_without_a_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_not_listening_closes_the_client_promptly() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
-    let tunnel = quickly("forward", agent.forward_with(free_port().await, options))
+    let options = unencrypted();
+    let tunnel = quickly("forward", agent.forward_with(free_port(), options))
         .await
         .unwrap();
     let host = tunnel.tls_socket().0.to_owned();
@@ -1031,7 +836,7 @@ async fn service_not_listening_closes_the_client_promptly() {
 /// and `portferry demo` all do exactly this).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_right_after_connect_works() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let service = hyper_http1_service("early").await;
     for attempt in 0..20 {
         let agent = quickly("connect", Agent::connect(fixture.agent_config()))
@@ -1049,7 +854,7 @@ async fn forward_right_after_connect_works() {
 /// after `close().await`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_right_after_drop_works() {
-    let fixture = Fixture::start().await;
+    let fixture = Fixture::start(STEP).await;
     let agent = fixture.agent().await;
     let service = hyper_http1_service("dropped").await;
     let mut tunnel = quickly("forward", agent.forward(service.port()))

@@ -5,223 +5,34 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{Agent, ForwardOptions, Tunnel};
 use portferry::link::{self, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
 use portferry::netstack::{ConnectError, Stack, StackConfig};
-use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
-use portferry::tls::LocalPki;
+use portferry::relay::{RelayConfig, LOCAL_DOMAIN};
 use portferry::token::Token;
 use portferry::wire::{ErrorCode, Frame, Hello, PROTOCOL_VERSION};
 use portferry::Error;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant, Sleep};
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+
+mod common;
+
+use common::{
+    echo_service, free_port, http_get, http_service, portferry, unencrypted, Child, Fixture,
+    TempDir, HTTP1,
+};
 
 /// Upper bound for any single test step: a hang fails the test instead of the CI job.
 const STEP: Duration = Duration::from_secs(30);
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("portferry-hardening-{}-{n}", std::process::id()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A relay on loopback with its PKI and token, and a way to reach it.
-struct Fixture {
-    pki: LocalPki,
-    token: Token,
-    relay: RelayHandle,
-    agent_port: u16,
-    public: SocketAddr,
-    tls: TlsConnector,
-    /// Serves the relay; `None` if the test runs it itself.
-    serving: Option<tokio::task::JoinHandle<()>>,
-    _state: TempDir,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if let Some(serving) = &self.serving {
-            serving.abort();
-        }
-    }
-}
-
-/// Binds a relay with `tweak` applied to the local defaults, without serving it.
-async fn bind_relay(tweak: impl FnOnce(&mut RelayConfig)) -> (Fixture, Relay) {
-    let state = TempDir::new();
-    let pki = portferry::tls::local_pki(&state.0, LOCAL_DOMAIN).unwrap();
-    let token = Token::generate();
-    let mut config = RelayConfig::local(pki.identity.clone(), vec![token.clone()], 0, 0);
-    tweak(&mut config);
-    let relay = Relay::bind(config).await.unwrap();
-    let fixture = Fixture {
-        tls: TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"])),
-        pki,
-        token,
-        relay: relay.handle(),
-        agent_port: relay.agent_addr().port(),
-        public: relay.public_tls_addr(),
-        serving: None,
-        _state: state,
-    };
-    (fixture, relay)
-}
-
-/// A relay with `tweak` applied to the local defaults, served until the test ends.
-async fn start_relay(tweak: impl FnOnce(&mut RelayConfig)) -> Fixture {
-    let (mut fixture, relay) = bind_relay(tweak).await;
-    fixture.serving = Some(tokio::spawn(relay.run()));
-    fixture
-}
-
-impl Fixture {
-    fn agent_config(&self, token: Token) -> AgentConfig {
-        let mut config = AgentConfig::new(format!("localhost:{}", self.agent_port), token);
-        config.relay_ca = Some(self.pki.ca_cert_path.clone());
-        config
-    }
-
-    /// A connected agent. `Agent::connect` installs the link's control channel from a
-    /// task it spawns, so a `forward` right after it can fail with `LinkClosed`; wait
-    /// until the link is in place.
-    async fn agent(&self) -> Agent {
-        let agent = timeout(STEP, Agent::connect(self.agent_config(self.token.clone())))
-            .await
-            .unwrap()
-            .unwrap();
-        timeout(STEP, async {
-            while !agent.is_connected() {
-                sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .expect("the agent's link never came up");
-        agent
-    }
-
-    fn stats(&self) -> RelayStats {
-        self.relay.stats()
-    }
-
-    /// Opens TLS to the public port with `sni` as the server name.
-    async fn tls_connect(&self, sni: &str) -> io::Result<TlsStream<TcpStream>> {
-        let tcp = TcpStream::connect(self.public).await?;
-        tcp.set_nodelay(true)?;
-        let name = ServerName::try_from(sni.to_owned()).map_err(io::Error::other)?;
-        self.tls.connect(name, tcp).await
-    }
-
-    /// `GET /` over TLS with `sni`, naming `host` in the `Host` header; the body.
-    async fn get_as(&self, sni: &str, host: &str) -> io::Result<String> {
-        let stream = self.tls_connect(sni).await?;
-        http_get(stream, host).await
-    }
-
-    /// `GET /` from a tunnel's URL; the body.
-    async fn get(&self, tunnel: &Tunnel) -> io::Result<String> {
-        let host = tunnel.tls_socket().0;
-        timeout(STEP, self.get_as(host, host))
-            .await
-            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
-    }
-
-    /// Waits until `done` holds for the relay's stats.
-    async fn until_stats(&self, what: &str, done: impl Fn(&RelayStats) -> bool) {
-        let waited = timeout(STEP, async {
-            while !done(&self.stats()) {
-                sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        assert!(waited.is_ok(), "{what}: {:?}", self.stats());
-    }
-}
-
-/// Sends a `GET /` on `stream` and returns the response body.
-async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    host: &str,
-) -> io::Result<String> {
-    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let response = String::from_utf8_lossy(&response);
-    match response.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-        _ => Err(io::Error::other(format!("bad response {response:?}"))),
-    }
-}
-
-/// A loopback HTTP/1.1 service that answers every request with `name` as the body
-/// and closes; a request cut short by EOF gets the same answer.
-async fn http_service(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
-/// A loopback echo service: echoes until EOF, then closes its write side.
-async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
-                    let _ = writer.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
-}
 
 /// Writes `message` and reads its echo.
 async fn echo_once<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(stream: &mut S, message: &[u8]) {
@@ -257,9 +68,10 @@ fn raw_addr(tunnel: &Tunnel) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
 }
 
-fn unencrypted() -> ForwardOptions {
+/// Options that forward to `service`, whatever the tunnel's (inner) port is called.
+fn to(service: SocketAddr) -> ForwardOptions {
     ForwardOptions {
-        unencrypted: true,
+        local_addr: Some(service),
         ..ForwardOptions::default()
     }
 }
@@ -313,7 +125,7 @@ impl AsyncWrite for Dribble {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_hello_sent_byte_by_byte_is_served() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward(http_service("slow").await.port())
@@ -331,7 +143,7 @@ async fn a_client_hello_sent_byte_by_byte_is_served() {
         dribbled: 0,
     };
     let name = ServerName::try_from(host.clone()).unwrap();
-    let mut tls = timeout(STEP, fx.tls.connect(name, dribble))
+    let mut tls = timeout(STEP, fx.connector(HTTP1).connect(name, dribble))
         .await
         .unwrap()
         .unwrap();
@@ -349,7 +161,7 @@ async fn a_client_hello_sent_byte_by_byte_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_at_the_deadline_while_others_are_served() {
     let deadline = Duration::from_secs(2);
-    let fx = start_relay(|config| config.handshake_timeout = deadline).await;
+    let fx = Fixture::start_with(STEP, |config| config.handshake_timeout = deadline).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward(http_service("busy").await.port())
@@ -380,7 +192,7 @@ async fn a_silent_connection_is_closed_at_the_deadline_while_others_are_served()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_dropped_and_the_relay_keeps_serving() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward_with(http_service("fine").await.port(), unencrypted())
@@ -420,7 +232,7 @@ async fn agent_tls(fx: &Fixture) -> TlsStream<TcpStream> {
     let tcp = TcpStream::connect(("127.0.0.1", fx.agent_port))
         .await
         .unwrap();
-    let tls = TlsConnector::from(portferry::tls::client_config(fx.pki.roots(), &[]));
+    let tls = fx.connector(&[]);
     timeout(
         STEP,
         tls.connect(ServerName::try_from("localhost").unwrap(), tcp),
@@ -457,7 +269,7 @@ fn hello(token: &Token) -> Frame {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_or_unexpected_frames_on_the_agent_port_close_the_link() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
 
     // A hello whose header claims 4 GiB: refused from the header alone.
     let mut tls = agent_tls(&fx).await;
@@ -524,11 +336,14 @@ async fn oversized_or_unexpected_frames_on_the_agent_port_close_the_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_wrong_tokens_are_refused_and_counted() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     for token in ["", "not-the-token"] {
-        let refused = timeout(STEP, Agent::connect(fx.agent_config(Token::new(token))))
-            .await
-            .unwrap();
+        let refused = timeout(
+            STEP,
+            Agent::connect(fx.agent_config_with(Token::new(token))),
+        )
+        .await
+        .unwrap();
         assert!(
             matches!(refused, Err(Error::Unauthorized)),
             "{token:?}: {refused:?}"
@@ -538,7 +353,7 @@ async fn missing_or_wrong_tokens_are_refused_and_counted() {
     let mut near = fx.token.expose().to_owned();
     let last = if near.ends_with('0') { "1" } else { "0" };
     near.replace_range(near.len() - 1.., last);
-    let refused = timeout(STEP, Agent::connect(fx.agent_config(Token::new(near))))
+    let refused = timeout(STEP, Agent::connect(fx.agent_config_with(Token::new(near))))
         .await
         .unwrap();
     assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
@@ -549,7 +364,7 @@ async fn missing_or_wrong_tokens_are_refused_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_or_missing_sni_is_closed_and_counted() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward(http_service("known").await.port())
@@ -558,11 +373,15 @@ async fn unknown_or_missing_sni_is_closed_and_counted() {
 
     let unknown = format!("{}.{LOCAL_DOMAIN}", "a".repeat(26));
     for _ in 0..3 {
-        let refused = timeout(STEP, fx.tls_connect(&unknown)).await.unwrap();
+        let refused = timeout(STEP, fx.connect_tls(&unknown, HTTP1))
+            .await
+            .unwrap();
         assert!(refused.is_err());
     }
     // A client connecting by IP address sends no SNI at all.
-    let refused = timeout(STEP, fx.tls_connect("127.0.0.1")).await.unwrap();
+    let refused = timeout(STEP, fx.connect_tls("127.0.0.1", HTTP1))
+        .await
+        .unwrap();
     assert!(refused.is_err());
     fx.until_stats("four unknown names", |s| s.unknown_sni == 4)
         .await;
@@ -571,7 +390,7 @@ async fn unknown_or_missing_sni_is_closed_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_follows_sni_not_the_host_header() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let agent = fx.agent().await;
     let a = agent.forward(http_service("A").await.port()).await.unwrap();
     let b = agent.forward(http_service("B").await.port()).await.unwrap();
@@ -590,29 +409,12 @@ async fn routing_follows_sni_not_the_host_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_beyond_max_tunnels_per_agent_is_refused() {
-    let fx = start_relay(|config| config.max_tunnels_per_agent = 2).await;
+    let fx = Fixture::start_with(STEP, |config| config.max_tunnels_per_agent = 2).await;
     let agent = fx.agent().await;
     let service = http_service("t").await;
     let first = agent.forward(service.port()).await.unwrap();
-    let _second = agent
-        .forward_with(
-            1,
-            ForwardOptions {
-                local_addr: Some(service),
-                ..ForwardOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-    let third = agent
-        .forward_with(
-            2,
-            ForwardOptions {
-                local_addr: Some(service),
-                ..ForwardOptions::default()
-            },
-        )
-        .await;
+    let _second = agent.forward_with(1, to(service)).await.unwrap();
+    let third = agent.forward_with(2, to(service)).await;
     match third {
         Err(Error::Refused { code, message }) => {
             assert_eq!(code, ErrorCode::LIMIT_REACHED);
@@ -625,36 +427,27 @@ async fn a_forward_beyond_max_tunnels_per_agent_is_refused() {
     // The tunnels that are open work; closing one makes room.
     assert_eq!(fx.get(&first).await.unwrap(), "t");
     first.close().await.unwrap();
-    let again = agent
-        .forward_with(
-            2,
-            ForwardOptions {
-                local_addr: Some(service),
-                ..ForwardOptions::default()
-            },
-        )
-        .await
-        .unwrap();
+    let again = agent.forward_with(2, to(service)).await.unwrap();
     assert_eq!(fx.get(&again).await.unwrap(), "t");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_per_tunnel_are_refused() {
-    let fx = start_relay(|config| config.max_connections_per_tunnel = 2).await;
+    let fx = Fixture::start_with(STEP, |config| config.max_connections_per_tunnel = 2).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward_with(echo_service().await.port(), unencrypted())
         .await
         .unwrap();
     let host = tunnel.tls_socket().0;
-    let mut one = fx.tls_connect(host).await.unwrap();
+    let mut one = fx.tls(host, HTTP1).await.unwrap();
     echo_once(&mut one, b"one").await;
     let mut two = TcpStream::connect(raw_addr(&tunnel)).await.unwrap();
     echo_once(&mut two, b"two").await;
     assert_eq!(fx.stats().public_connections, 2);
 
     // A third over TLS is closed after its ClientHello...
-    let third = timeout(STEP, fx.tls_connect(host)).await.unwrap();
+    let third = timeout(STEP, fx.connect_tls(host, HTTP1)).await.unwrap();
     assert!(third.is_err(), "a third TLS connection was served");
     // ...and a third over raw TCP is reset before anything reaches the service.
     // (The reset can come so fast that even the connect reports it.)
@@ -673,33 +466,24 @@ async fn connections_beyond_max_connections_per_tunnel_are_refused() {
     drop(two);
     fx.until_stats("one connection", |s| s.public_connections == 1)
         .await;
-    let mut four = fx.tls_connect(host).await.unwrap();
+    let mut four = fx.tls(host, HTTP1).await.unwrap();
     echo_once(&mut four, b"four").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_per_agent_are_refused() {
-    let fx = start_relay(|config| config.max_connections_per_agent = 2).await;
+    let fx = Fixture::start_with(STEP, |config| config.max_connections_per_agent = 2).await;
     let agent = fx.agent().await;
     let echo = echo_service().await;
     let a = agent.forward(echo.port()).await.unwrap();
-    let b = agent
-        .forward_with(
-            1,
-            ForwardOptions {
-                local_addr: Some(echo),
-                ..ForwardOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-    let mut one = fx.tls_connect(a.tls_socket().0).await.unwrap();
+    let b = agent.forward_with(1, to(echo)).await.unwrap();
+    let mut one = fx.tls(a.tls_socket().0, HTTP1).await.unwrap();
     echo_once(&mut one, b"a").await;
-    let mut two = fx.tls_connect(b.tls_socket().0).await.unwrap();
+    let mut two = fx.tls(b.tls_socket().0, HTTP1).await.unwrap();
     echo_once(&mut two, b"b").await;
     // Each tunnel is under its own limit, but the agent is at its limit.
     for tunnel in [&a, &b] {
-        let refused = timeout(STEP, fx.tls_connect(tunnel.tls_socket().0))
+        let refused = timeout(STEP, fx.connect_tls(tunnel.tls_socket().0, HTTP1))
             .await
             .unwrap();
         assert!(refused.is_err());
@@ -712,7 +496,7 @@ async fn connections_beyond_max_connections_per_agent_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_beyond_max_pending_handshakes_are_closed_at_once() {
-    let fx = start_relay(|config| {
+    let fx = Fixture::start_with(STEP, |config| {
         config.max_pending_handshakes = 1;
         config.handshake_timeout = Duration::from_secs(20);
     })
@@ -739,9 +523,9 @@ async fn handshakes_beyond_max_pending_handshakes_are_closed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_beyond_max_agent_sessions_is_refused() {
-    let fx = start_relay(|config| config.max_agent_sessions = 1).await;
+    let fx = Fixture::start_with(STEP, |config| config.max_agent_sessions = 1).await;
     let first = fx.agent().await;
-    let refused = timeout(STEP, Agent::connect(fx.agent_config(fx.token.clone())))
+    let refused = timeout(STEP, Agent::connect(fx.agent_config()))
         .await
         .unwrap();
     match refused {
@@ -753,7 +537,9 @@ async fn an_agent_beyond_max_agent_sessions_is_refused() {
     }
     let stats = fx.stats();
     assert_eq!((stats.agent_sessions, stats.refused_by_limit), (1, 1));
-    assert_eq!(stats.pending_handshakes, 0);
+    // The refused agent hears the answer just before the relay lets go of its place.
+    fx.until_stats("no pending handshake", |s| s.pending_handshakes == 0)
+        .await;
     // When the first agent leaves, its place is free again.
     drop(first);
     fx.until_stats("no session", |s| s.agent_sessions == 0)
@@ -763,7 +549,7 @@ async fn an_agent_beyond_max_agent_sessions_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_of_200_connections_leaves_nothing_behind() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let agent = fx.agent().await;
     let tunnel = agent
         .forward_with(http_service("churn").await.port(), unencrypted())
@@ -789,7 +575,7 @@ async fn churn_of_200_connections_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_syn_from_the_agent_is_refused_and_creates_no_flow() {
-    let fx = start_relay(|_| {}).await;
+    let fx = Fixture::start(STEP).await;
     let (read_half, write_half) = tokio::io::split(agent_tls(&fx).await);
     let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
     writer.send(&hello(&fx.token)).await.unwrap();
@@ -825,7 +611,7 @@ async fn a_syn_from_the_agent_is_refused_and_creates_no_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_open_connections_finish_and_refuses_new_ones() {
     let grace = Duration::from_secs(20);
-    let (fx, relay) = bind_relay(|config| config.shutdown_grace = grace).await;
+    let (fx, relay) = Fixture::bind(STEP, |config| config.shutdown_grace = grace).await;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(relay.run_until(async {
         let _ = stopped.await;
@@ -835,7 +621,7 @@ async fn graceful_shutdown_lets_open_connections_finish_and_refuses_new_ones() {
         .forward_with(echo_service().await.port(), unencrypted())
         .await
         .unwrap();
-    let mut open = fx.tls_connect(tunnel.tls_socket().0).await.unwrap();
+    let mut open = fx.tls_to(&tunnel).await.unwrap();
     echo_once(&mut open, b"before").await;
     let mut open_raw = TcpStream::connect(raw_addr(&tunnel)).await.unwrap();
     echo_once(&mut open_raw, b"before").await;
@@ -880,11 +666,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for S {}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drops_connections_left_after_the_grace_period() {
     let grace = Duration::from_millis(500);
-    let (fx, relay) = bind_relay(|config| config.shutdown_grace = grace).await;
+    let (fx, relay) = Fixture::bind(STEP, |config| config.shutdown_grace = grace).await;
     let serving = tokio::spawn(relay.run());
     let agent = fx.agent().await;
     let tunnel = agent.forward(echo_service().await.port()).await.unwrap();
-    let mut open = fx.tls_connect(tunnel.tls_socket().0).await.unwrap();
+    let mut open = fx.tls_to(&tunnel).await.unwrap();
     echo_once(&mut open, b"before").await;
 
     let started = Instant::now();
@@ -898,66 +684,20 @@ async fn shutdown_drops_connections_left_after_the_grace_period() {
     assert_eq!((stats.agent_sessions, stats.public_connections), (0, 0));
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process, killed if the test ends before it does.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Child {
-    /// Waits (bounded) for the process to exit.
-    async fn exit_status(&mut self) -> std::process::ExitStatus {
-        timeout(STEP, async {
-            loop {
-                if let Some(status) = self.0.try_wait().unwrap() {
-                    return status;
-                }
-                sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the process did not exit")
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_command_drains_on_sigterm_and_exits_on_the_second() {
     use std::io::BufRead;
     use std::process::Stdio;
 
-    let state = TempDir::new();
+    let state = TempDir::new("hardening");
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port());
     let mut relay = Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_portferry"))
-            .args(["relay", "--agent-addr", "127.0.0.1:0", "--public-addr"])
+        portferry(["relay", "--agent-addr", "127.0.0.1:0", "--public-addr"])
             .arg(public.to_string())
             .args(["--handshake-timeout", "60", "--shutdown-grace", "60"])
             .arg("--state-dir")
-            .arg(&state.0)
-            .env_remove("PORTFERRY_TOKENS")
+            .arg(state.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -989,7 +729,7 @@ async fn the_relay_command_drains_on_sigterm_and_exits_on_the_second() {
     assert!(TcpStream::connect(public).await.is_err());
     // A second SIGTERM exits at once.
     relay.terminate();
-    let status = relay.exit_status().await;
+    let status = relay.exit_status(STEP).await;
     assert!(status.success(), "{status}");
     assert!(until_closed(&mut pending).await.is_empty());
 }

@@ -11,6 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
+mod common;
+
+use common::{exchange, loopback_listener, pseudo_random, serve_echo};
+
 /// Upper bound for any single test step: a hang fails the test instead of the CI job.
 const STEP: Duration = Duration::from_secs(60);
 
@@ -33,22 +37,10 @@ fn roomy_listener() -> TcpListener {
     socket.listen(4096).unwrap()
 }
 
-/// A loopback TCP echo service: echoes until EOF, then closes its write side.
-async fn echo_service() -> SocketAddr {
-    let listener = roomy_listener();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                if tokio::io::copy(&mut reader, &mut writer).await.is_ok() {
-                    let _ = writer.shutdown().await;
-                }
-            });
-        }
-    });
-    addr
+/// A loopback TCP echo service on a [`roomy_listener`]: echoes until EOF, then closes
+/// its write side.
+fn echo_service() -> SocketAddr {
+    serve_echo(roomy_listener())
 }
 
 /// Agent side forwards inner `port` to `target`, as a tunnel would.
@@ -57,36 +49,23 @@ fn forward(agent: &Stack, port: u16, target: SocketAddr) {
     tokio::spawn(forward_to(listener, target, Duration::from_secs(5)));
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), distinct per seed.
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
+/// An inner connection to the agent's `port`, within [`STEP`].
+async fn connect(relay: &Stack, port: u16) -> InnerStream {
+    timeout(STEP, relay.connect(port)).await.unwrap().unwrap()
 }
 
-/// Sends `data` through `stream` while reading the echo; returns what came back.
-async fn echo_through(stream: InnerStream, data: &[u8]) -> Vec<u8> {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let send = async {
-        for chunk in data.chunks(256 * 1024) {
-            writer.write_all(chunk).await.unwrap();
-        }
-        writer.shutdown().await.unwrap();
-    };
-    let receive = async {
-        let mut echoed = Vec::with_capacity(data.len());
-        reader.read_to_end(&mut echoed).await.unwrap();
-        echoed
-    };
-    let ((), echoed) = tokio::join!(send, receive);
-    echoed
+/// A loopback service that accepts one connection and hands it to `serve`.
+async fn serve_one<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (listener, addr) = loopback_listener().await;
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        serve(stream).await;
+    });
+    addr
 }
 
 /// Waits until both stacks have forgotten every flow.
@@ -109,12 +88,10 @@ async fn until_no_flows(relay: &Stack, agent: &Stack) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moves_256_mib_through_one_connection_intact() {
     let (relay, agent) = linked_stacks();
-    forward(&agent, 8000, echo_service().await);
+    forward(&agent, 8000, echo_service());
     let data = pseudo_random(1, 256 << 20);
-    let stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
-    let echoed = timeout(STEP * 4, echo_through(stream, &data))
-        .await
-        .unwrap();
+    let stream = connect(&relay, 8000).await;
+    let echoed = exchange(STEP * 4, stream, &data).await.unwrap();
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "echoed bytes differ");
     until_no_flows(&relay, &agent).await;
@@ -123,7 +100,7 @@ async fn moves_256_mib_through_one_connection_intact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_1000_concurrent_connections() {
     let (relay, agent) = linked_stacks();
-    forward(&agent, 8000, echo_service().await);
+    forward(&agent, 8000, echo_service());
     let clients: Vec<_> = (0..1000u64)
         .map(|i| {
             let relay = relay.clone();
@@ -131,7 +108,7 @@ async fn serves_1000_concurrent_connections() {
                 let data = pseudo_random(i, 16 * 1024 + i as usize);
                 let stream = relay.connect(8000).await.unwrap();
                 assert!(
-                    echo_through(stream, &data).await == data,
+                    exchange(STEP * 2, stream, &data).await.unwrap() == data,
                     "connection {i} got wrong bytes"
                 );
             })
@@ -156,20 +133,18 @@ async fn serves_1000_concurrent_connections() {
 async fn half_close_still_delivers_the_whole_response() {
     let (relay, agent) = linked_stacks();
     // A service that answers only after the request's EOF.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
+    let addr = serve_one(|mut stream| async move {
         let mut request = Vec::new();
         stream.read_to_end(&mut request).await.unwrap();
         let mut response = request.clone();
         response.reverse();
         stream.write_all(&pseudo_random(7, 3 << 20)).await.unwrap();
         stream.write_all(&response).await.unwrap();
-    });
+    })
+    .await;
     forward(&agent, 8000, addr);
 
-    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let mut stream = connect(&relay, 8000).await;
     stream.write_all(b"request body").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut response = Vec::new();
@@ -209,16 +184,14 @@ async fn connection_is_refused_when_nothing_listens_locally() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_by_the_local_service_reaches_the_inner_client() {
     let (relay, agent) = linked_stacks();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
+    let addr = serve_one(|mut stream| async move {
         let mut byte = [0; 1];
         stream.read_exact(&mut byte).await.unwrap();
         stream.set_zero_linger().unwrap();
-    });
+    })
+    .await;
     forward(&agent, 8000, addr);
-    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let mut stream = connect(&relay, 8000).await;
     stream.write_all(b"x").await.unwrap();
     let mut buf = [0; 16];
     let error = timeout(STEP, stream.read(&mut buf))
@@ -233,18 +206,16 @@ async fn reset_by_the_local_service_reaches_the_inner_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_by_the_inner_client_reaches_the_local_service() {
     let (relay, agent) = linked_stacks();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
+    let addr = serve_one(|mut stream| async move {
         let mut buf = [0; 16];
         let first = stream.read(&mut buf).await.map(|n| buf[..n].to_vec());
         let second = stream.read(&mut buf).await;
         let _ = seen_tx.send((first.unwrap(), second));
-    });
+    })
+    .await;
     forward(&agent, 8000, addr);
-    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let mut stream = connect(&relay, 8000).await;
     stream.write_all(b"hi").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     stream.abort();
@@ -260,10 +231,10 @@ async fn reset_by_the_inner_client_reaches_the_local_service() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_does_not_stall_another_connection() {
     let (relay, agent) = linked_stacks();
-    forward(&agent, 8000, echo_service().await);
+    forward(&agent, 8000, echo_service());
 
     // This client writes until every buffer on the way is full and never reads.
-    let mut stalled = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    let mut stalled = connect(&relay, 8000).await;
     let junk = pseudo_random(3, 64 * 1024);
     let filled = timeout(Duration::from_secs(2), async {
         loop {
@@ -274,8 +245,8 @@ async fn a_stalled_reader_does_not_stall_another_connection() {
     assert!(filled.is_err(), "the stalled connection never filled up");
 
     let data = pseudo_random(4, 64 << 20);
-    let stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
-    let echoed = timeout(STEP * 2, echo_through(stream, &data))
+    let stream = connect(&relay, 8000).await;
+    let echoed = exchange(STEP * 2, stream, &data)
         .await
         .expect("stalled by the other connection");
     assert!(echoed == data, "echoed bytes differ");
@@ -285,8 +256,8 @@ async fn a_stalled_reader_does_not_stall_another_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_a_stack_resets_its_connections() {
     let (relay, agent) = linked_stacks();
-    forward(&agent, 8000, echo_service().await);
-    let mut stream = timeout(STEP, relay.connect(8000)).await.unwrap().unwrap();
+    forward(&agent, 8000, echo_service());
+    let mut stream = connect(&relay, 8000).await;
     relay.close();
     let mut buf = [0; 4];
     let error = timeout(STEP, stream.read(&mut buf))
@@ -302,7 +273,7 @@ async fn closing_a_stack_resets_its_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_kernel_echo_baseline_sanity() {
     // The echo service itself behaves as the tests above assume.
-    let addr = echo_service().await;
+    let addr = echo_service();
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(b"ping").await.unwrap();
     stream.shutdown().await.unwrap();

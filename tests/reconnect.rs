@@ -7,15 +7,16 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
-use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
-use portferry::token::Token;
-use rustls::pki_types::ServerName;
+use portferry::agent::{Agent, Tunnel};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::timeout;
-use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+mod common;
+
+use common::{echo_service, eventually, tls_connect, unencrypted, HTTP1};
 
 /// Upper bound for any step: a hang fails the test.
 const STEP: Duration = Duration::from_secs(20);
@@ -88,63 +89,53 @@ impl LinkProxy {
     }
 }
 
+/// A relay, the proxy in front of its agent port, an agent connected through the
+/// proxy, and a loopback echo service.
 struct Fixture {
     agent: Agent,
     proxy: LinkProxy,
-    tls: TlsConnector,
+    relay: common::Fixture,
     service: SocketAddr,
-    _state: TempDir,
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A relay with a short lease grace, an agent with short heartbeats reaching it through
 /// the proxy, and a loopback echo service.
 async fn fixture(lease_grace: Duration) -> Fixture {
-    let state = TempDir(
-        std::env::temp_dir().join(format!("portferry-reconnect-{}", rand::random::<u64>())),
-    );
-    let pki = portferry::tls::local_pki(&state.0, LOCAL_DOMAIN).unwrap();
-    let token = Token::generate();
-    let mut relay_config = RelayConfig::local(pki.identity.clone(), vec![token.clone()], 0, 0);
-    relay_config.lease_grace = lease_grace;
-    relay_config.link.ping_interval = Duration::from_millis(200);
-    relay_config.link.idle_timeout = Duration::from_secs(1);
-    let relay = Relay::bind(relay_config).await.unwrap();
-    let proxy = LinkProxy::start(relay.agent_addr()).await;
-    tokio::spawn(relay.run());
+    let (mut relay, bound) = common::Fixture::bind(STEP, |config| {
+        config.lease_grace = lease_grace;
+        config.link.ping_interval = Duration::from_millis(200);
+        config.link.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let proxy = LinkProxy::start(bound.agent_addr()).await;
+    relay.serve(bound);
 
-    let mut config = AgentConfig::new(format!("localhost:{}", proxy.addr.port()), token);
-    config.relay_ca = Some(pki.ca_cert_path.clone());
+    let mut config = relay.agent_config();
+    config.relay = format!("localhost:{}", proxy.addr.port());
     config.link.ping_interval = Duration::from_millis(200);
     config.link.idle_timeout = Duration::from_secs(1);
     Fixture {
-        agent: Agent::connect(config).await.unwrap(),
+        agent: timeout(STEP, Agent::connect(config))
+            .await
+            .expect("Agent::connect hung")
+            .unwrap(),
         proxy,
-        tls: TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"])),
+        relay,
         service: echo_service().await,
-        _state: state,
     }
 }
 
-async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    addr
+/// TLS to the tunnel's HTTPS URL (to the relay, SNI = hostname). Not bounded: callers
+/// put it under a timeout.
+async fn tls_to(fixture: &Fixture, tunnel: &Tunnel) -> std::io::Result<TlsStream<TcpStream>> {
+    let (host, port) = tunnel.tls_socket();
+    tls_connect(&fixture.relay.connector(HTTP1), ("127.0.0.1", port), host).await
+}
+
+/// Whether the tunnel's URL echoes within 2 s.
+async fn routes(fixture: &Fixture, tunnel: &Tunnel) -> bool {
+    let echoed = timeout(Duration::from_secs(2), echo_over_tls(fixture, tunnel, b"x")).await;
+    matches!(echoed, Ok(Ok(_)))
 }
 
 /// Echoes `message` through the tunnel's HTTPS URL (TLS to the relay, SNI = hostname).
@@ -153,12 +144,7 @@ async fn echo_over_tls(
     tunnel: &Tunnel,
     message: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let (host, port) = tunnel.tls_socket();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut tls = fixture
-        .tls
-        .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
-        .await?;
+    let mut tls = tls_to(fixture, tunnel).await?;
     tls.write_all(message).await?;
     let mut echoed = vec![0u8; message.len()];
     tls.read_exact(&mut echoed).await?;
@@ -188,10 +174,7 @@ async fn until_served(fixture: &Fixture, tunnel: &Tunnel) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_reconnects_and_the_same_url_and_port_serve_again() {
     let fixture = fixture(Duration::from_secs(30)).await;
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = unencrypted();
     let tunnel = fixture
         .agent
         .forward_with(fixture.service.port(), options)
@@ -204,12 +187,9 @@ async fn a_cut_link_reconnects_and_the_same_url_and_port_serve_again() {
     );
 
     // A connection in flight when the link goes down fails fast instead of hanging.
-    let (host, port) = tunnel.tls_socket();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut in_flight = fixture
-        .tls
-        .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
+    let mut in_flight = timeout(STEP, tls_to(&fixture, &tunnel))
         .await
+        .unwrap()
         .unwrap();
     in_flight.write_all(b"ping").await.unwrap();
     let mut pong = [0u8; 4];
@@ -248,13 +228,10 @@ async fn a_link_that_silently_stops_is_detected_and_replaced() {
     fixture.proxy.inflict(Fault::Freeze);
     // The heartbeats (idle timeout 1 s here, 15 s by default) notice, and the agent
     // reconnects on a fresh link; the frozen one is never closed by the network.
-    timeout(STEP, async {
-        while fixture.agent.is_connected() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(STEP, "a link carrying nothing is detected", || async {
+        !fixture.agent.is_connected()
     })
-    .await
-    .expect("a link carrying nothing was never detected");
+    .await;
     until_served(&fixture, &tunnel).await;
     fixture.proxy.inflict(Fault::Cut);
 }
@@ -272,34 +249,21 @@ async fn an_expired_lease_stops_routing_and_is_never_given_to_anyone_else() {
     fixture.proxy.refuse_new_links(true);
     fixture.proxy.inflict(Fault::Cut);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let old_url = timeout(
-        Duration::from_secs(2),
-        echo_over_tls(&fixture, &tunnel, b"x"),
-    )
-    .await;
     assert!(
-        !matches!(old_url, Ok(Ok(_))),
+        !routes(&fixture, &tunnel).await,
         "an expired lease still routes"
     );
 
     // Back online, the agent asks again; the relay no longer holds that hostname, so
     // it gets a new one and the old one stays dead.
     fixture.proxy.refuse_new_links(false);
-    timeout(STEP, async {
-        while !fixture.agent.is_connected() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(STEP, "the agent reconnects", || async {
+        fixture.agent.is_connected()
     })
-    .await
-    .expect("never reconnected");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let old_url = timeout(
-        Duration::from_secs(2),
-        echo_over_tls(&fixture, &tunnel, b"x"),
-    )
     .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        !matches!(old_url, Ok(Ok(_))),
+        !routes(&fixture, &tunnel).await,
         "an expired hostname was handed out again"
     );
 }

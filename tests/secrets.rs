@@ -1,39 +1,21 @@
 //! Agent tokens never show up in what the programs print, at the most verbose level.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// A child process killed when the test ends, however it ends.
-struct Child(std::process::Child);
+mod common;
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{Child, TempDir};
 
 /// Runs `portferry` with the most verbose logging, stdout and stderr into one file.
 fn portferry(args: &[&str], envs: &[(&str, &str)], output: &Path) -> Child {
     let log = std::fs::File::create(output).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_portferry"));
+    let mut command = common::portferry(["-vv"]);
     command
-        .arg("-vv")
         .args(args)
         .env("RUST_LOG", "trace")
-        .env_remove("PORTFERRY_TOKENS")
-        .env_remove("PORTFERRY_TOKEN")
-        .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log));
     for (name, value) in envs {
@@ -63,14 +45,13 @@ fn wait_for_line(file: &Path, prefix: &str) -> String {
 
 #[test]
 fn tokens_never_appear_in_logs() {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("portferry-secrets-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let state = dir.0.join("state");
+    let dir = TempDir::new("secrets");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let state = dir.path().join("state");
     let token = format!("tok{:016x}", std::process::id() as u64 * 7919 + 12345);
     let wrong = format!("bad{:016x}", std::process::id() as u64 * 104_729 + 7);
 
-    let relay_log = dir.0.join("relay.log");
+    let relay_log = dir.path().join("relay.log");
     let state_arg = state.to_str().unwrap();
     let _relay = portferry(
         &[
@@ -94,7 +75,7 @@ fn tokens_never_appear_in_logs() {
     let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = service.local_addr().unwrap().port().to_string();
 
-    let agent_log = dir.0.join("agent.log");
+    let agent_log = dir.path().join("agent.log");
     let _agent = portferry(
         &["forward", &port],
         &[
@@ -107,7 +88,7 @@ fn tokens_never_appear_in_logs() {
     wait_for_line(&agent_log, "url:");
 
     // An agent with a wrong token is refused; its token must not be echoed either.
-    let refused_log = dir.0.join("refused.log");
+    let refused_log = dir.path().join("refused.log");
     let mut refused = portferry(
         &["forward", &port],
         &[
