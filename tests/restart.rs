@@ -1,28 +1,22 @@
 //! A relay that restarts honours the leases it issued: the agent reconnects and its
 //! URLs (hostname and raw TCP port) serve again.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
+
+use common::{echo_service, eventually, tls_connect, TempDir};
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
 use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
 const STEP: Duration = Duration::from_secs(20);
-
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A relay on fixed ports keeping its leases in `state`; returns a way to stop it and
 /// the task that ends once it has stopped (its ports are then free again).
@@ -48,30 +42,13 @@ async fn start_relay(
     (handle, tokio::spawn(relay.run()), bound)
 }
 
-async fn echo_service() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut reader, mut writer) = stream.split();
-                let _ = tokio::io::copy(&mut reader, &mut writer).await;
-            });
-        }
-    });
-    addr
-}
-
 async fn echo_over_tls(
     tls: &TlsConnector,
     tunnel: &Tunnel,
     message: &[u8],
 ) -> std::io::Result<Vec<u8>> {
     let (host, port) = tunnel.tls_socket();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut stream = tls
-        .connect(ServerName::try_from(host.to_owned()).unwrap(), tcp)
-        .await?;
+    let mut stream = tls_connect(tls, ("127.0.0.1", port), host).await?;
     stream.write_all(message).await?;
     let mut echoed = vec![0u8; message.len()];
     stream.read_exact(&mut echoed).await?;
@@ -80,14 +57,13 @@ async fn echo_over_tls(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_gives_the_agent_its_urls_back() {
-    let state =
-        TempDir(std::env::temp_dir().join(format!("portferry-restart-{}", rand::random::<u64>())));
-    let pki = portferry::tls::local_pki(&state.0, LOCAL_DOMAIN).unwrap();
+    let state = TempDir::new("restart");
+    let pki = portferry::tls::local_pki(state.path(), LOCAL_DOMAIN).unwrap();
     let token = Token::generate();
     let tls = TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"]));
     let service = echo_service().await;
 
-    let (first, first_run, ports) = start_relay(&pki, &token, &state.0, (0, 0)).await;
+    let (first, first_run, ports) = start_relay(&pki, &token, state.path(), (0, 0)).await;
     let mut config = AgentConfig::new(format!("localhost:{}", ports.0), token.clone());
     config.relay_ca = Some(pki.ca_cert_path.clone());
     config.link.ping_interval = Duration::from_millis(200);
@@ -113,23 +89,20 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     assert!(echo_over_tls(&tls, &tunnel, b"down").await.is_err());
 
     // A new relay process on the same ports and state.
-    let (second, _second_run, _) = start_relay(&pki, &token, &state.0, ports).await;
-    timeout(STEP, async {
-        loop {
-            if let Ok(Ok(echoed)) = timeout(
+    let (second, _second_run, _) = start_relay(&pki, &token, state.path(), ports).await;
+    eventually(
+        STEP,
+        "the same URL serving again after the restart",
+        || async {
+            let echoed = timeout(
                 Duration::from_secs(2),
                 echo_over_tls(&tls, &tunnel, b"again"),
             )
-            .await
-            {
-                assert_eq!(echoed, b"again");
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("the same URL never served again after the restart");
+            .await;
+            matches!(echoed, Ok(Ok(echoed)) if echoed == b"again")
+        },
+    )
+    .await;
     let mut raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
     raw.write_all(b"raw").await.unwrap();
     let mut echoed = [0u8; 3];
