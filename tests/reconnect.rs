@@ -16,7 +16,7 @@ use tokio_rustls::client::TlsStream;
 
 mod common;
 
-use common::{echo_service, eventually, tls_connect, unencrypted, HTTP1};
+use common::{echo_service, echo_via_url, eventually, exchange, tls_connect, unencrypted, HTTP1};
 
 /// Upper bound for any step: a hang fails the test.
 const STEP: Duration = Duration::from_secs(20);
@@ -144,11 +144,7 @@ async fn echo_over_tls(
     tunnel: &Tunnel,
     message: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let mut tls = tls_to(fixture, tunnel).await?;
-    tls.write_all(message).await?;
-    let mut echoed = vec![0u8; message.len()];
-    tls.read_exact(&mut echoed).await?;
-    Ok(echoed)
+    echo_via_url(&fixture.relay.connector(HTTP1), tunnel, message, STEP).await
 }
 
 /// Retries `echo_over_tls` until it works (the agent is reconnecting meanwhile).
@@ -205,14 +201,8 @@ async fn a_cut_link_reconnects_and_the_same_url_and_port_serve_again() {
 
     until_served(&fixture, &tunnel).await;
     // The raw TCP port is the same one, and works again too.
-    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
-    raw.write_all(b"raw").await.unwrap();
-    let mut echoed = [0u8; 3];
-    timeout(STEP, raw.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echoed, b"raw");
+    let raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    assert_eq!(exchange(STEP, raw, b"raw").await.unwrap(), b"raw");
     assert!(fixture.agent.is_connected());
 }
 

@@ -5,13 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{echo_service, eventually, tls_connect, TempDir};
+use common::{echo_service, echo_via_url, eventually, exchange, TempDir};
 
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{Agent, AgentConfig, ForwardOptions};
 use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
@@ -42,19 +41,6 @@ async fn start_relay(
     (handle, tokio::spawn(relay.run()), bound)
 }
 
-async fn echo_over_tls(
-    tls: &TlsConnector,
-    tunnel: &Tunnel,
-    message: &[u8],
-) -> std::io::Result<Vec<u8>> {
-    let (host, port) = tunnel.tls_socket();
-    let mut stream = tls_connect(tls, ("127.0.0.1", port), host).await?;
-    stream.write_all(message).await?;
-    let mut echoed = vec![0u8; message.len()];
-    stream.read_exact(&mut echoed).await?;
-    Ok(echoed)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     let state = TempDir::new("restart");
@@ -76,7 +62,7 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     let tunnel = agent.forward_with(service.port(), options).await.unwrap();
     let (_, tcp_port) = tunnel.tcp_socket().unwrap();
     assert_eq!(
-        echo_over_tls(&tls, &tunnel, b"before").await.unwrap(),
+        echo_via_url(&tls, &tunnel, b"before", STEP).await.unwrap(),
         b"before"
     );
 
@@ -86,7 +72,7 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
         .await
         .expect("the relay never stopped")
         .unwrap();
-    assert!(echo_over_tls(&tls, &tunnel, b"down").await.is_err());
+    assert!(echo_via_url(&tls, &tunnel, b"down", STEP).await.is_err());
 
     // A new relay process on the same ports and state.
     let (second, _second_run, _) = start_relay(&pki, &token, state.path(), ports).await;
@@ -94,22 +80,12 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
         STEP,
         "the same URL serving again after the restart",
         || async {
-            let echoed = timeout(
-                Duration::from_secs(2),
-                echo_over_tls(&tls, &tunnel, b"again"),
-            )
-            .await;
-            matches!(echoed, Ok(Ok(echoed)) if echoed == b"again")
+            let echoed = echo_via_url(&tls, &tunnel, b"again", Duration::from_secs(2)).await;
+            matches!(echoed, Ok(echoed) if echoed == b"again")
         },
     )
     .await;
-    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
-    raw.write_all(b"raw").await.unwrap();
-    let mut echoed = [0u8; 3];
-    timeout(STEP, raw.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echoed, b"raw");
+    let raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    assert_eq!(exchange(STEP, raw, b"raw").await.unwrap(), b"raw");
     assert_eq!(second.tunnel_count(), 1);
 }

@@ -284,6 +284,21 @@ pub async fn tls_connect(
     connector.connect(name, tcp).await
 }
 
+/// Echoes `message` through a tunnel's URL: TLS to the relay's public port on loopback
+/// with the tunnel's hostname as SNI, then [`exchange`]; all within `limit`.
+pub async fn echo_via_url(
+    connector: &TlsConnector,
+    tunnel: &Tunnel,
+    message: &[u8],
+    limit: Duration,
+) -> io::Result<Vec<u8>> {
+    let (host, port) = tunnel.tls_socket();
+    let tls = timeout(limit, tls_connect(connector, ("127.0.0.1", port), host))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake hung"))??;
+    exchange(limit, tls, message).await
+}
+
 /// Sends `GET <path>` (with `Connection: close`) on `stream`; the whole response,
 /// head and body, read to EOF. Not bounded: callers put it under a timeout.
 pub async fn http_get_raw<S: AsyncRead + AsyncWrite + Unpin>(
