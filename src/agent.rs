@@ -181,6 +181,16 @@ type LinkHalves = (
 
 /// One attempt to connect, authenticate and be welcomed.
 async fn open_link(config: &AgentConfig, identity: &[u8; 16]) -> Result<LinkHalves, Error> {
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        token: config.token.expose().to_owned(),
+        resume: bytes::Bytes::copy_from_slice(identity),
+    });
+    // Encoding panics on a field too long for a frame: refuse such a token cleanly.
+    hello.validate().map_err(|_| Error::InvalidConfig {
+        name: ENV_TOKEN,
+        reason: "the token is longer than a hello frame can carry".into(),
+    })?;
     let server_name = config.server_name()?;
     let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
     let limit = config.connect_timeout;
@@ -211,11 +221,6 @@ async fn open_link(config: &AgentConfig, identity: &[u8; 16]) -> Result<LinkHalv
     };
     let (read_half, write_half) = tokio::io::split(stream);
     let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
-    let hello = Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        token: config.token.expose().to_owned(),
-        resume: bytes::Bytes::copy_from_slice(identity),
-    });
     writer
         .send(&hello)
         .await
@@ -699,6 +704,23 @@ mod tests {
         assert!(
             !message.contains(ENV_RELAY) && message.contains(ENV_TOKEN),
             "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_too_long_for_a_frame_is_refused_before_connecting() {
+        // Port 1 on loopback: connecting would fail with RelayUnreachable instead.
+        let config = AgentConfig::new("localhost:1", Token::new("t".repeat(70_000)));
+        let refused = Agent::connect(config).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                Error::InvalidConfig {
+                    name: ENV_TOKEN,
+                    ..
+                }
+            ),
+            "{refused:?}"
         );
     }
 
