@@ -2,7 +2,8 @@
 //!
 //! - The **agent endpoint** takes TLS connections from agents, checks their token, and
 //!   gives each session its own userspace [`Stack`]: a session can only ever reach its
-//!   own agent.
+//!   own agent. [`RelayHandle::serve_agent_stream`] serves an agent link on a stream
+//!   secured elsewhere in the same way.
 //! - The **tunnel registry** maps hostnames (`<label>.<domain>`, with a label of 128
 //!   random bits from the OS) to a session and an inner port.
 //! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
@@ -20,7 +21,7 @@
 //!
 //! | limit | counts | at the limit |
 //! |---|---|---|
-//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | TLS handshakes in progress, public and agent (an agent's until its hello is answered) | the new TCP connection is closed |
+//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | TLS handshakes in progress, public and agent (an agent's until its hello is answered), and agent streams waiting for their hello | the new TCP connection or stream is closed |
 //! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
 //! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
@@ -28,12 +29,13 @@
 //!
 //! Before it is authenticated, a connection to the agent endpoint gets one deadline,
 //! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
-//! its hello, and can make the relay buffer little: besides the TLS session's own
-//! bounded buffers, a hello is read only once its header says it is a hello of at most
-//! [`MAX_HELLO_LEN`] bytes. A public TLS connection gets the same deadline for its whole
-//! handshake. Garbage, a silent peer or a bad hello close the connection and are
-//! counted in [`RelayStats::failed_handshakes`]; a wrong token in
-//! [`RelayStats::unauthorized`]; an unknown SNI in [`RelayStats::unknown_sni`].
+//! its hello (a stream given to [`RelayHandle::serve_agent_stream`], for its hello), and
+//! can make the relay buffer little: besides the TLS session's own bounded buffers, a
+//! hello is read only once its header says it is a hello of at most [`MAX_HELLO_LEN`]
+//! bytes. A public TLS connection gets the same deadline for its whole handshake.
+//! Garbage, a silent peer or a bad hello close the connection and are counted in
+//! [`RelayStats::failed_handshakes`]; a wrong token in [`RelayStats::unauthorized`]; an
+//! unknown SNI in [`RelayStats::unknown_sni`].
 //!
 //! Packets from an agent are untrusted too: the session's stack takes only packets of
 //! connections the relay opened, and never listens, so a SYN from an agent is answered
@@ -42,9 +44,10 @@
 //! # Shutdown
 //!
 //! [`Relay::run_until`] (or [`RelayHandle::shutdown`]) first closes the listeners
-//! (public, agent and raw TCP ports) and refuses new tunnels, then lets open public
-//! connections finish for up to [`shutdown_grace`](RelayConfig::shutdown_grace), then
-//! ends every session and connection.
+//! (public, agent and raw TCP ports) and refuses new tunnels and agent streams, then
+//! lets open public connections finish for up to
+//! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
+//! connection.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,12 +60,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rand::TryRngCore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::{timeout, timeout_at, Instant};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 
 use crate::error::Error;
@@ -113,7 +115,8 @@ pub struct RelayConfig {
     /// the agent endpoint.
     pub identity: ServerIdentity,
     /// Deadline for the whole unauthenticated phase of a connection: a public TLS
-    /// handshake, or an agent's TLS handshake and hello together. A connection that
+    /// handshake, or an agent's TLS handshake and hello together (just the hello on a
+    /// stream given to [`RelayHandle::serve_agent_stream`]). A connection that
     /// has not finished by then is closed and counted in
     /// [`RelayStats::failed_handshakes`].
     pub handshake_timeout: Duration,
@@ -127,8 +130,9 @@ pub struct RelayConfig {
     /// next one is closed (TLS) or reset (raw TCP).
     pub max_connections_per_agent: usize,
     /// TLS handshakes in progress on the public port and the agent port together (an
-    /// agent's lasts until its hello is answered); a connection beyond it is closed as
-    /// soon as it is accepted.
+    /// agent's lasts until its hello is answered), and streams given to
+    /// [`RelayHandle::serve_agent_stream`] until their hello is answered; a connection
+    /// or stream beyond it is closed as soon as it is accepted.
     pub max_pending_handshakes: usize,
     /// Authenticated agent sessions at once; an agent beyond it is refused with
     /// `LIMIT_REACHED` (and tries again later).
@@ -222,7 +226,8 @@ pub struct RelayStats {
     pub tunnels: usize,
     /// Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.
     pub public_connections: usize,
-    /// TLS handshakes in progress (public, and agents' until their hello is answered).
+    /// TLS handshakes in progress (public, and agents' until their hello is answered),
+    /// and agent streams waiting for their hello to be answered.
     pub pending_handshakes: usize,
     /// Connections, sessions and tunnels refused because a limit was reached.
     pub refused_by_limit: u64,
@@ -596,6 +601,36 @@ impl RelayHandle {
     pub fn shutdown(&self) {
         self.shared.begin_shutdown();
     }
+
+    /// Serves one agent link on an already-secured byte stream — e.g. behind your own
+    /// TLS terminator, or on a Unix socket — as the agent endpoint serves one after its
+    /// TLS handshake. The same hello deadline, token check and limits apply: the
+    /// [`handshake_timeout`](RelayConfig::handshake_timeout) runs from the first poll,
+    /// and until its hello is answered the stream takes a place in
+    /// [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) (beyond it, the
+    /// stream is closed at once).
+    ///
+    /// The future ends when the link does, or when the relay stops; dropping it ends
+    /// the session.
+    pub fn serve_agent_stream<S>(&self, stream: S) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = self.shared.clone();
+        async move {
+            let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+                shared.count_refusal("max_pending_handshakes");
+                return;
+            };
+            let deadline = Instant::now() + shared.config.handshake_timeout;
+            let mut phase = shared.phase.subscribe();
+            tokio::select! {
+                () = serve_agent_link(shared.clone(), stream, handshake, deadline) => {}
+                // Ended by a stop, like the sessions of the agent endpoint.
+                _ = phase.wait_for(|phase| *phase == Phase::Stopped) => {}
+            }
+        }
+    }
 }
 
 /// Ends everything when [`Relay::run_until`] returns or is dropped.
@@ -636,11 +671,31 @@ where
     }
 }
 
-/// One agent session: the handshake under one deadline, then tunnel requests until
-/// the link ends.
+/// One connection to the agent endpoint: its TLS handshake, then its link as
+/// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
 async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaphorePermit) {
-    let limit = shared.config.handshake_timeout;
-    let (tls, slot, agent) = match timeout(limit, authenticate(&shared, tcp)).await {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let Ok(Ok(tls)) = timeout_at(deadline, shared.agent_tls.accept(tcp)).await else {
+        shared
+            .counters
+            .failed_handshakes
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    serve_agent_link(shared, tls, handshake, deadline).await;
+}
+
+/// One agent session on a secured stream: the hello by `deadline`, then tunnel requests
+/// until the link ends.
+async fn serve_agent_link<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    handshake: OwnedSemaphorePermit,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (stream, slot, agent) = match timeout_at(deadline, authenticate(&shared, stream)).await {
         Ok(Some(admitted)) => admitted,
         // Counted where it failed.
         Ok(None) => return,
@@ -654,7 +709,7 @@ async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: OwnedSemaph
     };
     drop(handshake);
 
-    let (read_half, write_half) = tokio::io::split(tls);
+    let (read_half, write_half) = tokio::io::split(stream);
     let stack = Stack::new(shared.config.stack.clone());
     let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
     let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
@@ -702,22 +757,18 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// The unauthenticated phase of an agent: TLS, a hello of bounded size, its token, a
-/// session slot, and the welcome. `None` (counted) if the agent is turned away.
-async fn authenticate(
+/// The unauthenticated phase of an agent after TLS: a hello of bounded size, its token,
+/// a session slot, and the welcome. `None` (counted) if the agent is turned away.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
-    tcp: TcpStream,
-) -> Option<(TlsStream<TcpStream>, OwnedSemaphorePermit, Option<AgentKey>)> {
+    mut stream: S,
+) -> Option<(S, OwnedSemaphorePermit, Option<AgentKey>)> {
     let counters = &shared.counters;
-    let Ok(mut tls) = shared.agent_tls.accept(tcp).await else {
-        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-        return None;
-    };
-    let hello = match read_hello(&mut tls).await {
+    let hello = match read_hello(&mut stream).await {
         Ok(hello) => hello,
         Err(message) => {
             counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-            refuse(&mut tls, ErrorCode::PROTOCOL, message).await;
+            refuse(&mut stream, ErrorCode::PROTOCOL, message).await;
             return None;
         }
     };
@@ -727,7 +778,7 @@ async fn authenticate(
             "relay speaks version {PROTOCOL_VERSION}, agent {}",
             hello.version
         );
-        refuse(&mut tls, ErrorCode::BAD_VERSION, message).await;
+        refuse(&mut stream, ErrorCode::BAD_VERSION, message).await;
         return None;
     }
     let token_index = shared
@@ -739,7 +790,7 @@ async fn authenticate(
     if !known {
         counters.unauthorized.fetch_add(1, Ordering::Relaxed);
         refuse(
-            &mut tls,
+            &mut stream,
             ErrorCode::UNAUTHORIZED,
             "unknown agent token".into(),
         )
@@ -748,7 +799,7 @@ async fn authenticate(
     }
     if !shared.is_running() {
         refuse(
-            &mut tls,
+            &mut stream,
             ErrorCode::INTERNAL,
             "the relay is shutting down".into(),
         )
@@ -761,26 +812,27 @@ async fn authenticate(
             "the relay serves its maximum of {} agent sessions (max_agent_sessions)",
             shared.config.max_agent_sessions
         );
-        refuse(&mut tls, ErrorCode::LIMIT_REACHED, message).await;
+        refuse(&mut stream, ErrorCode::LIMIT_REACHED, message).await;
         return None;
     };
     let welcome = Frame::Welcome(Welcome {
         version: PROTOCOL_VERSION,
         ticket: bytes::Bytes::new(),
     });
-    send_frame(&mut tls, &welcome).await.ok()?;
+    send_frame(&mut stream, &welcome).await.ok()?;
     // An agent that presents a 16-byte identity gets its leases back on reconnect.
     let agent = <[u8; 16]>::try_from(&hello.resume[..])
         .ok()
         .zip(token_index);
-    Some((tls, slot, agent))
+    Some((stream, slot, agent))
 }
 
 /// Reads an agent's first frame, which must be a hello of at most [`MAX_HELLO_LEN`]
 /// bytes: the header is checked before the payload is read or room is made for it.
-async fn read_hello(tls: &mut TlsStream<TcpStream>) -> Result<Hello, String> {
+async fn read_hello(stream: &mut (impl AsyncRead + Unpin)) -> Result<Hello, String> {
     let mut header = [0u8; HEADER_LEN];
-    tls.read_exact(&mut header)
+    stream
+        .read_exact(&mut header)
         .await
         .map_err(|_| "expected a hello".to_string())?;
     if header[0] != u8::from(FrameKind::Hello) {
@@ -797,7 +849,8 @@ async fn read_hello(tls: &mut TlsStream<TcpStream>) -> Result<Hello, String> {
     }
     let mut frame = BytesMut::zeroed(HEADER_LEN + len);
     frame[..HEADER_LEN].copy_from_slice(&header);
-    tls.read_exact(&mut frame[HEADER_LEN..])
+    stream
+        .read_exact(&mut frame[HEADER_LEN..])
         .await
         .map_err(|_| "the link closed inside the hello".to_string())?;
     match Frame::parse(&mut frame) {
@@ -808,22 +861,22 @@ async fn read_hello(tls: &mut TlsStream<TcpStream>) -> Result<Hello, String> {
 }
 
 /// Writes one frame and flushes.
-async fn send_frame(tls: &mut TlsStream<TcpStream>, frame: &Frame) -> std::io::Result<()> {
+async fn send_frame(stream: &mut (impl AsyncWrite + Unpin), frame: &Frame) -> std::io::Result<()> {
     let mut bytes = BytesMut::with_capacity(frame.encoded_len());
     frame.encode(&mut bytes);
-    tls.write_all(&bytes).await?;
-    tls.flush().await
+    stream.write_all(&bytes).await?;
+    stream.flush().await
 }
 
 /// Tells an agent why it is turned away, and closes the link.
-async fn refuse(tls: &mut TlsStream<TcpStream>, code: ErrorCode, message: String) {
+async fn refuse(stream: &mut (impl AsyncWrite + Unpin), code: ErrorCode, message: String) {
     let refusal = Frame::Error(ErrorFrame {
         request_id: 0,
         code,
         message,
     });
-    if send_frame(tls, &refusal).await.is_ok() {
-        let _ = tls.shutdown().await;
+    if send_frame(stream, &refusal).await.is_ok() {
+        let _ = stream.shutdown().await;
     }
 }
 
