@@ -387,6 +387,8 @@ impl Lease {
 /// Where connections to one tunnel hostname go.
 #[derive(Clone)]
 struct Route {
+    /// The session serving it ([`RESTORED`] for a restored lease).
+    session: u64,
     stack: Stack,
     port: u16,
     h2: bool,
@@ -1026,6 +1028,7 @@ impl Session {
     /// How public connections reach `request.port` of this session's agent.
     fn route(&self, request: &ForwardRequest) -> Route {
         Route {
+            session: self.id,
             stack: self.stack.clone(),
             port: request.port,
             h2: request.h2,
@@ -1084,7 +1087,14 @@ impl Session {
     /// carry on.
     fn close(&mut self, port: u16) {
         if let Some(tunnel) = self.tunnels.remove(&port) {
-            lock(&self.shared.routes).remove(&tunnel.hostname);
+            let mut routes = lock(&self.shared.routes);
+            if routes
+                .get(&tunnel.hostname)
+                .is_some_and(|route| route.session == self.id)
+            {
+                routes.remove(&tunnel.hostname);
+            }
+            drop(routes);
             if let Some(acceptor) = tunnel.tcp_acceptor {
                 acceptor.abort();
             }
@@ -1240,6 +1250,7 @@ impl Shared {
                 lease.tcp_acceptor = self.spawn(acceptor);
             }
             let route = Route {
+                session: RESTORED,
                 stack: nobody.clone(),
                 port,
                 h2: lease.h2,
