@@ -1,16 +1,25 @@
 //! A relay that restarts honours the leases it issued: the agent reconnects and its
-//! URLs (hostname and raw TCP port) serve again.
+//! URLs (hostname and raw TCP port) serve again, whether the relay shut down gracefully
+//! or was killed in the middle of a transfer.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{echo_service, echo_via_url, eventually, exchange, TempDir};
+use common::{
+    drain, echo_service, echo_via_url, eventually, exchange, free_port, portferry, read_stream,
+    stream_service, tls_connect, unencrypted, Child, TempDir, HTTP1,
+};
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions};
 use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
@@ -88,4 +97,155 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     let raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
     assert_eq!(exchange(STEP, raw, b"raw").await.unwrap(), b"raw");
     assert_eq!(second.tunnel_count(), 1);
+}
+
+/// A `portferry relay` process on fixed loopback ports, keeping its CA, token and
+/// leases in a state directory; killed when dropped.
+struct CliRelay {
+    process: Child,
+    /// `PORTFERRY_RELAY`, `PORTFERRY_TOKEN` and `PORTFERRY_RELAY_CA`, as it printed them.
+    relay: String,
+    token: String,
+    ca: PathBuf,
+}
+
+impl CliRelay {
+    /// Starts the relay and waits, at most [`STEP`], until it says it is ready.
+    async fn start(state: &Path, agent_port: u16, public_port: u16) -> CliRelay {
+        let mut process = Child(
+            portferry(["relay", "--agent-addr"])
+                .arg(format!("127.0.0.1:{agent_port}"))
+                .arg("--public-addr")
+                .arg(format!("127.0.0.1:{public_port}"))
+                .arg("--state-dir")
+                .arg(state)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = process.0.stdout.take().unwrap();
+        // Ends at the last line it needs, or when the process dies.
+        let ready = tokio::task::spawn_blocking(move || {
+            let mut printed = Vec::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some((name, value)) = line.trim().split_once('=') {
+                    printed.push((name.to_owned(), value.to_owned()));
+                    if name == "PORTFERRY_RELAY_CA" {
+                        break;
+                    }
+                }
+            }
+            printed
+        });
+        let printed = timeout(STEP, ready)
+            .await
+            .expect("the relay never said it was ready")
+            .unwrap();
+        let value = |name: &str| {
+            printed
+                .iter()
+                .find(|(printed, _)| printed == name)
+                .unwrap_or_else(|| panic!("the relay did not print {name}: {printed:?}"))
+                .1
+                .clone()
+        };
+        CliRelay {
+            relay: value("PORTFERRY_RELAY"),
+            token: value("PORTFERRY_TOKEN"),
+            ca: PathBuf::from(value("PORTFERRY_RELAY_CA")),
+            process,
+        }
+    }
+
+    /// SIGKILL: the relay dies at once, without closing anything itself.
+    fn kill(mut self) {
+        self.process.0.kill().unwrap();
+        self.process.0.wait().unwrap();
+    }
+}
+
+/// Bytes each connection of the streaming service carries: enough that a transfer is
+/// still running when the relay dies.
+const STREAM_LEN: u64 = 256 * 1024 * 1024;
+/// How soon a transfer cut by the relay's death must fail.
+const FAIL_FAST: Duration = Duration::from_secs(5);
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_transfer_fails_the_transfer_fast_and_serves_the_same_urls_once_restarted(
+) {
+    let state = TempDir::new("restart-kill");
+    let (agent_port, public_port) = (free_port(), free_port());
+    let relay = CliRelay::start(state.path(), agent_port, public_port).await;
+    let mut config = AgentConfig::new(relay.relay.clone(), Token::new(relay.token.clone()));
+    config.relay_ca = Some(relay.ca.clone());
+    let agent = timeout(STEP, Agent::connect(config))
+        .await
+        .expect("Agent::connect hung")
+        .unwrap();
+    let service = stream_service(STREAM_LEN).await;
+    let tunnel = agent
+        .forward_with(service.addr.port(), unencrypted())
+        .await
+        .unwrap();
+    let host = tunnel.tls_socket().0.to_owned();
+    let (_, tcp_port) = tunnel.tcp_socket().unwrap();
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let tls = TlsConnector::from(portferry::tls::client_config(roots, HTTP1));
+
+    // Two downloads in flight, through the URL and through the raw TCP port.
+    let mut over_tls = timeout(STEP, tls_connect(&tls, ("127.0.0.1", public_port), &host))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut over_tcp = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    for stream in [
+        &mut over_tls as &mut (dyn tokio::io::AsyncRead + Unpin),
+        &mut over_tcp,
+    ] {
+        timeout(STEP, read_stream(stream, 1024 * 1024))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    let token = relay.token.clone();
+    relay.kill();
+
+    // Both fail fast. The TLS one fails as an error, never as a clean end of a
+    // truncated download (the relay's process could not say close_notify).
+    let (read, ended) = drain(&mut over_tls, FAIL_FAST).await;
+    assert!(
+        ended.is_err(),
+        "a TLS download cut by the relay's death ended cleanly after {read} bytes"
+    );
+    let (read, _) = drain(&mut over_tcp, FAIL_FAST).await;
+    assert!(read < STREAM_LEN);
+    // The agent resets its side of them too: the service is not left writing into a
+    // connection nobody will read.
+    eventually(FAIL_FAST, "the service's connections ended", || async {
+        (0..service.accepted()).all(|i| service.connection(i).ended.load(Ordering::Relaxed))
+    })
+    .await;
+
+    // The relay comes back on the same ports and state; the agent, still running,
+    // reconnects and gets its URL and raw TCP port back.
+    let restarted = CliRelay::start(state.path(), agent_port, public_port).await;
+    assert_eq!(restarted.token, token);
+    eventually(STEP, "the same URL serving again", || async {
+        let download = async {
+            let mut stream = tls_connect(&tls, ("127.0.0.1", public_port), &host).await?;
+            read_stream(&mut stream, 256 * 1024).await
+        };
+        matches!(timeout(Duration::from_secs(2), download).await, Ok(Ok(())))
+    })
+    .await;
+    let mut raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
+    timeout(STEP, read_stream(&mut raw, 256 * 1024))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(agent.is_connected());
 }

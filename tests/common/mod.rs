@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a temp-dir guard, a child-process kill
 //! guard, a relay on loopback with its PKI and token, TLS clients that set the tunnel
-//! hostname as SNI, loopback services, and bounded waits.
+//! hostname as SNI, loopback services (echo, HTTP, a long checkable byte stream), agent
+//! links driven by hand ([`RawAgent`]), and bounded waits.
 //!
 //! Every helper that waits on the network takes (or carries, in [`Fixture::step`]) an
 //! upper bound, so that a hang fails the test instead of the CI job.
@@ -13,15 +14,18 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::link::{FrameReader, FrameWriter};
 use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
+use portferry::wire::{ForwardRequest, Forwarded, Frame, Hello, PROTOCOL_VERSION};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
@@ -447,4 +451,294 @@ where
     })
     .await;
     assert!(polled.is_ok(), "never happened within {limit:?}: {what}");
+}
+
+// ───────────────────────────── a long deterministic stream ─────────────────────────────
+
+/// Size of the pieces a [`stream_service`] writes and [`read_stream`] checks.
+pub const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Piece `index` of the byte stream every [`stream_service`] connection carries:
+/// pseudo-random and different for every piece, so a lost, repeated or reordered piece
+/// shows.
+pub fn stream_chunk(index: u64) -> Vec<u8> {
+    pseudo_random(index + 1, STREAM_CHUNK)
+}
+
+/// What a [`stream_service`] has done on one connection.
+#[derive(Debug, Default)]
+pub struct StreamProgress {
+    /// Bytes written to the connection so far.
+    pub written: AtomicU64,
+    /// The connection is over: the whole stream was written, or a write failed.
+    pub ended: AtomicBool,
+}
+
+/// A loopback service that writes the first `len` bytes of the [`stream_chunk`] stream
+/// on every connection (reading nothing), then closes it.
+pub struct StreamService {
+    pub addr: SocketAddr,
+    /// One entry per accepted connection, in the order they were accepted.
+    pub connections: Arc<Mutex<Vec<Arc<StreamProgress>>>>,
+}
+
+impl StreamService {
+    /// The progress of the `index`th connection accepted.
+    pub fn connection(&self, index: usize) -> Arc<StreamProgress> {
+        self.connections.lock().unwrap()[index].clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.connections.lock().unwrap().len()
+    }
+}
+
+/// Starts a [`StreamService`] whose connections carry `len` bytes each.
+pub async fn stream_service(len: u64) -> StreamService {
+    let (listener, addr) = loopback_listener().await;
+    let connections: Arc<Mutex<Vec<Arc<StreamProgress>>>> = Arc::default();
+    let registry = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let progress = Arc::new(StreamProgress::default());
+            registry.lock().unwrap().push(progress.clone());
+            tokio::spawn(async move {
+                let mut index = 0;
+                while progress.written.load(Ordering::Relaxed) < len {
+                    let left = len - progress.written.load(Ordering::Relaxed);
+                    let chunk = stream_chunk(index);
+                    let piece = &chunk[..chunk.len().min(left as usize)];
+                    if stream.write_all(piece).await.is_err() {
+                        break;
+                    }
+                    progress
+                        .written
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    index += 1;
+                }
+                let _ = stream.shutdown().await;
+                progress.ended.store(true, Ordering::Relaxed);
+            });
+        }
+    });
+    StreamService { addr, connections }
+}
+
+/// Reads the first `len` bytes of a [`stream_service`] connection and checks every one;
+/// `io::ErrorKind::InvalidData` names the first byte that differs. Not bounded: callers
+/// put it under a timeout.
+pub async fn read_stream<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    len: usize,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let mut index = 0u64;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(STREAM_CHUNK);
+        reader.read_exact(&mut buf[..n]).await?;
+        let expected = stream_chunk(index);
+        if let Some(at) = (0..n).find(|&i| buf[i] != expected[i]) {
+            let offset = index as usize * STREAM_CHUNK + at;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("byte {offset} of the stream differs"),
+            ));
+        }
+        index += 1;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Reads and discards until EOF or an error, within `limit`; the bytes read, and how
+/// the stream ended (`Ok` for a clean EOF). Panics if it has not ended by then.
+pub async fn drain<R: AsyncRead + Unpin + ?Sized>(
+    reader: &mut R,
+    limit: Duration,
+) -> (u64, io::Result<()>) {
+    let mut read = 0u64;
+    let mut buf = vec![0u8; STREAM_CHUNK];
+    let ended = timeout(limit, async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => read += n as u64,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    match ended {
+        Ok(how) => (read, how),
+        Err(_) => panic!("the stream was still open after {limit:?} ({read} bytes read)"),
+    }
+}
+
+// ───────────────────────────── agent links driven by hand ─────────────────────────────
+
+type RawHalves = (
+    FrameReader<ReadHalf<TlsStream<TcpStream>>>,
+    FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
+);
+
+/// An agent link driven by the test itself: TLS to the relay's agent port, then frames
+/// written and read one by one, so a test can present any identity and token, and see
+/// (and answer) the raw IP packets the relay sends.
+pub struct RawAgent {
+    reader: FrameReader<ReadHalf<TlsStream<TcpStream>>>,
+    writer: FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
+    step: Duration,
+    next_request: u32,
+    next_nonce: u64,
+}
+
+impl RawAgent {
+    /// Opens a link to `fx`'s relay with a hello carrying `token` and `identity` (the
+    /// `resume` field, by which the relay knows an agent across its links); panics
+    /// unless the relay welcomes it within [`Fixture::step`].
+    pub async fn connect(fx: &Fixture, token: &Token, identity: [u8; 16]) -> RawAgent {
+        let connector = fx.connector(&[]);
+        let tls = timeout(
+            fx.step,
+            tls_connect(&connector, ("127.0.0.1", fx.agent_port), "localhost"),
+        )
+        .await
+        .expect("TLS to the agent port hung")
+        .expect("TLS to the agent port failed");
+        let (reader, writer) = tokio::io::split(tls);
+        let mut agent = RawAgent {
+            reader: FrameReader::new(reader),
+            writer: FrameWriter::new(writer),
+            step: fx.step,
+            next_request: 1,
+            next_nonce: 1,
+        };
+        agent
+            .send(&Frame::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                token: token.expose().to_owned(),
+                resume: bytes::Bytes::copy_from_slice(&identity),
+            }))
+            .await;
+        match agent.next().await {
+            Some(Frame::Welcome(_)) => agent,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    /// Sends one frame; panics if the link is closed or the write hangs.
+    pub async fn send(&mut self, frame: &Frame) {
+        timeout(self.step, self.writer.send(frame))
+            .await
+            .expect("writing to the link hung")
+            .expect("writing to the link failed");
+    }
+
+    /// Sends one frame, whether or not the relay still reads the link.
+    pub async fn try_send(&mut self, frame: &Frame) {
+        let _ = timeout(self.step, self.writer.send(frame)).await;
+    }
+
+    /// Sends raw bytes as one `Packet` frame.
+    pub async fn send_packet(&mut self, packet: &[u8]) {
+        self.send(&Frame::Packet(bytes::Bytes::copy_from_slice(packet)))
+            .await;
+    }
+
+    /// The next frame other than a heartbeat (pings are answered); `None` once the
+    /// relay has closed the link. Panics if nothing comes within [`Fixture::step`].
+    pub async fn next(&mut self) -> Option<Frame> {
+        timeout(self.step, self.next_frame())
+            .await
+            .expect("the relay sent nothing")
+    }
+
+    async fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            match self.reader.read_frame().await {
+                Ok(Some(Frame::Ping(nonce))) => {
+                    let _ = self.writer.send(&Frame::Pong(nonce)).await;
+                }
+                Ok(Some(Frame::Pong(_))) => {}
+                Ok(Some(frame)) => return Some(frame),
+                // A TLS link cut without a close_notify is an error: closed all the same.
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Asks for a tunnel to `port`; the relay's grant. Packets that arrive meanwhile
+    /// are skipped. Panics on a refusal.
+    pub async fn forward(&mut self, port: u16, unencrypted: bool) -> Forwarded {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.send(&Frame::Forward(ForwardRequest {
+            request_id,
+            port,
+            unencrypted,
+            h2: false,
+        }))
+        .await;
+        loop {
+            match self.next().await {
+                Some(Frame::Forwarded(granted)) if granted.request_id == request_id => {
+                    return granted
+                }
+                Some(Frame::Packet(_)) => continue,
+                other => panic!("expected the tunnel to port {port}, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the next `Packet` frame; control frames meanwhile are a failure.
+    pub async fn next_packet(&mut self) -> bytes::Bytes {
+        match self.next().await {
+            Some(Frame::Packet(packet)) => packet,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+
+    /// A round trip through the relay's reader: sends a ping and waits for its pong.
+    /// The relay handles a link's frames in order, so everything sent before has been
+    /// handled once this returns. The frames other than heartbeats that arrived
+    /// meanwhile.
+    pub async fn sync(&mut self) -> Vec<Frame> {
+        let nonce = self.next_nonce;
+        self.next_nonce += 1;
+        self.send(&Frame::Ping(nonce)).await;
+        let mut seen = Vec::new();
+        let waited = timeout(self.step, async {
+            loop {
+                match self.reader.read_frame().await {
+                    Ok(Some(Frame::Pong(n))) if n == nonce => return,
+                    Ok(Some(Frame::Ping(n))) => {
+                        let _ = self.writer.send(&Frame::Pong(n)).await;
+                    }
+                    Ok(Some(Frame::Pong(_))) => {}
+                    Ok(Some(frame)) => seen.push(frame),
+                    Ok(None) | Err(_) => panic!("the relay closed the link"),
+                }
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "no pong within {:?}", self.step);
+        seen
+    }
+
+    /// Waits, at most `limit`, for the relay to close the link; panics if it sends
+    /// anything but heartbeats first, or keeps the link open.
+    pub async fn until_closed(&mut self, limit: Duration) {
+        match timeout(limit, self.next_frame()).await {
+            Ok(None) => {}
+            Ok(Some(frame)) => panic!("expected the link to close, got {frame:?}"),
+            Err(_) => panic!("the relay kept the link open for {limit:?}"),
+        }
+    }
+
+    /// The link's two halves, to drive it with [`portferry::link::run`].
+    pub fn into_halves(self) -> RawHalves {
+        (self.reader, self.writer)
+    }
 }
