@@ -4,6 +4,7 @@
 use bytes::{Bytes, BytesMut};
 use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
+use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
 use super::queue::PacketQueue;
 
@@ -91,7 +92,33 @@ impl TxToken for OutboundToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut packet = BytesMut::zeroed(len);
         let result = f(&mut packet);
+        shrink_advertised_window(&mut packet);
         self.queue.push(packet.freeze(), self.reply);
         result
+    }
+}
+
+/// Advertises one window-scale unit less than smoltcp computed, in every segment but a
+/// SYN (whose window is never scaled).
+///
+/// With a scaled window, smoltcp rounds its free space down to the scale unit, so a
+/// later ACK's right edge can sit up to one unit *before* an earlier one; a peer that
+/// had already sent up to the earlier edge gets the tail trimmed and waits for a
+/// retransmission timeout (a second or more). The true edge (data read + buffer
+/// size) never moves back, so an edge advertised one unit short is always behind
+/// every later one: the peer never sends what will be trimmed. Unscaled windows lose
+/// one byte of 65,535.
+fn shrink_advertised_window(packet: &mut [u8]) {
+    let Ok(mut ip) = Ipv4Packet::new_checked(packet) else {
+        return;
+    };
+    if ip.next_header() != IpProtocol::Tcp {
+        return;
+    }
+    let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) else {
+        return;
+    };
+    if !tcp.syn() {
+        tcp.set_window_len(tcp.window_len().saturating_sub(1));
     }
 }
