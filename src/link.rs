@@ -14,11 +14,12 @@
 //! whose writes make no progress for as long, is closed; each side sends a ping every
 //! [`LinkConfig::ping_interval`], so a live but quiet link is never idle that long.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::io;
+use std::io::{self, IoSlice};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -138,42 +139,80 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// Collects frames into a batch and writes it to a byte stream.
+///
+/// Packets are never copied into the batch: each is queued as the [`Bytes`] the stack
+/// built, next to its 5-byte header, and the batch goes out in vectored writes (with
+/// TLS, rustls copies each byte once, into the record it encrypts).
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     io: W,
-    batch: BytesMut,
+    /// Encoded control frames and packet headers not yet queued in `segments`.
+    pending: BytesMut,
+    /// The batch, in order.
+    segments: VecDeque<Bytes>,
+    /// Bytes in `pending` and `segments`.
+    batched: usize,
 }
+
+/// Slices handed to one vectored write.
+const MAX_IO_SLICES: usize = 64;
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Wraps a stream.
     pub fn new(io: W) -> Self {
         FrameWriter {
             io,
-            batch: BytesMut::with_capacity(64 * 1024),
+            pending: BytesMut::with_capacity(4 * 1024),
+            segments: VecDeque::new(),
+            batched: 0,
         }
     }
 
     /// Adds a frame to the batch.
     pub fn push(&mut self, frame: &Frame) {
-        frame.encode(&mut self.batch);
+        let before = self.pending.len();
+        frame.encode(&mut self.pending);
+        self.batched += self.pending.len() - before;
     }
 
     /// Adds an IP packet to the batch as a `Packet` frame (1 to 65535 bytes).
     pub fn push_packet(&mut self, packet: &Bytes) {
-        self.batch.extend_from_slice(&packet_header(packet.len()));
-        self.batch.extend_from_slice(packet);
+        self.pending.extend_from_slice(&packet_header(packet.len()));
+        self.segments.push_back(self.pending.split().freeze());
+        self.segments.push_back(packet.clone());
+        self.batched += HEADER_LEN + packet.len();
     }
 
     /// Bytes waiting in the batch.
     pub fn batched(&self) -> usize {
-        self.batch.len()
+        self.batched
     }
 
     /// Writes the batch out and flushes the stream.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.batch.is_empty() {
-            self.io.write_all(&self.batch).await?;
-            self.batch.clear();
+        if !self.pending.is_empty() {
+            self.segments.push_back(self.pending.split().freeze());
+        }
+        while !self.segments.is_empty() {
+            let slices: Vec<IoSlice<'_>> = self
+                .segments
+                .iter()
+                .take(MAX_IO_SLICES)
+                .map(|segment| IoSlice::new(segment))
+                .collect();
+            let mut written = self.io.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.batched -= written;
+            while let Some(front) = self.segments.front_mut() {
+                if written < front.len() {
+                    front.advance(written);
+                    break;
+                }
+                written -= front.len();
+                self.segments.pop_front();
+            }
         }
         self.io.flush().await
     }
