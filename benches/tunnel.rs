@@ -1,7 +1,8 @@
 //! End-to-end benchmark: a relay, an agent and loopback services in one process,
 //! measured against direct loopback TCP in the same run. Prints one table.
 //!
-//! `cargo bench --bench tunnel` (set `PORTFERRY_BENCH_MIB` to change the bulk size).
+//! `cargo bench --bench tunnel` (set `PORTFERRY_BENCH_MIB` to change the bulk size, and
+//! `PORTFERRY_BENCH_SOCKET_BUFFER` to give every inner connection another buffer size).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -56,9 +57,18 @@ async fn run() {
     // The scale measurement holds 10,000 connections on one tunnel, beyond the defaults.
     relay_config.max_connections_per_tunnel = 2 * IDLE_CONNECTIONS;
     relay_config.max_connections_per_agent = 2 * IDLE_CONNECTIONS;
+    let socket_buffer = std::env::var("PORTFERRY_BENCH_SOCKET_BUFFER")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(bytes) = socket_buffer {
+        relay_config.stack.socket_buffer = bytes;
+    }
     let relay = Relay::bind(relay_config).await.expect("relay");
     let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
+    if let Some(bytes) = socket_buffer {
+        config.stack.socket_buffer = bytes;
+    }
     tokio::spawn(relay.run());
     let setup = Setup {
         agent: Agent::connect(config).await.expect("agent"),
@@ -92,17 +102,22 @@ async fn run() {
     let echo_raw = raw_addr(&echo_tunnel);
     let sink_raw = raw_addr(&sink_tunnel);
 
-    println!("portferry end-to-end benchmark ({mib} MiB bulk, {ROUND_TRIPS} round trips, {CONNECTIONS} connections)");
+    println!(
+        "portferry end-to-end benchmark ({mib} MiB bulk, {ROUND_TRIPS} round trips, {CONNECTIONS} connections, {} socket buffers)",
+        socket_buffer.map_or("default".to_string(), |bytes: usize| format!("{bytes}-byte"))
+    );
     println!(
         "{:<44} {:>14} {:>14} {:>8}",
         "measure", "direct TCP", "tunnel", "ratio"
     );
 
-    let direct = throughput(bulk, || TcpStream::connect(setup.sink)).await;
-    let raw = throughput(bulk, || TcpStream::connect(sink_raw)).await;
-    let https = throughput(bulk, || tls_connect(&setup, &sink_tunnel)).await;
-    row_rate("single-stream throughput, raw TCP tunnel", direct, raw);
-    row_rate("single-stream throughput, HTTPS tunnel", direct, https);
+    let direct = throughput(bulk, &[], || TcpStream::connect(setup.sink)).await;
+    let raw = throughput(bulk, &[], || TcpStream::connect(sink_raw)).await;
+    let https = throughput(bulk, &[], || tls_connect(&setup, &sink_tunnel)).await;
+    row_rate("single-stream throughput, raw TCP tunnel", &direct, &raw);
+    row_rate("single-stream throughput, HTTPS tunnel", &direct, &https);
+    row_cpu("CPU time per GiB, raw TCP tunnel", &direct, &raw);
+    row_cpu("CPU time per GiB, HTTPS tunnel", &direct, &https);
 
     let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap()).await;
     let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
@@ -143,12 +158,17 @@ async fn run() {
     );
 
     if let Some(bore) = Bore::start(setup.sink, setup.echo).await {
-        let through_bore = throughput(bulk, || TcpStream::connect(bore.sink)).await;
-        let tunnel = throughput(bulk, || TcpStream::connect(sink_raw)).await;
+        let through_bore = throughput(bulk, &bore.pids(), || TcpStream::connect(bore.sink)).await;
+        let tunnel = throughput(bulk, &[], || TcpStream::connect(sink_raw)).await;
         row_rate(
             "raw TCP tunnel vs bore, same run (bore | us)",
-            through_bore,
-            tunnel,
+            &through_bore,
+            &tunnel,
+        );
+        row_cpu(
+            "CPU time per GiB vs bore (bore | us)",
+            &through_bore,
+            &tunnel,
         );
         let through_bore = round_trips(TcpStream::connect(bore.echo).await.unwrap()).await;
         let tunnel = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
@@ -199,7 +219,7 @@ async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
             });
         }
     });
-    let without = throughput(bulk, || TcpStream::connect(sink_port)).await;
+    let without = throughput(bulk, &[], || TcpStream::connect(sink_port)).await;
 
     let rss_before = resident_bytes();
     let started = Instant::now();
@@ -224,7 +244,7 @@ async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
     let open_time = started.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let per_connection = resident_bytes().saturating_sub(rss_before) as f64 / opened.max(1) as f64;
-    let with = throughput(bulk, || TcpStream::connect(sink_port)).await;
+    let with = throughput(bulk, &[], || TcpStream::connect(sink_port)).await;
     drop(child.stdin.take());
     let _ = child.wait();
 
@@ -235,7 +255,7 @@ async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
         opened,
         format!("{:.1}s", open_time.as_secs_f64())
     );
-    row_rate("throughput with 10k idle vs with none", without, with);
+    row_rate("throughput with 10k idle vs with none", &without, &with);
     println!(
         "{:<44} {:>14} {:>14} {:>8}",
         "resident memory per idle connection",
@@ -246,7 +266,8 @@ async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
 }
 
 /// A bore server and two bore clients (sink and echo) on loopback, killed on drop: a
-/// kernel-proxy tunnel to compare with, when `bore` is installed.
+/// kernel-proxy tunnel to compare with, when `bore` is installed. Its ports lie below
+/// Linux's ephemeral range, so no earlier connection of this run holds them.
 struct Bore {
     processes: Vec<std::process::Child>,
     sink: SocketAddr,
@@ -269,12 +290,12 @@ impl Bore {
                 "--bind-addr",
                 "127.0.0.1",
                 "--min-port",
-                "39000",
+                "21000",
                 "--max-port",
-                "39100",
+                "21100",
             ])?],
-            sink: SocketAddr::from(([127, 0, 0, 1], 39001)),
-            echo: SocketAddr::from(([127, 0, 0, 1], 39002)),
+            sink: SocketAddr::from(([127, 0, 0, 1], 21001)),
+            echo: SocketAddr::from(([127, 0, 0, 1], 21002)),
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         for (local, remote) in [(sink, bore.sink), (echo, bore.echo)] {
@@ -300,6 +321,12 @@ impl Bore {
             }
         }
         None
+    }
+}
+
+impl Bore {
+    fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(|p| p.id()).collect()
     }
 }
 
@@ -413,7 +440,16 @@ fn sink(mut stream: TcpStream) -> tokio::task::JoinHandle<()> {
 }
 
 /// Bytes per second of `bytes` written to a sink, until its acknowledgement.
-async fn throughput<S, F, Fut>(bytes: usize, connect: F) -> f64
+/// One bulk transfer: its rate, and the CPU time it cost per GiB moved.
+struct Transfer {
+    bytes_per_second: f64,
+    cpu_per_gib: Duration,
+}
+
+/// Sends `bytes` through a fresh connection to a sink and waits for its one-byte
+/// acknowledgement. The CPU time counted is this process's (client, sink, relay and
+/// agent alike) plus that of `helpers`, the processes of a tunnel compared with.
+async fn throughput<S, F, Fut>(bytes: usize, helpers: &[u32], connect: F) -> Transfer
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: Fn() -> Fut,
@@ -421,6 +457,7 @@ where
 {
     let chunk = vec![0x5au8; 256 * 1024];
     let mut stream = connect().await.expect("connect");
+    let cpu_before = cpu_time(helpers);
     let start = Instant::now();
     let mut sent = 0;
     while sent < bytes {
@@ -430,7 +467,31 @@ where
     stream.shutdown().await.unwrap();
     let mut ack = [0u8; 1];
     stream.read_exact(&mut ack).await.unwrap();
-    sent as f64 / start.elapsed().as_secs_f64()
+    let elapsed = start.elapsed();
+    let cpu = cpu_time(helpers).saturating_sub(cpu_before);
+    Transfer {
+        bytes_per_second: sent as f64 / elapsed.as_secs_f64(),
+        cpu_per_gib: cpu.mul_f64((1u64 << 30) as f64 / sent as f64),
+    }
+}
+
+/// User + system CPU time of this process and of `others`, from `/proc` (zero where
+/// it is not available).
+fn cpu_time(others: &[u32]) -> Duration {
+    let ticks = |pid: String| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised command name; utime and stime are 14 and 15.
+        let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let field = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+        field(14).unwrap_or(0) + field(15).unwrap_or(0)
+    };
+    let total: u64 = std::iter::once("self".to_string())
+        .chain(others.iter().map(|pid| pid.to_string()))
+        .map(ticks)
+        .sum();
+    // Linux reports these in USER_HZ, which is 100 on every mainstream platform.
+    Duration::from_millis(total * 10)
 }
 
 /// Sorted durations, for percentiles.
@@ -511,13 +572,25 @@ fn format_duration(d: Duration) -> String {
     }
 }
 
-fn row_rate(name: &str, direct: f64, tunnel: f64) {
-    let gbit = |bps: f64| format!("{:.2} Gbit/s", bps * 8.0 / 1e9);
+fn row_rate(name: &str, direct: &Transfer, tunnel: &Transfer) {
+    let gbit = |t: &Transfer| format!("{:.2} Gbit/s", t.bytes_per_second * 8.0 / 1e9);
     println!(
         "{name:<44} {:>14} {:>14} {:>7.2}x",
         gbit(direct),
         gbit(tunnel),
-        tunnel / direct
+        tunnel.bytes_per_second / direct.bytes_per_second
+    );
+}
+
+/// CPU cost is steadier than rate on a shared machine: other load slows a transfer
+/// but does not add to its CPU time.
+fn row_cpu(name: &str, direct: &Transfer, tunnel: &Transfer) {
+    let ratio = tunnel.cpu_per_gib.as_secs_f64() / direct.cpu_per_gib.as_secs_f64();
+    println!(
+        "{name:<44} {:>14} {:>14} {:>7.2}x",
+        format_duration(direct.cpu_per_gib),
+        format_duration(tunnel.cpu_per_gib),
+        ratio
     );
 }
 
