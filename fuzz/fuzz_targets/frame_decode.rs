@@ -8,44 +8,21 @@
 
 #![no_main]
 
+mod shared;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use portferry::wire::{Frame, HEADER_LEN, MAX_PAYLOAD_LEN};
+use shared::ChunkSizes;
 
 /// Largest chunk: enough to hold a few of the largest frames at once.
 const MAX_CHUNK: usize = 4 * (HEADER_LEN + MAX_PAYLOAD_LEN);
-
-/// Chunk sizes from a xorshift generator, so that the fuzzer controls how the stream is
-/// split without spending input bytes on every split.
-struct ChunkSizes(u32);
-
-impl ChunkSizes {
-    fn new(seed: [u8; 2]) -> Self {
-        // Never zero, which would make xorshift stick at zero.
-        Self(u32::from(u16::from_le_bytes(seed)) | 1 << 16)
-    }
-
-    fn next(&mut self) -> usize {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        self.0 = x;
-        let roll = (x >> 2) as usize;
-        match x % 4 {
-            0 => 1,
-            1 => 1 + roll % 16,
-            2 => 1 + roll % 1024,
-            _ => MAX_CHUNK,
-        }
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let Some((seed, stream)) = data.split_first_chunk::<2>() else {
         return;
     };
-    let mut chunks = ChunkSizes::new(*seed);
+    let mut chunks = ChunkSizes::new(u16::from_le_bytes(*seed), MAX_CHUNK);
     let mut buf = BytesMut::new();
     // `stream[..fed]` has been copied into `buf`, and `stream[..consumed]` parsed off it.
     let (mut fed, mut consumed) = (0, 0);

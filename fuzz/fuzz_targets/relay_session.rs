@@ -55,6 +55,8 @@
 
 #![no_main]
 
+mod shared;
+
 use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::sync::OnceLock;
@@ -70,6 +72,7 @@ use portferry::wire::{
     ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, FrameKind, Hello, Welcome, HEADER_LEN,
     PROTOCOL_VERSION,
 };
+use shared::{ChunkSizes, Input};
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -450,7 +453,7 @@ async fn write(
     mut answered: watch::Receiver<usize>,
     owed: Option<usize>,
 ) {
-    let mut chunks = ChunkSizes::new(script.chunk_seed);
+    let mut chunks = ChunkSizes::new(script.chunk_seed.into(), PIPE);
     let mut written = 0;
     let ends = script
         .waits
@@ -735,67 +738,5 @@ impl SessionModel {
             None => assert!(!request.unencrypted, "{forwarded:?} for {request:?}"),
         }
         self.open.insert(request.port, forwarded.clone());
-    }
-}
-
-/// Chunk sizes from a xorshift generator, so that the fuzzer controls how the link's
-/// bytes are split without spending input bytes on every split.
-struct ChunkSizes(u32);
-
-impl ChunkSizes {
-    fn new(seed: u8) -> Self {
-        // Never zero, which would make xorshift stick at zero.
-        Self(u32::from(seed) | 1 << 16)
-    }
-
-    fn next(&mut self) -> usize {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        self.0 = x;
-        let roll = (x >> 2) as usize;
-        match x % 4 {
-            0 => 1,
-            1 => 1 + roll % 16,
-            2 => 1 + roll % 1024,
-            _ => PIPE,
-        }
-    }
-}
-
-/// The unread rest of the input; reads past its end give zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&first, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(first)
-    }
-
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        taken
-    }
-
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut bytes = [0; N];
-        let taken = self.take(N);
-        bytes[..taken.len()].copy_from_slice(taken);
-        bytes
-    }
-
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
-    }
-
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.array())
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.array())
     }
 }

@@ -46,6 +46,8 @@
 
 #![no_main]
 
+mod shared;
+
 use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
@@ -58,6 +60,7 @@ use libfuzzer_sys::fuzz_target;
 use portferry::netstack::{
     InnerStream, Listener, Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR,
 };
+use shared::Input;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -518,35 +521,4 @@ fn forge(
         packet.extend_from_slice(&[0xff; 4]);
     }
     packet
-}
-
-/// The unread rest of the input; reads past its end give zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn byte(&mut self) -> Option<u8> {
-        let (&first, rest) = self.0.split_first()?;
-        self.0 = rest;
-        Some(first)
-    }
-
-    fn take(&mut self, n: usize) -> &'a [u8] {
-        let (taken, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        taken
-    }
-
-    fn u16(&mut self) -> u16 {
-        let mut bytes = [0; 2];
-        let taken = self.take(2);
-        bytes[..taken.len()].copy_from_slice(taken);
-        u16::from_le_bytes(bytes)
-    }
-
-    fn u32(&mut self) -> u32 {
-        let mut bytes = [0; 4];
-        let taken = self.take(4);
-        bytes[..taken.len()].copy_from_slice(taken);
-        u32::from_le_bytes(bytes)
-    }
 }
