@@ -194,13 +194,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             self.segments.push_back(self.pending.split().freeze());
         }
         while !self.segments.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .segments
-                .iter()
-                .take(MAX_IO_SLICES)
-                .map(|segment| IoSlice::new(segment))
-                .collect();
-            let mut written = self.io.write_vectored(&slices).await?;
+            let mut slices = [IoSlice::new(&[]); MAX_IO_SLICES];
+            let count = slices.len().min(self.segments.len());
+            for (slice, segment) in slices.iter_mut().zip(&self.segments) {
+                *slice = IoSlice::new(segment);
+            }
+            let mut written = self.io.write_vectored(&slices[..count]).await?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -353,6 +352,41 @@ mod tests {
             Some(Frame::Packet(Bytes::from_static(&[0x45; 100])))
         );
         assert_eq!(reader.read_frame().await.unwrap(), None);
+    }
+
+    /// A pipe of 7 bytes forces the vectored writes to stop inside headers, packets
+    /// and control frames alike; everything must still arrive whole and in order.
+    #[tokio::test]
+    async fn partial_vectored_writes_keep_every_frame_whole_and_in_order() {
+        let (a, b) = tokio::io::duplex(7);
+        let mut writer = FrameWriter::new(a);
+        let mut sent = Vec::new();
+        for i in 0..40u8 {
+            let frame = if i % 3 == 0 {
+                Frame::Ping(u64::from(i))
+            } else {
+                Frame::Packet(Bytes::from(vec![i; 1 + usize::from(i) * 37]))
+            };
+            match &frame {
+                Frame::Packet(packet) => writer.push_packet(packet),
+                control => writer.push(control),
+            }
+            sent.push(frame);
+        }
+        let write = async {
+            writer.shutdown().await.unwrap();
+            assert_eq!(writer.batched(), 0);
+        };
+        let read = async {
+            let mut reader = FrameReader::new(b);
+            let mut received = Vec::new();
+            while let Some(frame) = reader.read_frame().await.unwrap() {
+                received.push(frame);
+            }
+            received
+        };
+        let ((), received) = tokio::join!(write, read);
+        assert_eq!(received, sent);
     }
 
     #[tokio::test]
