@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use portferry::agent::{Agent, ForwardOptions, Tunnel};
-use portferry::link::{self, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
+use portferry::link::{FrameReader, FrameWriter};
 use portferry::netstack::{ConnectError, Stack, StackConfig};
 use portferry::relay::{RelayConfig, LOCAL_DOMAIN};
 use portferry::token::Token;
@@ -20,15 +20,14 @@ use portferry::Error;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 
 mod common;
 
 use common::{
-    echo_service, free_port, http_get, http_service, portferry, unencrypted, Child, Fixture,
-    TempDir, HTTP1,
+    drive_link, echo_service, free_port, http_get, http_service, portferry, unencrypted, Child,
+    Fixture, TempDir, HTTP1,
 };
 
 /// Upper bound for any single test step: a hang fails the test instead of the CI job.
@@ -589,16 +588,7 @@ async fn a_syn_from_the_agent_is_refused_and_creates_no_flow() {
 
     // This agent's own stack tries to open connections to the relay's stack.
     let stack = Stack::new(StackConfig::agent());
-    let (_control, outbound) = mpsc::channel(CONTROL_QUEUE);
-    let (inbound, _control_frames) = mpsc::channel(CONTROL_QUEUE);
-    tokio::spawn(link::run(
-        reader,
-        writer,
-        stack.clone(),
-        inbound,
-        outbound,
-        LinkConfig::default(),
-    ));
+    let _link = drive_link(reader, writer, stack.clone());
     for port in [22, 80, 7835] {
         let attempt = timeout(STEP, stack.connect(port)).await.unwrap();
         assert_eq!(attempt.err(), Some(ConnectError::Refused), "port {port}");

@@ -10,14 +10,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use portferry::agent::{ForwardOptions, Tunnel};
-use portferry::link::{self, FrameWriter, LinkConfig, CONTROL_QUEUE};
+use portferry::link::FrameWriter;
 use portferry::netstack::{Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR};
 use portferry::token::Token;
 use portferry::wire::Frame;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
 use tokio_rustls::client::TlsStream;
@@ -25,8 +24,8 @@ use tokio_rustls::client::TlsStream;
 mod common;
 
 use common::{
-    echo_service, echo_via_url, eventually, exchange, http_service, read_stream, stream_service,
-    tls_connect, unencrypted, Fixture, RawAgent, HTTP1,
+    drive_link, echo_service, echo_via_url, eventually, exchange, http_service, read_stream,
+    stream_service, tls_connect, unencrypted, Fixture, RawAgent, HTTP1,
 };
 
 /// Upper bound for any single test step: a hang fails the test instead of the CI job.
@@ -426,16 +425,7 @@ async fn packets_outside_the_agents_own_flows_are_dropped_and_counted_and_distur
     tokio::spawn(portferry::splice::forward_to(listener, echo, STEP));
     let _ = stack.ingress(syn);
     let (reader, writer) = raw.into_halves();
-    let (_control, outbound) = mpsc::channel(CONTROL_QUEUE);
-    let (inbound, _control_frames) = mpsc::channel(CONTROL_QUEUE);
-    tokio::spawn(link::run(
-        reader,
-        writer,
-        stack.clone(),
-        inbound,
-        outbound,
-        LinkConfig::default(),
-    ));
+    let _link = drive_link(reader, writer, stack.clone());
     let echoed = timeout(STEP, client).await.unwrap().unwrap().unwrap();
     assert_eq!(echoed, b"through the raw link");
     // (Stray packets at the end of a connection may count as unknown; nothing else.)

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
-use portferry::link::{FrameReader, FrameWriter};
+use portferry::link::{self, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
+use portferry::netstack::Stack;
 use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
@@ -27,6 +28,7 @@ use portferry::wire::{ForwardRequest, Forwarded, Frame, Hello, PROTOCOL_VERSION}
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout};
 use tokio_rustls::client::TlsStream;
@@ -737,8 +739,36 @@ impl RawAgent {
         }
     }
 
-    /// The link's two halves, to drive it with [`portferry::link::run`].
+    /// The link's two halves, to drive it with [`drive_link`].
     pub fn into_halves(self) -> RawHalves {
         (self.reader, self.writer)
     }
+}
+
+/// Runs a hand-driven agent link over `stack`, as an agent would: packets flow both
+/// ways, control frames from the relay are kept but not answered. Ends with the link.
+pub fn drive_link<R, W>(
+    reader: FrameReader<R>,
+    writer: FrameWriter<W>,
+    stack: Stack,
+) -> JoinHandle<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
+    let (inbound, control_frames) = mpsc::channel(CONTROL_QUEUE);
+    tokio::spawn(async move {
+        // Both channel ends live as long as the link: dropping either would end it.
+        let _ = link::run(
+            reader,
+            writer,
+            stack,
+            inbound,
+            outbound,
+            LinkConfig::default(),
+        )
+        .await;
+        drop((control, control_frames));
+    })
 }
