@@ -113,7 +113,8 @@ async fn run(data: &[u8]) {
     let (relay_a, mut agent_a) = drive(&mut link, open(&relay, &mut listener)).await;
     let (mut relay_b, agent_b) = drive(&mut link, open(&relay, &mut listener)).await;
     write_now(&mut agent_a, &[b'a'; 100]);
-    for _ in 0..2 {
+    // One receive window at the agent, then a send buffer (twice as large) at the relay.
+    for _ in 0..3 {
         write_now(&mut relay_b, &[b'b'; SOCKET_BUFFER]);
         settle(&mut link).await;
     }

@@ -132,7 +132,7 @@ impl Flow {
         let buffer = config.socket_buffer.min(MAX_SOCKET_BUFFER);
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; 2 * buffer]),
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);

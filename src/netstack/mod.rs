@@ -18,7 +18,8 @@
 //! full outbound queue makes flows wait (see [`queue`]).
 //!
 //! # Bounds
-//! Each flow holds `2 × socket_buffer` bytes of buffers; the outbound queue holds about
+//! Each flow holds `3 × socket_buffer` bytes of buffers (see [`StackConfig::socket_buffer`]);
+//! the outbound queue holds about
 //! `outbound_queue_bytes`; each listener queues at most `accept_backlog` connections
 //! not yet accepted, and SYNs beyond that are refused with a RST.
 
@@ -54,8 +55,8 @@ pub const RELAY_ADDR: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
 /// The agent's address on the inner link.
 pub const AGENT_ADDR: Ipv4Address = Ipv4Address::new(100, 64, 0, 2);
 
-/// The default socket buffer of a flow, each way: 65,535 bytes, the largest window TCP
-/// advertises without scaling.
+/// The default socket buffer of a flow ([`StackConfig::socket_buffer`]): 65,535 bytes,
+/// the largest window TCP advertises without scaling.
 ///
 /// A flow's buffers are allocated whole when it opens (smoltcp's are fixed rings), so
 /// this size is paid by every connection, idle or not. Larger buffers (up to
@@ -76,8 +77,11 @@ pub struct StackConfig {
     pub peer_addr: Ipv4Address,
     /// Largest IP packet either side sends (at most 65535).
     pub mtu: usize,
-    /// Size of each flow's receive buffer and of its send buffer, in bytes; at most
-    /// [`MAX_SOCKET_BUFFER`] (larger values are capped).
+    /// Size of each flow's receive buffer, so of the window it offers, in bytes; at most
+    /// [`MAX_SOCKET_BUFFER`] (larger values are capped). The send buffer is twice as
+    /// large: a window's worth of bytes in flight, and as many read from the source and
+    /// ready to go the moment the peer's window opens, so reading the source is not a
+    /// step the transfer waits on.
     pub socket_buffer: usize,
     /// Soft bound on the bytes waiting in the outbound queue.
     pub outbound_queue_bytes: usize,
