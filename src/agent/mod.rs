@@ -66,6 +66,8 @@ pub(crate) struct Shared {
     /// Signalled whenever `control` has news: an answer, a frame to send, a lost link.
     changed: Arc<Notify>,
     state: watch::Sender<LinkState>,
+    /// The runtime the agent was connected in, which runs its tasks.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for Shared {
@@ -104,10 +106,11 @@ impl Agent {
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),
                 state: watch::Sender::new(LinkState::Connected),
+                runtime: tokio::runtime::Handle::current(),
                 config,
             }),
         };
-        tokio::spawn(reconnect::maintain(
+        agent.shared.runtime.spawn(reconnect::maintain(
             Arc::downgrade(&agent.shared),
             changed,
             halves,
@@ -134,7 +137,10 @@ impl Agent {
             .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
-        let task = tokio::spawn(crate::splice::forward_to(listener, target, connect_timeout));
+        let task =
+            self.shared
+                .runtime
+                .spawn(crate::splice::forward_to(listener, target, connect_timeout));
         Ok(Tunnel::new(
             self.clone(),
             forwarded,
@@ -261,8 +267,25 @@ impl Shared {
 /// The agent used by [`forward`], connected on first use.
 static GLOBAL_AGENT: OnceCell<Agent> = OnceCell::const_new();
 
+/// The runtime of [`GLOBAL_AGENT`]: its own, so that the agent outlives whichever
+/// runtime first called [`forward`] (each `#[tokio::test]` has one, for example).
+fn global_runtime() -> Result<&'static tokio::runtime::Runtime, Error> {
+    static RUNTIME: Mutex<Option<&'static tokio::runtime::Runtime>> = Mutex::new(None);
+    let mut runtime = lock(&RUNTIME);
+    if let Some(runtime) = *runtime {
+        return Ok(runtime);
+    }
+    let built = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("portferry-agent")
+        .enable_all()
+        .build()?;
+    Ok(*runtime.insert(Box::leak(Box::new(built))))
+}
+
 /// Forwards `port` through the relay named by the environment (`PORTFERRY_RELAY`,
-/// `PORTFERRY_TOKEN`, optional `PORTFERRY_RELAY_CA`); every call shares one agent.
+/// `PORTFERRY_TOKEN`, optional `PORTFERRY_RELAY_CA`); every call shares one agent,
+/// whose tasks run on a small runtime of its own, so calls from any tokio runtime work.
 pub async fn forward(port: u16) -> Result<Tunnel, Error> {
     forward_with(port, ForwardOptions::default()).await
 }
@@ -270,7 +293,13 @@ pub async fn forward(port: u16) -> Result<Tunnel, Error> {
 /// [`forward`] with options.
 pub async fn forward_with(port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
     let agent = GLOBAL_AGENT
-        .get_or_try_init(|| async { Agent::connect(AgentConfig::from_env()?).await })
+        .get_or_try_init(|| async {
+            let config = AgentConfig::from_env()?;
+            global_runtime()?
+                .spawn(Agent::connect(config))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        })
         .await?;
     agent.forward_with(port, options).await
 }
