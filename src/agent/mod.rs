@@ -10,6 +10,7 @@
 //! them together.
 
 mod config;
+mod local;
 // Public only for test harnesses and fuzz targets that drive the agent's control plane
 // without sockets; not part of the supported API.
 #[doc(hidden)]
@@ -17,7 +18,6 @@ pub mod control;
 mod reconnect;
 mod tunnel;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -124,23 +124,25 @@ impl Agent {
     }
 
     /// Asks the relay for a tunnel to the local service on `port`: connections to the
-    /// tunnel's URL (and TCP socket, if `unencrypted`) reach `127.0.0.1:<port>` (or
-    /// `options.local_addr`). A client of a service that is not listening sees its
-    /// connection refused.
+    /// tunnel's URL (and TCP socket, if `unencrypted`) reach `127.0.0.1:<port>`, else
+    /// `[::1]:<port>` (as `localhost` means), or `options.local_addr`. A client of a
+    /// service that is not listening sees its connection refused, and the agent logs a
+    /// warning naming the addresses it tried (at most one per tunnel per 10 s).
     pub async fn forward_with(&self, port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
         if port == 0 {
             return Err(Error::InvalidPort { given: "0".into() });
         }
         let (forwarded, listener) = self.open(Some(port), &options).await?;
-        let target = options
-            .local_addr
-            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+        let targets = match options.local_addr {
+            Some(addr) => vec![addr],
+            None => local::default_targets(port),
+        };
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
-        let task =
-            self.shared
-                .runtime
-                .spawn(crate::splice::forward_to(listener, target, connect_timeout));
+        let task = self
+            .shared
+            .runtime
+            .spawn(local::serve(listener, targets, connect_timeout));
         Ok(Tunnel::new(
             self.clone(),
             forwarded,
