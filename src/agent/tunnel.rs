@@ -36,12 +36,18 @@ impl Tunnel {
         } else {
             format!("https://{}:{}", forwarded.hostname, forwarded.tls_port)
         };
-        // The raw TCP socket is on the relay node: the hostname without the tunnel label.
-        let tcp_host = forwarded
+        // The raw TCP socket is on the relay node: the hostname without the tunnel
+        // label. Every `*.localhost` name is this machine (RFC 6761), but only curl and
+        // browsers resolve them: `localhost` itself resolves everywhere.
+        let node = forwarded
             .hostname
             .split_once('.')
-            .map_or(forwarded.hostname.as_str(), |(_, node)| node)
-            .to_owned();
+            .map_or(forwarded.hostname.as_str(), |(_, node)| node);
+        let tcp_host = if node.ends_with(".localhost") {
+            "localhost".to_owned()
+        } else {
+            node.to_owned()
+        };
         Tunnel {
             agent,
             forwarded,
