@@ -130,7 +130,8 @@ impl CliRelay {
             let mut printed = Vec::new();
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some((name, value)) = line.trim().split_once('=') {
+                let line = line.trim().trim_start_matches("export ");
+                if let Some((name, value)) = line.split_once('=') {
                     printed.push((name.to_owned(), value.to_owned()));
                     if name == "PORTFERRY_RELAY_CA" {
                         break;
