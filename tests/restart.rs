@@ -329,3 +329,61 @@ async fn the_production_command_keeps_leases_privately_across_a_kill() {
     .await;
     assert_eq!(tunnel.tls_socket().0, host);
 }
+
+/// An agent process killed mid-download: the HTTPS client's read fails; it never sees
+/// a clean end (close_notify) of the truncated data.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_download_is_an_error_for_the_https_client() {
+    let state = TempDir::new("restart-agent-kill");
+    let (agent_port, public_port) = (free_port(), free_port());
+    let relay = CliRelay::start(state.path(), agent_port, public_port).await;
+    let service = stream_service(STREAM_LEN).await;
+    let mut agent = Child(
+        portferry(["forward", &service.addr.port().to_string()])
+            .env("PORTFERRY_RELAY", &relay.relay)
+            .env("PORTFERRY_TOKEN", &relay.token)
+            .env("PORTFERRY_RELAY_CA", &relay.ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = agent.0.stdout.take().unwrap();
+    let host = timeout(
+        STEP,
+        tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|line| {
+                    let url = line.trim().strip_prefix("url:")?.trim().to_owned();
+                    let host = url.strip_prefix("https://")?.split([':', '/']).next()?;
+                    Some(host.to_owned())
+                })
+        }),
+    )
+    .await
+    .expect("the agent never printed its URL")
+    .unwrap()
+    .expect("the agent exited without a URL");
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let tls = TlsConnector::from(portferry::tls::client_config(roots, HTTP1));
+    let mut download = timeout(STEP, tls_connect(&tls, ("127.0.0.1", public_port), &host))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(STEP, read_stream(&mut download, 1024 * 1024))
+        .await
+        .unwrap()
+        .unwrap();
+
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    let (read, ended) = drain(&mut download, STEP).await;
+    assert!(read < STREAM_LEN);
+    assert!(
+        ended.is_err(),
+        "a download cut by the agent's death ended cleanly after {read} more bytes"
+    );
+}
