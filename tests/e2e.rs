@@ -694,6 +694,9 @@ enum Answer {
     Bytes(usize),
 }
 
+/// Bytes of a TLS alert record: an answer longer than this is more than an alert.
+const ALERT_LEN: usize = 7;
+
 /// Sends a real ClientHello (with `name` as SNI, or none for an IP address) and
 /// reports what comes back.
 async fn answer_to_client_hello(fixture: &Fixture, name: ServerName<'static>) -> Answer {
@@ -704,10 +707,23 @@ async fn answer_to_client_hello(fixture: &Fixture, name: ServerName<'static>) ->
     let run = async {
         let mut tcp = TcpStream::connect(fixture.public).await.unwrap();
         tcp.write_all(&hello).await.unwrap();
+        // To the end, or until it is more than an alert (a ServerHello, which waits for
+        // the rest of the client's handshake).
         let mut answer = Vec::new();
-        match tcp.read_to_end(&mut answer).await {
-            Ok(_) if answer.is_empty() => Answer::ClosedSilently,
-            Ok(n) => Answer::Bytes(n),
+        let mut buf = [0u8; 4096];
+        let ended = loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) => break Ok(()),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+            if answer.len() > ALERT_LEN {
+                break Ok(());
+            }
+        };
+        match ended {
+            Ok(()) if answer.is_empty() => Answer::ClosedSilently,
+            Ok(()) => Answer::Bytes(answer.len()),
             Err(e) if answer.is_empty() && e.kind() == io::ErrorKind::ConnectionReset => {
                 Answer::Reset
             }

@@ -64,15 +64,8 @@ impl Route {
     }
 }
 
-/// Why a public connection did not get going.
-enum PublicFailure {
-    /// The TLS handshake failed or timed out.
-    Tls,
-    /// The agent refused the inner connection (nothing listens on the port).
-    Inner,
-}
-
-/// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
+/// One public TLS connection: route by SNI, finish the TLS handshake, and only then
+/// open the inner connection and splice the two.
 pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
@@ -100,26 +93,14 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     } else {
         &shared.http1
     };
-    let tls = async {
-        match timeout_at(deadline, start.into_stream(tls_config.clone())).await {
-            Ok(Ok(tls)) => Ok(tls),
-            _ => Err(PublicFailure::Tls),
-        }
+    let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(tls_config.clone())).await else {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+        return;
     };
-    let inner = async {
-        route
-            .stack
-            .connect(route.port)
-            .await
-            .map_err(|_| PublicFailure::Inner)
-    };
-    let (tls, inner) = match tokio::try_join!(tls, inner) {
-        Ok(both) => both,
-        Err(PublicFailure::Tls) => {
-            counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Err(PublicFailure::Inner) => return,
+    // Nothing reaches the agent before the client has finished its handshake.
+    let Ok(inner) = route.stack.connect(route.port).await else {
+        // Refused by the agent (nothing listens on the port).
+        return;
     };
     drop(handshake);
     // Ends with close_notify only after the service's clean end; a reset ends with a
