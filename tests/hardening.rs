@@ -829,3 +829,42 @@ async fn a_client_hello_alone_opens_no_connection_to_the_service() {
     assert_eq!(fx.stats().pending_handshakes, 4, "{:?}", fx.stats());
     drop(silent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_or_closed_hostname_gets_an_unrecognized_name_alert() {
+    let fx = Fixture::start(STEP).await;
+    let agent = fx.agent().await;
+    let tunnel = agent.forward(http_service("h").await.port()).await.unwrap();
+    let closed = tunnel.tls_socket().0.to_owned();
+    assert_eq!(fx.get(&tunnel).await.unwrap(), "h");
+    tunnel.close().await.unwrap();
+    let unknown = format!("{}.{LOCAL_DOMAIN}", "a".repeat(26));
+    let alert = rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName);
+    for sni in [&unknown, &closed] {
+        // rustls, as a client program sees it.
+        let error = fx.tls(sni, HTTP1).await.unwrap_err();
+        let received = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert_eq!(received, Some(&alert), "{sni}: {error}");
+        // curl, with OpenSSL, names the alert.
+        let url = format!("https://{sni}:{}/", fx.public.port());
+        let curl = std::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+            .arg(&fx.pki.ca_cert_path)
+            .args([
+                "--resolve",
+                &format!("{sni}:{}:127.0.0.1", fx.public.port()),
+                &url,
+            ])
+            .output()
+            .expect("curl runs");
+        let said = String::from_utf8_lossy(&curl.stderr).to_lowercase();
+        assert!(!curl.status.success(), "{sni}: curl succeeded");
+        assert!(
+            said.contains("unrecognized name"),
+            "{sni}: curl said {said:?}"
+        );
+    }
+    assert_eq!(fx.stats().unknown_sni, 4);
+}

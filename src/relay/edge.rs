@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
@@ -70,7 +71,7 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
     let tcp = SharedTcp::new(tcp);
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp.clone());
     let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
         counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
         return;
@@ -80,10 +81,13 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         .server_name()
         .and_then(|sni| shared.route(sni))
     else {
-        // Unknown or missing SNI: close without an answer, the same way every time.
+        // Unknown or missing SNI: the same alert every time, before any certificate.
         counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
+        drop(start);
+        let _ = timeout_at(deadline, refuse_unknown_name(tcp)).await;
         return;
     };
+    drop(tcp);
     // Counted by `admit`; the client sees the connection closed.
     let Some(_permit) = route.admit(&shared) else {
         return;
@@ -106,6 +110,25 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     // Ends with close_notify only after the service's clean end; a reset ends with a
     // RST, so the client never takes a cut response as whole.
     let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
+}
+
+/// Answers a ClientHello for no tunnel with a fatal TLS `unrecognized_name` alert, in
+/// the clear as alerts before a ServerHello are, and closes.
+async fn refuse_unknown_name(mut tcp: SharedTcp) -> std::io::Result<()> {
+    /// The `fatal` alert level (RFC 8446, 6).
+    const FATAL: u8 = 2;
+    let [major, minor] = u16::from(rustls::ProtocolVersion::TLSv1_2).to_be_bytes();
+    let alert = [
+        u8::from(rustls::ContentType::Alert),
+        major,
+        minor,
+        0,
+        2,
+        FATAL,
+        u8::from(rustls::AlertDescription::UnrecognisedName),
+    ];
+    tcp.write_all(&alert).await?;
+    tcp.shutdown().await
 }
 
 /// Binds a random free port of the configured range for the tunnel `hostname` and
