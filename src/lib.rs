@@ -117,6 +117,7 @@ internal_modules! {
     link;
     netstack;
     splice;
+    state_dir;
     wire;
 }
 
