@@ -95,7 +95,12 @@
 // The internal modules keep a few helpers for this crate's own tests and benches
 // (`internals` feature); without it they are unused. Dead code is still caught by
 // `cargo clippy --all-targets`, which builds with `internals`.
-#![cfg_attr(not(feature = "internals"), allow(dead_code))]
+// A lean build (`agent` or `relay` alone) leaves unused what only the other side
+// needs of the shared modules.
+#![cfg_attr(
+    not(all(feature = "internals", feature = "agent", feature = "relay")),
+    allow(dead_code, unused_imports)
+)]
 
 /// Declares internal modules: private, unless the `internals` feature is on. That
 /// feature exists for this crate's own integration tests, benches and fuzz targets
@@ -121,14 +126,22 @@ internal_modules! {
     wire;
 }
 
+#[cfg(feature = "agent")]
 pub mod agent;
+/// The sample service of `portferry demo` (for the binary and the benches).
+#[cfg(feature = "cli")]
 #[doc(hidden)]
 pub mod demo;
 mod error;
+#[cfg(feature = "relay")]
 pub mod relay;
+#[cfg(feature = "relay")]
 pub mod tls;
+#[cfg(not(feature = "relay"))]
+mod tls;
 pub mod token;
 
+#[cfg(feature = "agent")]
 pub use agent::{
     forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelListener,
     TunnelStream,

@@ -29,7 +29,10 @@ fn every_readme_example_is_a_doc_test_of_the_crate() {
         .join("\n");
     let doc_blocks = rust_blocks(&crate_docs);
     let readme_blocks = rust_blocks(readme);
-    assert!(readme_blocks.len() >= 2, "the README's Rust examples are gone");
+    assert!(
+        readme_blocks.len() >= 2,
+        "the README's Rust examples are gone"
+    );
     for block in readme_blocks {
         assert!(
             doc_blocks.contains(&block),
