@@ -67,7 +67,7 @@ async fn run() {
     let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
     if let Some(bytes) = socket_buffer {
-        config.stack.socket_buffer = bytes;
+        config.socket_buffer = bytes;
     }
     tokio::spawn(relay.run());
     let setup = Setup {
@@ -85,10 +85,7 @@ async fn run() {
         .unwrap_or(512);
     let bulk = mib << 20;
 
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let echo_tunnel = setup
         .agent
         .forward_with(setup.echo.port(), options.clone())
@@ -205,10 +202,7 @@ async fn run() {
 async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
     // Served straight from the agent's userspace stack: no local socket per connection,
     // so this process holds only the relay's side of each (the fd limit is 20,000).
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let mut listener = setup.agent.listen(options).await.expect("listen");
     let target = raw_addr(listener.tunnel());
     tokio::spawn(async move {

@@ -3,8 +3,6 @@
 use std::fmt;
 use std::io;
 
-use crate::wire::ErrorCode;
-
 /// Everything that can go wrong when forwarding a port. Each message says what to do.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -55,10 +53,14 @@ pub enum Error {
         /// What the relay said.
         message: String,
     },
-    /// The relay refused a request.
+    /// The relay refused: a limit (tunnels per agent, agents at once) is reached.
+    /// Close something, or retry later.
+    LimitReached {
+        /// The relay's message, naming the limit.
+        message: String,
+    },
+    /// The relay refused a request for another reason.
     Refused {
-        /// The relay's error code.
-        code: ErrorCode,
         /// The relay's message.
         message: String,
     },
@@ -119,7 +121,10 @@ impl fmt::Display for Error {
                     "the relay speaks another protocol version ({message}): upgrade the older side"
                 )
             }
-            Error::Refused { code, message } => write!(f, "the relay refused: {message} ({code})"),
+            Error::LimitReached { message } => {
+                write!(f, "the relay refused: a limit is reached ({message})")
+            }
+            Error::Refused { message } => write!(f, "the relay refused: {message}"),
             Error::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
             Error::LinkClosed => f.write_str("the link to the relay is closed"),
             Error::Tls(e) => e.fmt(f),

@@ -440,11 +440,12 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         return Ok(());
     };
     let agent = agent?;
-    let options = ForwardOptions {
-        unencrypted: args.unencrypted,
-        h2: args.h2,
-        local_addr,
-    };
+    let mut options = ForwardOptions::new()
+        .unencrypted(args.unencrypted)
+        .h2(args.h2);
+    if let Some(addr) = local_addr {
+        options = options.local_addr(addr);
+    }
     let Some(tunnel) = signals.unless(agent.forward_with(args.port, options)).await else {
         return Ok(());
     };

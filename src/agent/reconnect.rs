@@ -103,7 +103,7 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
             let Some(shared) = agent.upgrade() else {
                 return;
             };
-            (shared.stack.clone(), shared.config.link.clone())
+            (shared.stack.clone(), shared.config.link())
         };
         let dispatch = async {
             while let Some(frame) = inbound.recv().await {
