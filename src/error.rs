@@ -75,6 +75,9 @@ pub enum Error {
     Tls(crate::tls::TlsError),
     /// A local I/O operation failed (binding a port, reading a file).
     Io(io::Error),
+    /// A relay's settings cannot work, or its listeners could not be bound.
+    #[cfg(feature = "relay")]
+    RelayConfig(crate::relay::ConfigError),
 }
 
 impl fmt::Display for Error {
@@ -129,6 +132,8 @@ impl fmt::Display for Error {
             Error::LinkClosed => f.write_str("the link to the relay is closed"),
             Error::Tls(e) => e.fmt(f),
             Error::Io(e) => e.fmt(f),
+            #[cfg(feature = "relay")]
+            Error::RelayConfig(e) => e.fmt(f),
         }
     }
 }
@@ -149,6 +154,13 @@ impl std::error::Error for Error {
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)
+    }
+}
+
+#[cfg(feature = "relay")]
+impl From<crate::relay::ConfigError> for Error {
+    fn from(e: crate::relay::ConfigError) -> Self {
+        Error::RelayConfig(e)
     }
 }
 

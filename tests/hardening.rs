@@ -863,3 +863,64 @@ async fn an_unknown_or_closed_hostname_gets_an_unrecognized_name_alert() {
     }
     assert_eq!(fx.stats().unknown_sni, 4);
 }
+
+// ───────────────────────────── settings that cannot work ─────────────────────────────
+
+/// Runs `portferry relay` with `args` and `env` (and a state directory of its own);
+/// its exit status and what it wrote on stderr. Panics if it does not exit.
+async fn relay_exit(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let state = TempDir::new("relay-config");
+    let mut command = portferry(["relay"]);
+    command
+        .args(args)
+        .arg("--state-dir")
+        .arg(state.path())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Child(command.spawn().unwrap());
+    let status = child.exit_status(STEP).await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// Free loopback ports for both listeners, then `more`.
+fn on_free_ports<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--public-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_settings_that_cannot_work_does_not_start_and_names_the_flag() {
+    for (args, env) in [
+        (&["--tokens", ""][..], &[][..]),
+        (&["--tokens", " "][..], &[][..]),
+        (&["--tokens", "good, "][..], &[][..]),
+        (&[][..], &[("PORTFERRY_TOKENS", " ")][..]),
+    ] {
+        let (status, stderr) = relay_exit(&on_free_ports(args), env).await;
+        assert_eq!(status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("--tokens"), "{args:?} {env:?}: {stderr}");
+    }
+    let (status, stderr) = relay_exit(&on_free_ports(&["--handshake-timeout", "0"]), &[]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--handshake-timeout"), "{stderr}");
+
+    // An address in use is named, with its flag.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let args = ["--public-addr", "127.0.0.1:0", "--agent-addr", &addr];
+    let (status, stderr) = relay_exit(&args, &[]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&addr) && stderr.contains("--agent-addr") && stderr.contains("in use"),
+        "{stderr}"
+    );
+}

@@ -141,6 +141,53 @@ impl RelayConfig {
         }
     }
 
+    /// Checks that the settings can work: at least one token and no blank one, a raw
+    /// TCP port range with a port in it, and every limit and timeout above zero.
+    /// [`Relay::bind`](super::Relay::bind) checks this first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tokens.is_empty() {
+            return Err(ConfigError::NoTokens);
+        }
+        if let Some(index) = self
+            .tokens
+            .iter()
+            .position(|token| token.expose().trim().is_empty())
+        {
+            return Err(ConfigError::BlankToken { index });
+        }
+        if self.tcp_ports.is_empty() {
+            return Err(ConfigError::EmptyRange {
+                setting: "tcp_ports",
+            });
+        }
+        let durations = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("link.ping_interval", self.link.ping_interval),
+            ("link.idle_timeout", self.link.idle_timeout),
+        ];
+        if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::Zero { setting });
+        }
+        let limits = [
+            ("max_tunnels_per_agent", self.max_tunnels_per_agent),
+            (
+                "max_connections_per_tunnel",
+                self.max_connections_per_tunnel,
+            ),
+            ("max_connections_per_agent", self.max_connections_per_agent),
+            ("max_pending_handshakes", self.max_pending_handshakes),
+            (
+                "max_pending_agent_handshakes",
+                self.max_pending_agent_handshakes,
+            ),
+            ("max_agent_sessions", self.max_agent_sessions),
+        ];
+        if let Some((setting, _)) = limits.iter().find(|(_, n)| *n == 0) {
+            return Err(ConfigError::Zero { setting });
+        }
+        Ok(())
+    }
+
     /// The domain under which this node's tunnels are named.
     pub(super) fn node_domain(&self) -> String {
         match &self.node {
@@ -177,3 +224,94 @@ pub struct RelayStats {
     /// counts leave the sum when it ends).
     pub stacks: StackStats,
 }
+
+/// Why a relay's settings cannot work ([`RelayConfig::validate`]), or its listeners
+/// could not be bound. Each message names the setting, the `portferry relay` flag, and
+/// for a bind the address.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No agent token is configured: no agent could connect.
+    NoTokens,
+    /// The token at `index` is empty or blank: no agent can present it.
+    BlankToken {
+        /// Its place in [`RelayConfig::tokens`].
+        index: usize,
+    },
+    /// A range has nothing in it.
+    EmptyRange {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// A limit or timeout that must be above zero is zero.
+    Zero {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// A listener could not be bound (the address is in use, say).
+    Bind {
+        /// The setting holding the address.
+        setting: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The `portferry relay` flag that sets `setting`.
+fn flag(setting: &str) -> &'static str {
+    match setting {
+        "agent_addr" => "--agent-addr",
+        "public_tls_addr" => "--public-addr",
+        "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
+        "tcp_ports" => "--tcp-ports",
+        "handshake_timeout" => "--handshake-timeout",
+        "max_tunnels_per_agent" => "--max-tunnels-per-agent",
+        "max_connections_per_tunnel" => "--max-connections-per-tunnel",
+        "max_connections_per_agent" => "--max-connections-per-agent",
+        "max_pending_handshakes" | "max_pending_agent_handshakes" => "--max-pending-handshakes",
+        "max_agent_sessions" => "--max-agent-sessions",
+        _ => "no flag",
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoTokens => write!(
+                f,
+                "no agent token is configured (tokens: {}), so no agent could connect",
+                flag("tokens")
+            ),
+            Self::BlankToken { index } => write!(
+                f,
+                "agent token {} of the configured ones is empty or blank (tokens: {}); \
+                 no agent can present it",
+                index + 1,
+                flag("tokens")
+            ),
+            Self::EmptyRange { setting } => {
+                write!(
+                    f,
+                    "{setting} ({}) holds no port: FIRST-LAST with FIRST <= LAST",
+                    flag(setting)
+                )
+            }
+            Self::Zero { setting } => {
+                write!(f, "{setting} ({}) must be more than 0", flag(setting))
+            }
+            Self::Bind {
+                setting,
+                addr,
+                source,
+            } => write!(
+                f,
+                "cannot listen on {addr} ({setting}, {}): {source}",
+                flag(setting)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

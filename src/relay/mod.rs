@@ -81,7 +81,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
-pub use config::{RelayConfig, RelayStats, LOCAL_DOMAIN};
+pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
 use crate::netstack::{lock, StackStats};
@@ -175,9 +175,22 @@ impl std::fmt::Debug for RelayHandle {
 
 impl Relay {
     /// Binds the agent endpoint and the public TLS port.
+    ///
+    /// Fails with [`ConfigError`] (as [`Error::RelayConfig`]) for settings that cannot
+    /// work ([`RelayConfig::validate`]) or an address that cannot be listened on.
     pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
-        let agents = TcpListener::bind(config.agent_addr).await?;
-        let public = TcpListener::bind(config.public_tls_addr).await?;
+        config.validate()?;
+        let listen = |setting: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ConfigError::Bind {
+                    setting,
+                    addr,
+                    source,
+                })
+        };
+        let agents = listen("agent_addr", config.agent_addr).await?;
+        let public = listen("public_tls_addr", config.public_tls_addr).await?;
         let public_tls_port = config
             .public_tls_port
             .unwrap_or(public.local_addr()?.port());
