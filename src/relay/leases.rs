@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::registry::AgentKey;
+use crate::state_dir::StateDir;
 
 /// One lease as the file holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,14 +72,15 @@ impl LeaseRecord {
     }
 }
 
-/// Writes `records` to the lease file at `path` (through a temporary file and a
-/// rename, so a reader never sees half of it); a failure is logged.
+/// Writes `records` to the lease file at `path` through the [`StateDir`] that holds it
+/// (created or tightened to 0700, the file 0600, replaced atomically and durably); a
+/// failure is logged.
 pub(crate) fn save(path: &Path, records: &[LeaseRecord]) {
     let text: String = records.iter().map(LeaseRecord::to_line).collect();
-    let temporary = path.with_extension("new");
-    let written = std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, path));
+    let written =
+        StateDir::open_parent_of(path).and_then(|(dir, name)| dir.write(name, text.as_bytes()));
     if let Err(error) = written {
-        tracing::warn!(path = %path.display(), %error, "could not save the tunnel leases");
+        tracing::warn!(%error, "could not save the tunnel leases");
     }
 }
 
