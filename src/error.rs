@@ -71,6 +71,15 @@ pub enum Error {
     },
     /// The link to the relay is closed.
     LinkClosed,
+    /// A listening socket could not be opened (for example, the address is in use).
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What was to listen there.
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
     /// A certificate or key could not be loaded or made.
     Tls(crate::tls::TlsError),
     /// A local I/O operation failed (binding a port, reading a file).
@@ -127,6 +136,9 @@ impl fmt::Display for Error {
             Error::Refused { message } => write!(f, "the relay refused: {message}"),
             Error::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
             Error::LinkClosed => f.write_str("the link to the relay is closed"),
+            Error::Bind { addr, what, source } => {
+                write!(f, "cannot listen on {addr} for {what}: {source}")
+            }
             Error::Tls(e) => e.fmt(f),
             Error::Io(e) => e.fmt(f),
         }
@@ -138,7 +150,7 @@ impl std::error::Error for Error {
         match self {
             // These messages already include their source's: skip it, so that a
             // report of the chain does not repeat it.
-            Error::RelayTls { source, .. } => source.source(),
+            Error::RelayTls { source, .. } | Error::Bind { source, .. } => source.source(),
             Error::Tls(e) => e.source(),
             Error::Io(e) => e.source(),
             _ => None,

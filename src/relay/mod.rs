@@ -176,8 +176,13 @@ impl std::fmt::Debug for RelayHandle {
 impl Relay {
     /// Binds the agent endpoint and the public TLS port.
     pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
-        let agents = TcpListener::bind(config.agent_addr).await?;
-        let public = TcpListener::bind(config.public_tls_addr).await?;
+        let bind_error = |addr, what| move |source| Error::Bind { addr, what, source };
+        let agents = TcpListener::bind(config.agent_addr)
+            .await
+            .map_err(bind_error(config.agent_addr, "the agent endpoint"))?;
+        let public = TcpListener::bind(config.public_tls_addr)
+            .await
+            .map_err(bind_error(config.public_tls_addr, "the public TLS port"))?;
         let public_tls_port = config
             .public_tls_port
             .unwrap_or(public.local_addr()?.port());
