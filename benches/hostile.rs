@@ -19,7 +19,8 @@
 //!
 //! Every line is a ratio or a count next to the same run's baseline. Environment:
 //! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build, and
-//! `HOSTILE_RELAY_ARGS` (space-separated) for extra relay flags.
+//! `HOSTILE_RELAY_ARGS` (space-separated relay flags, default [`RELAY_ARGS`]; set it
+//! empty for a build without `--idle-timeout`).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +35,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
+/// Relay flags unless `HOSTILE_RELAY_ARGS` says otherwise: an idle timeout well inside
+/// [`IDLE_WAIT`], so that the `idle` phase shows it.
+const RELAY_ARGS: &str = "--idle-timeout 5";
 /// Connections in each flood.
 const FLOOD: usize = 2_000;
 /// Flood connections opened at once.
@@ -141,7 +145,7 @@ impl RelayProcess {
         let bin = std::env::var("HOSTILE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portferry").to_owned());
         let state = tempdir::TempDir::new();
-        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_default();
+        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_else(|_| RELAY_ARGS.into());
         let mut command = Command::new(&bin);
         command
             .args([
@@ -158,7 +162,8 @@ impl RelayProcess {
         let (mut addr, mut token, mut ca) = (None, None, None);
         let read = async {
             while let Some(line) = lines.recv().await {
-                let Some((name, value)) = line.trim().split_once('=') else {
+                let line = line.trim().trim_start_matches("export ");
+                let Some((name, value)) = line.split_once('=') else {
                     continue;
                 };
                 match name {

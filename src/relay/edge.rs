@@ -14,7 +14,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
-use crate::splice::{splice_tls, SharedTcp, SpliceOptions};
+use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 
 /// Tries at binding a random free raw TCP port before giving up.
 const BIND_TRIES: usize = 64;
@@ -125,9 +125,9 @@ pub(super) async fn serve_public(
         Err(PublicFailure::Inner) => return,
     };
     drop(handshake);
-    // Ends with close_notify only after the service's clean end; a reset ends with a
-    // RST, so the client never takes a cut response as whole.
-    let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
+    // Ends with close_notify only after the service's clean end; a reset or an idle
+    // connection ends with a RST, so the client never takes a cut response as whole.
+    let _ = splice_tls(&inner, tls, shared.config.splice_options()).await;
 }
 
 /// Binds a random free port of the configured range for the tunnel `hostname` and
@@ -187,11 +187,12 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let options = shared.config.splice_options();
         shared.tasks.spawn(async move {
             let _permit = permit;
             match route.stack.connect(route.port).await {
                 Ok(inner) => {
-                    let _ = crate::splice::splice_tcp(&inner, stream).await;
+                    let _ = splice_tcp_with(&inner, stream, options).await;
                 }
                 // Refused by the agent: the client sees a reset, as from a closed port.
                 Err(_) => drop(stream.set_zero_linger()),
