@@ -11,6 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::budget::HandshakePermit;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
@@ -72,11 +73,7 @@ enum PublicFailure {
 }
 
 /// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
-pub(super) async fn serve_public(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    handshake: OwnedSemaphorePermit,
-) {
+pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
     let tcp = SharedTcp::new(tcp);
