@@ -16,7 +16,7 @@ use super::budget::HandshakePermit;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
-use crate::splice::{splice_tls, SharedTcp, SpliceOptions};
+use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 
 /// Tries at binding a random free raw TCP port before giving up.
 const BIND_TRIES: usize = 64;
@@ -107,9 +107,9 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         return;
     };
     drop(handshake);
-    // Ends with close_notify only after the service's clean end; a reset ends with a
-    // RST, so the client never takes a cut response as whole.
-    let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
+    // Ends with close_notify only after the service's clean end; a reset or an idle
+    // connection ends with a RST, so the client never takes a cut response as whole.
+    let _ = splice_tls(&inner, tls, shared.config.splice_options()).await;
 }
 
 /// Answers a ClientHello for no tunnel with a fatal TLS `unrecognized_name` alert, in
@@ -188,11 +188,12 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let options = shared.config.splice_options();
         shared.tasks.spawn(async move {
             let _permit = permit;
             match route.stack.connect(route.port).await {
                 Ok(inner) => {
-                    let _ = crate::splice::splice_tcp(&inner, stream).await;
+                    let _ = splice_tcp_with(&inner, stream, options).await;
                 }
                 // Refused by the agent: the client sees a reset, as from a closed port.
                 Err(_) => drop(stream.set_zero_linger()),
