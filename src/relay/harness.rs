@@ -1,8 +1,9 @@
 //! The relay's control plane on a virtual clock, with no sockets, after quinn's `Pair`:
 //! the real [`Registry`] and [`Session`] cores, a relay-side and an agent-side
 //! [`Stack`] per agent link, and time that moves only when [`Harness::advance`] says so.
-//! Unit tests and the `relay_session` fuzz target drive it; loopback and TLS tests keep
-//! the sockets.
+//! Unit tests and the `relay_session` fuzz target drive it, with the agent's own
+//! sans-IO control table on the other end of a link ([`Harness::exchange`]); loopback
+//! and TLS tests keep the sockets.
 //!
 //! Raw TCP ports are numbers handed out from [`HarnessConfig::tcp_ports`] without
 //! binding anything, each at most once, so that a run can use them up.
@@ -219,6 +220,20 @@ impl Harness {
     /// Panics unless the registry's tables agree with each other.
     pub fn check(&self) {
         self.registry.check();
+    }
+}
+
+#[cfg(feature = "agent")]
+impl Harness {
+    /// Carries an agent's control plane (the product's sans-IO
+    /// [`Control`](crate::agent::control::Control)) over `link`: its frames to the
+    /// relay and the relay's answers back, until it has nothing left to send.
+    pub fn exchange(&mut self, link: LinkId, agent: &mut crate::agent::control::Control) {
+        while let Some(frame) = agent.poll_transmit() {
+            if let Some(answer) = self.send(link, frame) {
+                agent.handle_frame(answer);
+            }
+        }
     }
 }
 
@@ -454,6 +469,61 @@ mod tests {
         );
         assert!(h.is_open(owner));
         assert_eq!(h.route(&owned.hostname).unwrap().link, Some(owner));
+    }
+
+    /// The agent's control table and the relay's session core, over links lost and
+    /// opened again: the tunnel comes back with its URL inside the grace period, and
+    /// moves to a new one after it.
+    #[test]
+    fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
+        use crate::agent::control::{Control, Event};
+        use crate::agent::ForwardOptions;
+        let mut h = harness();
+        let identity = [5u8; 16];
+        let mut agent = Control::new(Duration::from_secs(10));
+        let link = h.connect(&hello(TOKEN, &identity)).unwrap();
+        let now = h.now().into_std();
+        let bind = |port: u16| Ok::<_, crate::agent::control::BindError>(port);
+        let (id, inner, _) = agent
+            .open(Some(8000), &ForwardOptions::default(), now, bind)
+            .unwrap();
+        h.exchange(link, &mut agent);
+        let granted = agent.answer(id).unwrap().unwrap();
+        assert_eq!(h.route(&granted.hostname).unwrap().link, Some(link));
+        assert_eq!(granted.port, inner);
+
+        // Lost and back within the grace period: the same URL, on the new link.
+        agent.link_lost();
+        h.disconnect(link);
+        h.advance(Duration::from_secs(20));
+        let back = h.connect(&hello(TOKEN, &identity)).unwrap();
+        agent.link_up(h.now().into_std());
+        h.exchange(back, &mut agent);
+        assert_eq!(agent.poll_event(), Some(Event::Restored { port: inner }));
+        assert_eq!(h.route(&granted.hostname).unwrap().link, Some(back));
+
+        // Away past the grace period: a new URL, and the old one routes nowhere.
+        agent.link_lost();
+        h.disconnect(back);
+        h.advance(Duration::from_secs(30));
+        let late = h.connect(&hello(TOKEN, &identity)).unwrap();
+        agent.link_up(h.now().into_std());
+        h.exchange(late, &mut agent);
+        match agent.poll_event() {
+            Some(Event::Moved { port, old, new }) => {
+                assert_eq!((port, &old), (inner, &granted.hostname));
+                assert_eq!(h.route(&new).unwrap().link, Some(late));
+            }
+            other => panic!("expected the tunnel to move, got {other:?}"),
+        }
+        assert_eq!(h.route(&granted.hostname), None);
+
+        // A close from the agent ends the tunnel at the relay.
+        assert!(agent.close(inner, h.now().into_std()));
+        h.exchange(late, &mut agent);
+        assert_eq!(agent.close_outcome(inner).map(|r| r.is_ok()), Some(true));
+        assert_eq!(h.tunnel_count(), 0);
+        h.check();
     }
 
     #[tokio::test]
