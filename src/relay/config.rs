@@ -70,6 +70,13 @@ pub struct RelayConfig {
     /// Authenticated agent sessions at once; an agent beyond it is refused with
     /// `LIMIT_REACHED` (and tries again later).
     pub max_agent_sessions: usize,
+    /// Leases the relay holds at once (the tunnels of agents that present an identity,
+    /// open or kept through the grace period); a `Forward` that would take one more is
+    /// refused with `LIMIT_REACHED`.
+    pub max_leases: usize,
+    /// Leases held under one token at once, so that one token cannot take them all; the
+    /// next `Forward` under it is refused with `LIMIT_REACHED`.
+    pub max_leases_per_token: usize,
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
     pub shutdown_grace: Duration,
@@ -104,6 +111,10 @@ impl RelayConfig {
     pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
     /// Default of [`max_pending_agent_handshakes`](Self::max_pending_agent_handshakes).
     pub const DEFAULT_MAX_PENDING_AGENT_HANDSHAKES: usize = 1024;
+    /// Default of [`max_leases`](Self::max_leases).
+    pub const DEFAULT_MAX_LEASES: usize = 65_536;
+    /// Default of [`max_leases_per_token`](Self::max_leases_per_token).
+    pub const DEFAULT_MAX_LEASES_PER_TOKEN: usize = 4096;
     /// Default of [`max_agent_sessions`](Self::max_agent_sessions).
     pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
@@ -140,6 +151,8 @@ impl RelayConfig {
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
+            max_leases: Self::DEFAULT_MAX_LEASES,
+            max_leases_per_token: Self::DEFAULT_MAX_LEASES_PER_TOKEN,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
@@ -189,6 +202,8 @@ impl RelayConfig {
                 self.max_pending_agent_handshakes,
             ),
             ("max_agent_sessions", self.max_agent_sessions),
+            ("max_leases", self.max_leases),
+            ("max_leases_per_token", self.max_leases_per_token),
         ];
         if let Some((setting, _)) = limits.iter().find(|(_, n)| *n == 0) {
             return Err(ConfigError::Zero { setting });

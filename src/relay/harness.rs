@@ -34,10 +34,15 @@ pub struct HarnessConfig {
     pub lease_grace: Duration,
     /// Raw TCP port numbers to hand out, each once.
     pub tcp_ports: RangeInclusive<u16>,
+    /// Leases the relay holds at once.
+    pub max_leases: usize,
+    /// Leases one token holds at once.
+    pub max_leases_per_token: usize,
 }
 
 impl HarnessConfig {
-    /// One token, the local domain, 4 tunnels per agent, a 30 s grace, 8 TCP ports.
+    /// One token, the local domain, 4 tunnels per agent, a 30 s grace, 8 TCP ports, 64
+    /// leases (32 per token).
     pub fn new(token: Token) -> HarnessConfig {
         HarnessConfig {
             tokens: vec![token],
@@ -46,6 +51,8 @@ impl HarnessConfig {
             max_tunnels_per_agent: 4,
             lease_grace: Duration::from_secs(30),
             tcp_ports: 20_000..=20_007,
+            max_leases: 64,
+            max_leases_per_token: 32,
         }
     }
 }
@@ -93,6 +100,8 @@ impl Harness {
             max_connections_per_tunnel: 16,
             max_connections_per_agent: 64,
             lease_grace: config.lease_grace,
+            max_leases: config.max_leases,
+            max_leases_per_token: config.max_leases_per_token,
             stack: StackConfig::relay(),
         };
         Harness {
@@ -469,6 +478,53 @@ mod tests {
         );
         assert!(h.is_open(owner));
         assert_eq!(h.route(&owned.hostname).unwrap().link, Some(owner));
+    }
+
+    #[test]
+    fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
+        let mut h = harness();
+        let identity = [6u8; 16];
+        let old = h.connect(&hello(TOKEN, &identity)).unwrap();
+        open(&mut h, old, 1, false).unwrap();
+        let new = h.connect(&hello(TOKEN, &identity)).unwrap();
+        for port in 2..=5 {
+            open(&mut h, new, port, false).unwrap();
+        }
+        // At its limit, the new link cannot take the old link's tunnel too.
+        assert_eq!(open(&mut h, new, 1, false), Err(ErrorCode::LIMIT_REACHED));
+        h.check();
+    }
+
+    #[test]
+    fn leases_are_bounded_per_token_and_per_relay_and_come_free_when_they_end() {
+        let mut config = HarnessConfig::new(Token::new(TOKEN));
+        config.tokens.push(Token::new("other"));
+        (config.max_leases_per_token, config.max_leases) = (3, 5);
+        let mut h = Harness::new(config);
+        // Strangers with one token, each a new identity, each a lease left behind.
+        for i in 0..3u8 {
+            let link = h.connect(&hello(TOKEN, &[i; 16])).unwrap();
+            open(&mut h, link, 80, false).unwrap();
+            h.disconnect(link);
+        }
+        let more = h.connect(&hello(TOKEN, &[9; 16])).unwrap();
+        assert_eq!(open(&mut h, more, 80, false), Err(ErrorCode::LIMIT_REACHED));
+        // Another token has leases of its own, up to the relay's limit.
+        let other = h.connect(&hello("other", &[1; 16])).unwrap();
+        open(&mut h, other, 80, false).unwrap();
+        open(&mut h, other, 81, false).unwrap();
+        assert_eq!(
+            open(&mut h, other, 82, false),
+            Err(ErrorCode::LIMIT_REACHED)
+        );
+        // An agent without an identity takes no lease.
+        let plain = h.connect(&hello(TOKEN, &[])).unwrap();
+        open(&mut h, plain, 80, false).unwrap();
+        h.check();
+        // Once the strangers' leases run out, the token may lease again.
+        h.advance(Duration::from_secs(30));
+        open(&mut h, more, 80, false).unwrap();
+        h.check();
     }
 
     /// The agent's control table and the relay's session core, over links lost and

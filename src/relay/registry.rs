@@ -113,6 +113,8 @@ pub(crate) struct Registry {
     tunnels: HashMap<String, Tunnel>,
     /// Leased tunnels' hostnames by agent and port.
     leases: HashMap<(AgentKey, u16), String>,
+    /// Leases held under each token (by index): at most `max_leases_per_token`.
+    leases_per_token: HashMap<usize, usize>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// The newest session of each agent identity.
     identities: HashMap<AgentKey, SessionId>,
@@ -129,6 +131,8 @@ pub(crate) struct Registry {
     max_connections_per_tunnel: usize,
     max_connections_per_agent: usize,
     lease_grace: std::time::Duration,
+    max_leases: usize,
+    max_leases_per_token: usize,
 }
 
 /// What a registry takes from its relay's settings.
@@ -142,6 +146,8 @@ pub(crate) struct Settings {
     pub(crate) max_connections_per_tunnel: usize,
     pub(crate) max_connections_per_agent: usize,
     pub(crate) lease_grace: std::time::Duration,
+    pub(crate) max_leases: usize,
+    pub(crate) max_leases_per_token: usize,
     /// Settings of the closed stack that routes of away agents lead to.
     pub(crate) stack: crate::netstack::StackConfig,
 }
@@ -156,6 +162,8 @@ impl Settings {
             max_connections_per_tunnel: config.max_connections_per_tunnel,
             max_connections_per_agent: config.max_connections_per_agent,
             lease_grace: config.lease_grace,
+            max_leases: config.max_leases,
+            max_leases_per_token: config.max_leases_per_token,
             stack: config.stack.clone(),
         }
     }
@@ -174,6 +182,7 @@ impl Registry {
         Registry {
             tunnels: HashMap::new(),
             leases: HashMap::new(),
+            leases_per_token: HashMap::new(),
             sessions: HashMap::new(),
             identities: HashMap::new(),
             next_session: 1,
@@ -186,6 +195,8 @@ impl Registry {
             max_connections_per_tunnel: settings.max_connections_per_tunnel,
             max_connections_per_agent: settings.max_connections_per_agent,
             lease_grace: settings.lease_grace,
+            max_leases: settings.max_leases,
+            max_leases_per_token: settings.max_leases_per_token,
         }
     }
 
@@ -338,9 +349,10 @@ impl Registry {
         };
         self.tunnels.insert(hostname.clone(), tunnel);
         if let Some(key) = agent {
-            if let Some(stale) = self.leases.insert((key, request.port), hostname.clone()) {
-                self.tunnels.remove(&stale);
+            if let Some(stale) = self.leases.get(&(key, request.port)).cloned() {
+                self.end_tunnel(&stale);
             }
+            self.insert_lease((key, request.port), hostname.clone());
             self.leases_changed = true;
         }
         if let Some(entry) = self.sessions.get_mut(&id) {
@@ -376,7 +388,7 @@ impl Registry {
         if let Some(key) = tunnel.lease {
             let index = (key, tunnel.port);
             if self.leases.get(&index).is_some_and(|h| h == hostname) {
-                self.leases.remove(&index);
+                self.remove_lease(&index);
                 self.leases_changed = true;
             }
         }
@@ -407,9 +419,44 @@ impl Registry {
             .min()
     }
 
+    /// Why `agent` may not take one more lease now: the setting at its limit, and the
+    /// limit.
+    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(&'static str, usize)> {
+        if self.leases.len() >= self.max_leases {
+            return Some(("max_leases", self.max_leases));
+        }
+        let held = self.leases_per_token.get(&agent.1).copied().unwrap_or(0);
+        (held >= self.max_leases_per_token)
+            .then_some(("max_leases_per_token", self.max_leases_per_token))
+    }
+
+    fn insert_lease(&mut self, key: (AgentKey, u16), hostname: String) {
+        if self.leases.insert(key, hostname).is_none() {
+            *self.leases_per_token.entry(key.0 .1).or_default() += 1;
+        }
+    }
+
+    fn remove_lease(&mut self, key: &(AgentKey, u16)) {
+        if self.leases.remove(key).is_some() {
+            let token = key.0 .1;
+            if let Some(held) = self.leases_per_token.get_mut(&token) {
+                *held -= 1;
+                if *held == 0 {
+                    self.leases_per_token.remove(&token);
+                }
+            }
+        }
+    }
+
     /// Takes over a lease a previous run saved: its hostname routes to nobody and its
-    /// TCP port stays held until its agent comes back, or until `until`.
+    /// TCP port stays held until its agent comes back, or until `until`. Leases beyond
+    /// the limits are dropped.
     pub(crate) fn restore(&mut self, record: LeaseRecord, tcp: Option<TcpPort>, until: Instant) {
+        if self.lease_limit(record.agent).is_some()
+            || self.leases.contains_key(&(record.agent, record.port))
+        {
+            return;
+        }
         let LeaseRecord {
             agent,
             port,
@@ -428,7 +475,7 @@ impl Registry {
             connections: semaphore(self.max_connections_per_tunnel),
         };
         self.tunnels.insert(hostname.clone(), tunnel);
-        self.leases.insert((agent, port), hostname);
+        self.insert_lease((agent, port), hostname);
     }
 
     /// Ends every lease (a stopped relay holds nothing for agents that may come back),
@@ -436,6 +483,7 @@ impl Registry {
     pub(crate) fn drop_leases(&mut self) {
         self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
         self.leases.clear();
+        self.leases_per_token.clear();
     }
 
     /// Whether the leases changed since the last call.
@@ -493,9 +541,10 @@ impl Registry {
 
 #[cfg(any(test, feature = "harness"))]
 impl Registry {
-    /// Panics unless the tables agree: every index points at the tunnel it names, every
-    /// tunnel a session serves is in that session's ports, and a tunnel nobody serves is
-    /// leased.
+    /// Panics unless the tables agree and keep their bounds: every index points at the
+    /// tunnel it names, every tunnel a session serves is in that session's ports, a
+    /// tunnel nobody serves is leased, the lease counts are right and within their
+    /// limits, and no session holds more tunnels than allowed.
     pub(crate) fn check(&self) {
         for (hostname, tunnel) in &self.tunnels {
             match tunnel.owner {

@@ -194,14 +194,7 @@ impl Session {
                 format!("port {port} is already forwarded"),
             );
         }
-        if let Some(agent) = self.agent {
-            if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
-                return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
-            }
-        }
-        if !registry.accepting() {
-            return Step::Answer(Answer::shutting_down(id));
-        }
+        // A tunnel taken back counts against the limit like a new one.
         if registry.at_tunnel_limit(self.id) {
             let max = registry.max_tunnels_per_agent();
             let mut answer = Answer::error(
@@ -211,6 +204,17 @@ impl Session {
             );
             answer.refused = Some("max_tunnels_per_agent");
             return Step::Answer(answer);
+        }
+        if let Some(agent) = self.agent {
+            if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
+                return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
+            }
+        }
+        if !registry.accepting() {
+            return Step::Answer(Answer::shutting_down(id));
+        }
+        if let Some(refusal) = self.lease_refusal(registry, id) {
+            return Step::Answer(refusal);
         }
         let hostname = registry.fresh_hostname();
         if request.unencrypted {
@@ -228,6 +232,10 @@ impl Session {
         tcp: Result<TcpPort, Unbound>,
     ) -> Answer {
         let PendingTunnel { request, hostname } = pending;
+        // Other sessions may have taken leases while the port was being bound.
+        if let Some(refusal) = self.lease_refusal(registry, request.request_id) {
+            return refusal;
+        }
         match tcp {
             Ok(tcp) => {
                 let forwarded = registry.open(self.id, self.agent, &request, hostname, Some(tcp));
@@ -244,6 +252,18 @@ impl Session {
             }
             Err(Unbound::ShuttingDown) => Answer::shutting_down(request.request_id),
         }
+    }
+
+    /// The refusal of a new tunnel that would take a lease over its limits, if any.
+    fn lease_refusal(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
+        let (setting, max) = registry.lease_limit(self.agent?)?;
+        let mut answer = Answer::error(
+            request_id,
+            ErrorCode::LIMIT_REACHED,
+            format!("the relay holds its maximum of {max} leases ({setting})"),
+        );
+        answer.refused = Some(setting);
+        Some(answer)
     }
 
     /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].
