@@ -104,8 +104,8 @@ struct RelayArgs {
     /// closed (TLS) or reset (raw TCP).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_AGENT, value_parser = parse_limit)]
     max_connections_per_agent: usize,
-    /// TLS handshakes in progress at once, public and agent together (an agent's lasts
-    /// until its hello is answered); connections beyond it are closed at once.
+    /// Public TLS handshakes in progress at once (one address may hold half); more
+    /// are closed at once. Agents' handshakes have a pool of their own, as large.
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_limit)]
     max_pending_handshakes: usize,
     /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
@@ -281,6 +281,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.max_connections_per_tunnel = args.max_connections_per_tunnel;
     config.max_connections_per_agent = args.max_connections_per_agent;
     config.max_pending_handshakes = args.max_pending_handshakes;
+    config.max_pending_agent_handshakes = args.max_pending_handshakes;
     config.max_agent_sessions = args.max_agent_sessions;
     config.max_leases_per_token = args.max_leases_per_token;
     config.max_leases = args.max_leases;

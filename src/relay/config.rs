@@ -55,11 +55,17 @@ pub struct RelayConfig {
     /// Public connections all tunnels of one agent session may have open at once; the
     /// next one is closed (TLS) or reset (raw TCP).
     pub max_connections_per_agent: usize,
-    /// TLS handshakes in progress on the public port and the agent port together (an
-    /// agent's lasts until its hello is answered), and streams given to
-    /// [`RelayHandle::serve_agent_stream`] until their hello is answered; a connection
-    /// or stream beyond it is closed as soon as it is accepted.
+    /// TLS handshakes in progress on the public port, of which one source address (an
+    /// IPv4 address or an IPv6 /64) may hold half, rounded up; a connection beyond
+    /// either is closed as soon as it is accepted.
     pub max_pending_handshakes: usize,
+    /// Handshakes in progress on the agent port (TLS and hello: until the hello is
+    /// answered) and streams given to [`RelayHandle::serve_agent_stream`] until their
+    /// hello is answered, of which one source address may hold half, rounded up; a
+    /// connection or stream beyond either is closed as soon as it is accepted. Apart
+    /// from [`max_pending_handshakes`](Self::max_pending_handshakes), so that a flood
+    /// of the public port cannot keep agents out.
+    pub max_pending_agent_handshakes: usize,
     /// Authenticated agent sessions at once; an agent beyond it is refused with
     /// `LIMIT_REACHED` (and tries again later).
     pub max_agent_sessions: usize,
@@ -100,6 +106,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 10_000;
     /// Default of [`max_pending_handshakes`](Self::max_pending_handshakes).
     pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+    /// Default of [`max_pending_agent_handshakes`](Self::max_pending_agent_handshakes).
+    pub const DEFAULT_MAX_PENDING_AGENT_HANDSHAKES: usize = 1024;
     /// Default of [`max_agent_sessions`](Self::max_agent_sessions).
     pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
     /// Default of [`max_leases_per_token`](Self::max_leases_per_token).
@@ -136,6 +144,7 @@ impl RelayConfig {
             max_connections_per_tunnel: Self::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL,
             max_connections_per_agent: Self::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
             max_leases_per_token: Self::DEFAULT_MAX_LEASES_PER_TOKEN,
             max_leases: Self::DEFAULT_MAX_LEASES,

@@ -6,15 +6,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::budget::HandshakePermit;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
+use crate::splice::{splice_tls, SharedTcp, SpliceOptions};
 
 /// Tries at binding a random free raw TCP port before giving up.
 const BIND_TRIES: usize = 64;
@@ -72,13 +73,10 @@ enum PublicFailure {
 }
 
 /// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
-pub(super) async fn serve_public(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    handshake: OwnedSemaphorePermit,
-) {
+pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
+    let tcp = SharedTcp::new(tcp);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
         counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -115,7 +113,7 @@ pub(super) async fn serve_public(
             .await
             .map_err(|_| PublicFailure::Inner)
     };
-    let (mut tls, inner) = match tokio::try_join!(tls, inner) {
+    let (tls, inner) = match tokio::try_join!(tls, inner) {
         Ok(both) => both,
         Err(PublicFailure::Tls) => {
             counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
@@ -124,9 +122,9 @@ pub(super) async fn serve_public(
         Err(PublicFailure::Inner) => return,
     };
     drop(handshake);
-    let _ = crate::splice::splice(&inner, &mut tls).await;
-    // A client that reads nothing cannot hold the connection open.
-    let _ = timeout(shared.config.handshake_timeout, tls.shutdown()).await;
+    // Ends with close_notify only after the service's clean end; a reset ends with a
+    // RST, so the client never takes a cut response as whole.
+    let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
 }
 
 /// Binds a random free port of the configured range for the tunnel `hostname` and

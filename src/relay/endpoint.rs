@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::{timeout_at, Instant};
 
+use super::budget::HandshakePermit;
 use super::edge::bind_tunnel_port;
 use super::registry::AgentKey;
 use super::session::{admit, Counted, Session, Step};
@@ -20,11 +21,7 @@ use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VER
 
 /// One connection to the agent endpoint: its TLS handshake, then its link as
 /// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
-pub(super) async fn serve_agent(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    handshake: OwnedSemaphorePermit,
-) {
+pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let Ok(Ok(tls)) = timeout_at(deadline, shared.agent_tls.accept(tcp)).await else {
         shared.count_failed_handshake();
@@ -38,7 +35,7 @@ pub(super) async fn serve_agent(
 pub(super) async fn serve_agent_link<S>(
     shared: Arc<Shared>,
     stream: S,
-    handshake: OwnedSemaphorePermit,
+    handshake: HandshakePermit,
     deadline: Instant,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,

@@ -27,7 +27,8 @@
 //!
 //! | limit | counts | at the limit |
 //! |---|---|---|
-//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | TLS handshakes in progress, public and agent (an agent's until its hello is answered), and agent streams waiting for their hello | the new TCP connection or stream is closed |
+//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | public TLS handshakes in progress; one source address (IPv4, or IPv6 /64) may hold half | the new TCP connection is closed |
+//! | [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes) | agents' handshakes in progress (until the hello is answered) and agent streams waiting for their hello; one source address may hold half | the new TCP connection or stream is closed |
 //! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
 //! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
@@ -57,6 +58,7 @@
 //! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
 //! connection.
 
+mod budget;
 mod config;
 mod edge;
 mod endpoint;
@@ -75,7 +77,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
@@ -84,6 +86,7 @@ pub use config::{RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
 use crate::netstack::{lock, StackStats};
+use budget::{HandshakeBudget, HandshakePermit};
 use registry::{semaphore, Registry, Route};
 use tasks::TaskSet;
 
@@ -132,8 +135,12 @@ struct Shared {
     lease_writer: Option<leases::Writer>,
     /// Wakes the lease expiry task when a lease may have a new deadline.
     lease_expiry: Arc<Notify>,
-    /// Permits for handshakes in progress ([`RelayConfig::max_pending_handshakes`]).
-    handshakes: Arc<Semaphore>,
+    /// Places for public TLS handshakes in progress
+    /// ([`RelayConfig::max_pending_handshakes`]).
+    public_handshakes: HandshakeBudget,
+    /// Places for agents' handshakes in progress
+    /// ([`RelayConfig::max_pending_agent_handshakes`]).
+    agent_handshakes: HandshakeBudget,
     /// Permits for authenticated sessions ([`RelayConfig::max_agent_sessions`]).
     session_slots: Arc<Semaphore>,
     /// Public connections admitted and not yet ended.
@@ -198,7 +205,8 @@ impl Relay {
                 ))),
                 lease_writer,
                 lease_expiry: Arc::new(Notify::new()),
-                handshakes: semaphore(config.max_pending_handshakes),
+                public_handshakes: HandshakeBudget::new(config.max_pending_handshakes),
+                agent_handshakes: HandshakeBudget::new(config.max_pending_agent_handshakes),
                 session_slots: semaphore(config.max_agent_sessions),
                 public_connections: AtomicUsize::new(0),
                 counters: Counters::default(),
@@ -280,8 +288,8 @@ impl Relay {
         };
         // Each loop returns, dropping (closing) its listener, once the relay drains.
         tokio::join!(
-            accept_loop(agents, shared.clone(), endpoint::serve_agent),
-            accept_loop(public, shared.clone(), edge::serve_public),
+            accept_loop(agents, shared.clone(), Pool::Agents, endpoint::serve_agent),
+            accept_loop(public, shared.clone(), Pool::Public, edge::serve_public),
             signal,
         );
         let grace = shared.config.shutdown_grace;
@@ -328,8 +336,8 @@ impl RelayHandle {
     /// TLS handshake. The same hello deadline, token check and limits apply: the
     /// [`handshake_timeout`](RelayConfig::handshake_timeout) runs from the first poll,
     /// and until its hello is answered the stream takes a place in
-    /// [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) (beyond it, the
-    /// stream is closed at once).
+    /// [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes)
+    /// (beyond it, the stream is closed at once).
     ///
     /// The future ends when the link does, or when the relay stops; dropping it ends
     /// the session.
@@ -339,8 +347,8 @@ impl RelayHandle {
     {
         let shared = self.shared.clone();
         async move {
-            let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
-                shared.count_refusal("max_pending_handshakes");
+            let Some(handshake) = shared.agent_handshakes.try_acquire(None) else {
+                shared.count_refusal("max_pending_agent_handshakes");
                 return;
             };
             let deadline = Instant::now() + shared.config.handshake_timeout;
@@ -363,24 +371,37 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Which handshake places a listener's connections take.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// [`RelayConfig::max_pending_agent_handshakes`].
+    Agents,
+    /// [`RelayConfig::max_pending_handshakes`].
+    Public,
+}
+
 /// Accepts connections until the relay drains, each served by its own task once it
-/// has a handshake permit; a connection beyond [`RelayConfig::max_pending_handshakes`]
-/// is closed at once.
-async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, serve: F)
+/// has a handshake place in `pool`; a connection beyond the pool, or beyond its source
+/// address's share of it, is closed at once.
+async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, pool: Pool, serve: F)
 where
-    F: Fn(Arc<Shared>, TcpStream, OwnedSemaphorePermit) -> Fut,
+    F: Fn(Arc<Shared>, TcpStream, HandshakePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut phase = shared.phase.subscribe();
+    let (budget, limit) = match pool {
+        Pool::Agents => (&shared.agent_handshakes, "max_pending_agent_handshakes"),
+        Pool::Public => (&shared.public_handshakes, "max_pending_handshakes"),
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-                    shared.count_refusal("max_pending_handshakes");
+            Ok((stream, from)) => {
+                let Some(permit) = budget.try_acquire(Some(from.ip())) else {
+                    shared.count_refusal(limit);
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
@@ -508,13 +529,9 @@ impl Shared {
         }
     }
 
-    /// Handshakes holding a permit now.
+    /// Handshakes holding a place now, public and agent.
     fn pending_handshakes(&self) -> usize {
-        let max = self
-            .config
-            .max_pending_handshakes
-            .min(Semaphore::MAX_PERMITS);
-        max.saturating_sub(self.handshakes.available_permits())
+        self.public_handshakes.in_use() + self.agent_handshakes.in_use()
     }
 
     /// Counts a refusal at the limit named by its setting.
