@@ -10,6 +10,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpCidr, Ipv4Address};
 
+use super::clock::Clock;
 use super::device::FlowDevice;
 use super::queue::PacketQueue;
 use super::{lock, StackConfig, MAX_SOCKET_BUFFER};
@@ -101,6 +102,8 @@ pub(crate) struct FlowState {
     sockets: SocketSet<'static>,
     handle: SocketHandle,
     mtu: usize,
+    /// The stack's clock, to turn smoltcp's deadlines into tokio ones.
+    pub(crate) clock: Clock,
     /// The peer reset the connection (as opposed to closing it).
     pub(crate) reset_by_peer: bool,
     reader: Option<Waker>,
@@ -117,14 +120,14 @@ impl Flow {
         config: &StackConfig,
         key: FlowKey,
         seed: u64,
-        now: Instant,
+        clock: Clock,
         outbound: &PacketQueue,
         open: impl FnOnce(&mut tcp::Socket, &mut Interface) -> Result<(), FlowOpenError>,
     ) -> Result<Flow, FlowOpenError> {
         let mut device = FlowDevice::new(None, outbound, config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = seed;
-        let mut iface = Interface::new(iface_config, &mut device, now);
+        let mut iface = Interface::new(iface_config, &mut device, clock.now());
         iface.update_ip_addrs(|addrs| {
             // One address fits in the interface's fixed-size list.
             let _ = addrs.push(IpCidr::new(config.local_addr.into(), 32));
@@ -146,6 +149,7 @@ impl Flow {
                 sockets,
                 handle,
                 mtu: config.mtu,
+                clock,
                 reset_by_peer: false,
                 reader: None,
                 writer: None,

@@ -23,6 +23,7 @@
 //! `outbound_queue_bytes`; each listener queues at most `accept_backlog` connections
 //! not yet accepted, and SYNs beyond that are refused with a RST.
 
+mod clock;
 mod device;
 mod flow;
 pub mod queue;
@@ -47,6 +48,7 @@ pub use smoltcp::wire::Ipv4Address;
 pub(crate) use stream::FlowTimer;
 pub use stream::{InnerStream, Listener, ListenerStopper, PendingConnection};
 
+use clock::Clock;
 use device::FlowDevice;
 use flow::{Flow, FlowKey, FlowOpenError, PacketInfo, Unclassified};
 
@@ -251,6 +253,7 @@ struct Shared {
     /// Answers SYNs that no listener takes with a RST; holds no sockets.
     refuser: Mutex<Interface>,
     counters: Counters,
+    clock: Clock,
 }
 
 struct FlowTable {
@@ -273,13 +276,11 @@ impl fmt::Debug for Stack {
 impl Stack {
     /// Creates a stack with the given settings.
     pub fn new(config: StackConfig) -> Stack {
+        let clock = Clock::new();
         let outbound = PacketQueue::new(config.outbound_queue_bytes);
         let mut device = FlowDevice::new(None, &outbound, config.mtu);
-        let mut refuser = Interface::new(
-            Config::new(HardwareAddress::Ip),
-            &mut device,
-            Instant::now(),
-        );
+        let mut refuser =
+            Interface::new(Config::new(HardwareAddress::Ip), &mut device, clock.now());
         refuser.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(config.local_addr.into(), 32));
         });
@@ -294,6 +295,7 @@ impl Stack {
                 outbound,
                 refuser: Mutex::new(refuser),
                 counters: Counters::default(),
+                clock,
                 config,
             }),
         }
@@ -302,6 +304,11 @@ impl Stack {
     /// This stack's settings.
     pub fn config(&self) -> &StackConfig {
         &self.shared.config
+    }
+
+    /// The stack's current time on its clock (see [`clock`]).
+    pub(crate) fn now(&self) -> Instant {
+        self.shared.clock.now()
     }
 
     /// The queue of packets this stack sends to its peer; the link writer drains it.
@@ -330,7 +337,7 @@ impl Stack {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Dropped::WrongAddress);
         }
-        let now = Instant::now();
+        let now = self.now();
         let flow = {
             let table = lock(&self.shared.flows);
             if table.closed {
@@ -369,7 +376,7 @@ impl Stack {
             &self.shared.config,
             info.key,
             rand::random(),
-            now,
+            self.shared.clock,
             &self.shared.outbound,
             |socket, _| {
                 socket.listen(port).map_err(|_| FlowOpenError)?;
@@ -436,7 +443,7 @@ impl Stack {
 
     /// Opens a connection to `port` on the peer stack and waits for the handshake.
     pub async fn connect(&self, port: u16) -> Result<InnerStream, ConnectError> {
-        let now = Instant::now();
+        let now = self.now();
         let flow = {
             let mut table = lock(&self.shared.flows);
             if table.closed {
@@ -452,7 +459,7 @@ impl Stack {
                 &self.shared.config,
                 key,
                 rand::random(),
-                now,
+                self.shared.clock,
                 &self.shared.outbound,
                 |socket, iface| {
                     socket
@@ -608,7 +615,8 @@ impl Wake for EgressRetry {
         let stack = Stack { shared };
         let mut state = flow.lock();
         state.retry_fired();
-        stack.egress(&flow, &mut state, Instant::now());
+        let now = stack.now();
+        stack.egress(&flow, &mut state, now);
         // Whoever drives the flow may be waiting for its packets to leave.
         state.wake_all();
     }
