@@ -39,8 +39,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The TLS handshake with the relay failed (for example, its certificate is not
-    /// trusted: set `PORTFERRY_RELAY_CA`).
+    /// The TLS handshake with the relay failed: its certificate is not trusted (set
+    /// `PORTFERRY_RELAY_CA`), or the address is not the relay's agent endpoint (for
+    /// example its public port); the message says which.
     RelayTls {
         /// The relay address.
         relay: String,
@@ -78,15 +79,23 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::InvalidPort { given } => {
-                write!(f, "invalid port {given:?}: a port must be a number from 1 to 65535")
+                write!(
+                    f,
+                    "invalid port {given:?}: a port must be a number from 1 to 65535"
+                )
             }
             Error::PortAlreadyForwarded(port) => {
-                write!(f, "port {port} is already forwarded; close its tunnel before forwarding it again")
+                write!(
+                    f,
+                    "port {port} is already forwarded; close its tunnel before forwarding it again"
+                )
             }
-            Error::H2RequiresTls => f.write_str("HTTP/2 needs TLS: h2 cannot be combined with unencrypted"),
-            Error::NotUnencrypted => {
-                f.write_str("this tunnel has no TCP socket: forward the port with unencrypted to get one")
+            Error::H2RequiresTls => {
+                f.write_str("HTTP/2 needs TLS: h2 cannot be combined with unencrypted")
             }
+            Error::NotUnencrypted => f.write_str(
+                "this tunnel has no TCP socket: forward the port with unencrypted to get one",
+            ),
             Error::NotConfigured { missing } => write!(
                 f,
                 "no relay configured: set {} (as printed by `portferry relay`)",
@@ -98,11 +107,17 @@ impl fmt::Display for Error {
             }
             Error::RelayTls { relay, source } => write!(
                 f,
-                "TLS with the relay at {relay} failed: {source}; if the relay uses its own CA, set PORTFERRY_RELAY_CA"
+                "TLS with the relay at {relay} failed: {source}{}",
+                tls_hint(source)
             ),
-            Error::Unauthorized => f.write_str("the relay refused the agent token: check PORTFERRY_TOKEN"),
+            Error::Unauthorized => {
+                f.write_str("the relay refused the agent token: check PORTFERRY_TOKEN")
+            }
             Error::VersionMismatch { message } => {
-                write!(f, "the relay speaks another protocol version ({message}): upgrade the older side")
+                write!(
+                    f,
+                    "the relay speaks another protocol version ({message}): upgrade the older side"
+                )
             }
             Error::Refused { code, message } => write!(f, "the relay refused: {message} ({code})"),
             Error::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
@@ -116,9 +131,11 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::RelayTls { source, .. } => Some(source),
-            Error::Tls(e) => Some(e),
-            Error::Io(e) => Some(e),
+            // These messages already include their source's: skip it, so that a
+            // report of the chain does not repeat it.
+            Error::RelayTls { source, .. } => source.source(),
+            Error::Tls(e) => e.source(),
+            Error::Io(e) => e.source(),
             _ => None,
         }
     }
@@ -133,6 +150,26 @@ impl From<io::Error> for Error {
 impl From<crate::tls::TlsError> for Error {
     fn from(e: crate::tls::TlsError) -> Self {
         Error::Tls(e)
+    }
+}
+
+/// What to do about a failed TLS handshake with the relay, as a clause to append.
+fn tls_hint(source: &io::Error) -> &'static str {
+    let rustls = source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls {
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            "; if the relay uses its own CA, set PORTFERRY_RELAY_CA to its CA file"
+        }
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName)) => {
+            "; is PORTFERRY_RELAY the relay's agent endpoint? This looks like its public port"
+        }
+        _ if source.kind() == io::ErrorKind::UnexpectedEof => {
+            "; the relay closed the handshake: is PORTFERRY_RELAY the relay's agent endpoint? \
+             A relay's public port does this"
+        }
+        _ => "",
     }
 }
 

@@ -34,6 +34,7 @@ pub mod link;
 pub mod netstack;
 pub mod relay;
 pub mod splice;
+pub mod state_dir;
 pub mod tls;
 pub mod token;
 pub mod wire;

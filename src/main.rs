@@ -1,8 +1,10 @@
 //! The `portferry` command: `relay`, `forward` and `demo`. Thin: parses flags, sets up
 //! logging, and calls the library.
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -28,10 +30,12 @@ enum Command {
     /// and token kept in the state directory; prints the environment an agent needs.
     Relay(Box<RelayArgs>),
     /// Forward a local port through the relay named by PORTFERRY_RELAY / PORTFERRY_TOKEN
-    /// / PORTFERRY_RELAY_CA; runs until Ctrl-C.
+    /// / PORTFERRY_RELAY_CA; runs until Ctrl-C or SIGTERM, then closes the tunnel (a
+    /// second signal exits at once, with status 130). Exits with status 1 if the relay
+    /// refuses the agent when it reconnects.
     Forward(ForwardArgs),
     /// Run a relay, an agent and a small HTTP service in one process, and print the URL
-    /// and a curl command that fetches it; runs until Ctrl-C.
+    /// and a curl command that fetches it; runs until Ctrl-C or SIGTERM.
     Demo(StateArgs),
 }
 
@@ -100,8 +104,8 @@ struct RelayArgs {
     /// closed (TLS) or reset (raw TCP).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_AGENT, value_parser = parse_limit)]
     max_connections_per_agent: usize,
-    /// TLS handshakes in progress at once, public and agent together (an agent's lasts
-    /// until its hello is answered); connections beyond it are closed at once.
+    /// Public TLS handshakes in progress at once (one address may hold half); more
+    /// are closed at once. Agents' handshakes have a pool of their own, as large.
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_limit)]
     max_pending_handshakes: usize,
     /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
@@ -132,9 +136,18 @@ struct ForwardArgs {
     /// prior knowledge.
     #[arg(long, conflicts_with = "unencrypted")]
     h2: bool,
-    /// Where the service listens, if not 127.0.0.1:PORT.
-    #[arg(long)]
-    to: Option<SocketAddr>,
+    /// Where the service listens, HOST:PORT (e.g. localhost:8000, 10.1.2.3:80,
+    /// [::1]:8000), if not 127.0.0.1:PORT (then [::1]:PORT).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+    to: Option<String>,
+}
+
+/// Checks `HOST:PORT` (the host is resolved when forwarding starts).
+fn parse_host_port(text: &str) -> Result<String, String> {
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => parse_port(port).map(|_| text.to_owned()),
+        _ => Err(format!("{text:?} is not HOST:PORT, e.g. localhost:8000")),
+    }
 }
 
 fn parse_port(text: &str) -> Result<u16, String> {
@@ -169,7 +182,7 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
     tracing_subscriber::fmt()
@@ -178,12 +191,34 @@ async fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match cli.command {
+    let result = match cli.command {
         Command::Relay(args) => relay(*args).await,
         Command::Forward(args) => forward(args).await,
         Command::Demo(args) => demo(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{}", report(&error));
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// An error and its causes, for people: no backtrace (that is for `RUST_LOG` and
+/// debuggers), and a cause whose text the line above already includes is not repeated.
+fn report(error: &anyhow::Error) -> String {
+    let mut text = format!("error: {error}");
+    let mut above = error.to_string();
+    for cause in error.chain().skip(1).map(ToString::to_string) {
+        if !above.contains(&cause) {
+            text += &format!("\n  caused by: {cause}");
+        }
+        above = cause;
+    }
+    text
 }
 
 /// The state directory: the flag, else `$XDG_STATE_HOME/portferry`, else
@@ -239,6 +274,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.max_connections_per_tunnel = args.max_connections_per_tunnel;
     config.max_connections_per_agent = args.max_connections_per_agent;
     config.max_pending_handshakes = args.max_pending_handshakes;
+    config.max_pending_agent_handshakes = args.max_pending_handshakes;
     config.max_agent_sessions = args.max_agent_sessions;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
     config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
@@ -254,18 +290,18 @@ async fn relay(args: RelayArgs) -> Result<()> {
     } else {
         args.domain.clone()
     };
-    let mut ready = "relay ready. In the container, set:\n".to_string();
+    let mut ready = "relay ready. In the container, run:\n".to_string();
     ready += &format!(
-        "PORTFERRY_RELAY={agent_host}:{}\n",
+        "export PORTFERRY_RELAY={agent_host}:{}\n",
         relay.agent_addr().port()
     );
     if args.tokens_file.is_none() && args.tokens.is_empty() {
-        ready += &format!("PORTFERRY_TOKEN={}\n", tokens[0].expose());
+        ready += &format!("export PORTFERRY_TOKEN={}\n", tokens[0].expose());
     } else {
-        ready += "PORTFERRY_TOKEN=<one of the configured tokens>\n";
+        ready += "# and export PORTFERRY_TOKEN=<one of the configured tokens>\n";
     }
     if let Some(ca) = ca_path {
-        ready += &format!("PORTFERRY_RELAY_CA={}\n", ca.display());
+        ready += &format!("export PORTFERRY_RELAY_CA={}\n", ca.display());
     }
     say(&ready);
     let handle = relay.handle();
@@ -310,6 +346,34 @@ impl ShutdownSignals {
         Ok(ShutdownSignals {})
     }
 
+    /// Runs `work` unless a Ctrl-C or SIGTERM comes first (`None` then).
+    async fn unless<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            done = work => Some(done),
+            () = self.next() => None,
+        }
+    }
+
+    /// After the first signal: runs `closing` for at most [`CLOSE_WAIT`]; a second
+    /// signal exits the process at once, with status 130.
+    async fn closing(
+        &mut self,
+        closing: impl std::future::Future<Output = Result<(), portferry::Error>>,
+    ) {
+        tracing::info!("closing the tunnel; Ctrl-C again to exit at once");
+        match self.unless(tokio::time::timeout(CLOSE_WAIT, closing)).await {
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(e))) => tracing::warn!(error = %e, "could not close the tunnel cleanly"),
+            Some(Err(_)) => tracing::warn!(
+                "the relay did not confirm the close within {CLOSE_WAIT:?}; exiting (its lease runs out)"
+            ),
+            None => {
+                tracing::warn!("exiting at once");
+                std::process::exit(130);
+            }
+        }
+    }
+
     /// Waits for the next Ctrl-C or SIGTERM.
     async fn next(&mut self) {
         #[cfg(unix)]
@@ -349,24 +413,55 @@ fn describe(tunnel: &Tunnel) -> String {
     text
 }
 
+/// How long a stopping `forward` or `demo` waits for the relay to confirm the close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// The address `--to HOST:PORT` stands for, IPv4 first.
+async fn resolve_target(to: &str) -> Result<SocketAddr> {
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(to)
+        .await
+        .with_context(|| format!("cannot resolve --to {to}"))?
+        .collect();
+    addrs.sort_by_key(SocketAddr::is_ipv6);
+    addrs
+        .first()
+        .copied()
+        .with_context(|| format!("--to {to} resolves to no address"))
+}
+
 async fn forward(args: ForwardArgs) -> Result<()> {
-    let agent = Agent::connect(AgentConfig::from_env()?).await?;
+    let mut signals = ShutdownSignals::new()?;
+    let config = AgentConfig::from_env()?;
+    let local_addr = match &args.to {
+        Some(to) => Some(resolve_target(to).await?),
+        None => None,
+    };
+    let Some(agent) = signals.unless(Agent::connect(config)).await else {
+        return Ok(());
+    };
+    let agent = agent?;
     let options = ForwardOptions {
         unencrypted: args.unencrypted,
         h2: args.h2,
-        local_addr: args.to,
+        local_addr,
     };
-    let tunnel = agent.forward_with(args.port, options).await?;
+    let Some(tunnel) = signals.unless(agent.forward_with(args.port, options)).await else {
+        return Ok(());
+    };
+    let tunnel = tunnel?;
     say(&format!(
         "{}forwarding; Ctrl-C to stop\n",
         describe(&tunnel)
     ));
-    tokio::signal::ctrl_c().await?;
-    tunnel.close().await?;
+    if let Some(reason) = signals.unless(agent.gave_up()).await {
+        bail!("{reason}; the relay refuses this agent, so the tunnel is gone");
+    }
+    signals.closing(tunnel.close()).await;
     Ok(())
 }
 
 async fn demo(args: StateArgs) -> Result<()> {
+    let mut signals = ShutdownSignals::new()?;
     let state = state_dir(&args);
     let pki = portferry::tls::local_pki(&state, portferry::relay::LOCAL_DOMAIN)?;
     let token = Token::generate();
@@ -386,7 +481,7 @@ async fn demo(args: StateArgs) -> Result<()> {
         pki.ca_cert_path.display(),
         tunnel.url()
     ));
-    tokio::signal::ctrl_c().await?;
-    tunnel.close().await?;
+    signals.next().await;
+    signals.closing(tunnel.close()).await;
     Ok(())
 }

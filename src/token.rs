@@ -4,6 +4,11 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 
+use crate::state_dir::StateDir;
+
+/// File name of the generated token inside the state directory.
+const TOKEN_FILE: &str = "token";
+
 /// An agent's secret. Compared in constant time; never shown by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);
@@ -53,33 +58,28 @@ pub fn read_tokens_file(path: &Path) -> io::Result<Vec<Token>> {
             format!("cannot read tokens file {}: {e}", path.display()),
         )
     })?;
-    Ok(text
-        .lines()
+    Ok(parse_tokens(&text).collect())
+}
+
+/// The tokens of a tokens file's text: one per line, skipping blank and `#` lines.
+fn parse_tokens(text: &str) -> impl Iterator<Item = Token> + '_ {
+    text.lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(Token::new)
-        .collect())
 }
 
-/// The token kept in `state_dir/token` (only the owner may read it), made on first use.
+/// The token kept in `state_dir/token`, made on first use; the directory is opened as a
+/// [`StateDir`] (only the owner may reach it) and the file is written mode 0600.
 pub fn local_token(state_dir: &Path) -> io::Result<Token> {
-    let path = state_dir.join("token");
-    if let Some(token) = read_tokens_file(&path)
-        .ok()
-        .and_then(|tokens| tokens.into_iter().next())
-    {
-        return Ok(token);
+    let dir = StateDir::open(state_dir)?;
+    if let Some(text) = dir.read(TOKEN_FILE)? {
+        if let Some(token) = parse_tokens(&String::from_utf8_lossy(&text)).next() {
+            return Ok(token);
+        }
     }
-    std::fs::create_dir_all(state_dir)?;
     let token = Token::generate();
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    io::Write::write_all(
-        &mut options.open(&path)?,
-        format!("{}\n", token.expose()).as_bytes(),
-    )?;
+    dir.write(TOKEN_FILE, format!("{}\n", token.expose()).as_bytes())?;
     Ok(token)
 }
 
@@ -101,6 +101,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("portferry-token-{}", rand::random::<u64>()));
         let first = local_token(&dir).unwrap();
         assert_eq!(local_token(&dir).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&dir.join(TOKEN_FILE)), 0o600);
+            // A directory someone loosened is tightened when the token is next used.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            assert_eq!(local_token(&dir).unwrap(), first);
+            assert_eq!(mode(&dir), 0o700);
+        }
+        // A token file without a token gets a fresh token.
+        std::fs::write(dir.join(TOKEN_FILE), "# nothing\n").unwrap();
+        let second = local_token(&dir).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(local_token(&dir).unwrap(), second);
         std::fs::write(dir.join("tokens"), "# agents\n\nabc\n  def  \n").unwrap();
         let tokens = read_tokens_file(&dir.join("tokens")).unwrap();
         assert_eq!(tokens, vec![Token::new("abc"), Token::new("def")]);

@@ -291,29 +291,41 @@ fn help_mentions_the_commands_and_flags() {
 
 /// A `portferry relay` on ephemeral loopback ports, and the environment it printed.
 struct CliRelay {
-    _process: Running,
+    process: Running,
     relay: String,
     agent_port: u16,
     token: String,
     ca: PathBuf,
     state: TempDir,
+    /// The environment lines, exactly as printed.
+    printed: Vec<String>,
 }
 
 fn start_cli_relay() -> CliRelay {
-    let state = TempDir::new("cli");
-    let mut process = Running::spawn(portferry([
+    start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+        ],
+    )
+}
+
+/// A `portferry relay` with `args`, keeping its state in `state`.
+fn start_cli_relay_in(state: TempDir, args: &[&str]) -> CliRelay {
+    let mut command = portferry([
         "relay".as_ref(),
         "--state-dir".as_ref(),
         state.path().as_os_str(),
-        "--agent-addr".as_ref(),
-        "127.0.0.1:0".as_ref(),
-        "--public-addr".as_ref(),
-        "127.0.0.1:0".as_ref(),
-    ]));
+    ]);
+    command.args(args);
+    let mut process = Running::spawn(command);
     let lines = process.lines_starting_with(&[
-        "PORTFERRY_RELAY=",
-        "PORTFERRY_TOKEN=",
-        "PORTFERRY_RELAY_CA=",
+        "export PORTFERRY_RELAY=",
+        "export PORTFERRY_TOKEN=",
+        "export PORTFERRY_RELAY_CA=",
     ]);
     let value = |line: &str| line.split_once('=').unwrap().1.trim().to_owned();
     let relay = value(&lines[0]);
@@ -327,12 +339,13 @@ fn start_cli_relay() -> CliRelay {
         "the relay printed the requested port 0, not the bound one"
     );
     CliRelay {
-        _process: process,
+        process,
         relay: relay.clone(),
         agent_port,
         token: value(&lines[1]),
         ca: PathBuf::from(value(&lines[2])),
         state,
+        printed: lines.clone(),
     }
 }
 
@@ -439,4 +452,384 @@ async fn demo_serves_the_printed_url() {
     } else {
         eprintln!("curl is not installed: skipping the printed curl command");
     }
+}
+
+// ───────────────────────────── forward's life: signals, giving up ─────────────────────────────
+
+impl CliRelay {
+    /// `portferry forward <args>` with this relay's environment (its agent endpoint
+    /// replaced by `relay`, if given).
+    fn forward(&self, relay: Option<&str>, args: &[&str]) -> Running {
+        let mut command = portferry(["forward"]);
+        command
+            .args(args)
+            .env("PORTFERRY_RELAY", relay.unwrap_or(&self.relay))
+            .env("PORTFERRY_TOKEN", &self.token)
+            .env("PORTFERRY_RELAY_CA", &self.ca);
+        Running::spawn(command)
+    }
+}
+
+impl Running {
+    /// Sends `signal` (`INT`, `TERM`) to the process.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.0.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits, at most `limit`, for the process to exit; its status.
+    async fn exits_within(&mut self, limit: Duration) -> ExitStatus {
+        self.child.exit_status(limit).await
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+/// A TCP proxy to `target` that can be frozen: it then stops moving bytes but keeps
+/// both sockets open, like a relay that stopped answering.
+struct FreezingProxy {
+    port: u16,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    async fn start(target: u16) -> FreezingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
+                {
+                    let frozen = flag.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if frozen.load(Ordering::SeqCst) {
+                                // Hold both sockets open, move nothing.
+                                return std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezingProxy { port, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A `portferry forward` of an HTTP service through a proxy that is then frozen.
+async fn forward_through_a_frozen_relay(relay: &CliRelay) -> (Running, FreezingProxy) {
+    let proxy = FreezingProxy::start(relay.agent_port).await;
+    let service = http_service("frozen").await;
+    let mut forward = relay.forward(
+        Some(&format!("localhost:{}", proxy.port)),
+        &[&service.port().to_string()],
+    );
+    forward.lines_starting_with(&["url:"]);
+    proxy.freeze();
+    (forward, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_with_an_unresponsive_relay_exits_promptly() {
+    let relay = start_cli_relay();
+    let (mut forward, _proxy) = forward_through_a_frozen_relay(&relay).await;
+    forward.signal("INT");
+    // The relay never confirms the close: the wait for it is bounded (2 s), well
+    // below the request timeout (10 s) it used to take.
+    let status = forward.exits_within(Duration::from_secs(6)).await;
+    assert_eq!(status.code(), Some(0), "{}", forward.stderr());
+    assert!(
+        forward.stderr().contains("did not confirm the close"),
+        "{}",
+        forward.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_exits_at_once() {
+    let relay = start_cli_relay();
+    let (mut forward, _proxy) = forward_through_a_frozen_relay(&relay).await;
+    forward.signal("INT");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    forward.signal("INT");
+    // 130 is the exit at once; waiting out the close would exit with 0.
+    let status = forward.exits_within(STEP).await;
+    assert_eq!(status.code(), Some(130), "{}", forward.stderr());
+    assert!(
+        forward.stderr().contains("exiting at once"),
+        "{}",
+        forward.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_the_tunnel_and_exits_zero() {
+    let relay = start_cli_relay();
+    let service = http_service("term").await;
+    let mut forward = relay.forward(None, &[&service.port().to_string()]);
+    forward.lines_starting_with(&["url:"]);
+    forward.signal("TERM");
+    let status = forward.exits_within(STEP).await;
+    assert_eq!(status.code(), Some(0), "killed by the signal? {status:?}");
+    let stderr = forward.stderr();
+    assert!(stderr.contains("closing the tunnel"), "{stderr}");
+    assert!(
+        !stderr.contains("did not confirm") && !stderr.contains("could not close"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_exits_non_zero_when_the_relay_refuses_it_on_reconnect() {
+    let CliRelay {
+        process,
+        relay,
+        agent_port,
+        token,
+        ca,
+        state,
+        ..
+    } = start_cli_relay();
+    let service = http_service("refused later").await;
+    let mut command = portferry(["forward".to_owned(), service.port().to_string()]);
+    command
+        .env("PORTFERRY_RELAY", &relay)
+        .env("PORTFERRY_TOKEN", &token)
+        .env("PORTFERRY_RELAY_CA", &ca);
+    let mut forward = Running::spawn(command);
+    forward.lines_starting_with(&["url:"]);
+
+    // The relay restarts on the same port and CA, but no longer accepts the token.
+    drop(process);
+    let mut again = portferry([
+        "relay".as_ref(),
+        "--state-dir".as_ref(),
+        state.path().as_os_str(),
+    ]);
+    again
+        .arg("--agent-addr")
+        .arg(format!("127.0.0.1:{agent_port}"))
+        .args(["--public-addr", "127.0.0.1:0", "--tokens", "another-token"]);
+    let mut _again = Running::spawn(again);
+    _again.lines_starting_with(&["export PORTFERRY_RELAY="]);
+
+    let status = forward.exits_within(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(1), "{}", forward.stderr());
+    assert!(
+        forward.stderr().contains("PORTFERRY_TOKEN"),
+        "{}",
+        forward.stderr()
+    );
+}
+
+// ───────────────────────────── what the relay prints, and what it means ─────────────────────────────
+
+/// The relay's environment lines, pasted into a shell as they are, configure the
+/// `portferry forward` run after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_environment_pasted_into_a_shell_configures_forward() {
+    let relay = start_cli_relay();
+    let service = http_service("pasted").await;
+    let script = format!(
+        "{}\nexec \"$0\" forward {}\n",
+        relay.printed.join("\n"),
+        service.port()
+    );
+    let mut shell = Command::new("sh");
+    shell
+        .arg("-c")
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_portferry"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PORTFERRY_") {
+            shell.env_remove(name);
+        }
+    }
+    shell.stdin(Stdio::null());
+    let mut forward = Running::spawn(shell);
+    let url = forward.lines_starting_with(&["url:"]).remove(0);
+    let (host, port, _) = split_url(url.trim_start_matches("url:").trim());
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("pasted"), "{response}");
+}
+
+/// The printed raw TCP host resolves with the system resolver (getaddrinfo, as nc, ssh
+/// and Python use), and the socket echoes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_tcp_socket_resolves_with_getaddrinfo() {
+    use std::io::Write;
+    use std::net::ToSocketAddrs;
+    let relay = start_cli_relay();
+    let echo = common::echo_service().await;
+    let mut forward = relay.forward(None, &[&echo.port().to_string(), "--unencrypted"]);
+    let line = forward.lines_starting_with(&["tcp socket:"]).remove(0);
+    let socket = line.trim_start_matches("tcp socket:").trim().to_owned();
+    let echoed = tokio::task::spawn_blocking(move || {
+        let addrs: Vec<_> = socket
+            .to_socket_addrs()
+            .unwrap_or_else(|e| panic!("{socket} does not resolve: {e}"))
+            .collect();
+        let mut stream = addrs
+            .iter()
+            .find_map(|addr| std::net::TcpStream::connect_timeout(addr, STEP).ok())
+            .unwrap_or_else(|| panic!("nothing answers at {socket} ({addrs:?})"));
+        stream.set_read_timeout(Some(STEP)).unwrap();
+        stream.write_all(b"ping\n").unwrap();
+        let mut echoed = [0; 5];
+        std::io::Read::read_exact(&mut stream, &mut echoed).unwrap();
+        echoed
+    })
+    .await
+    .unwrap();
+    assert_eq!(&echoed, b"ping\n");
+}
+
+// ───────────────────────────── messages ─────────────────────────────
+
+#[test]
+fn errors_carry_no_backtrace_and_no_repeated_causes() {
+    let mut command = portferry(["forward", "8000"]);
+    command
+        .env("RUST_BACKTRACE", "1")
+        .env("PORTFERRY_RELAY", "localhost:9")
+        .env("PORTFERRY_TOKEN", "t")
+        .env("PORTFERRY_RELAY_CA", "/nonexistent/ca.pem");
+    let finished = run(command);
+    assert!(!finished.status.success());
+    let stderr = finished.stderr;
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    assert_eq!(stderr.matches("/nonexistent/ca.pem").count(), 1, "{stderr}");
+
+    let mut usage = portferry(["forward", "80x"]);
+    usage.env("RUST_BACKTRACE", "1");
+    let usage = run(usage);
+    assert!(!usage.status.success());
+    assert!(
+        !usage.stderr.to_lowercase().contains("backtrace"),
+        "{}",
+        usage.stderr
+    );
+
+    let mut missing = portferry(["forward", "8000"]);
+    missing.env("RUST_BACKTRACE", "1");
+    let missing = run(missing);
+    assert!(
+        !missing.stderr.to_lowercase().contains("backtrace"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_have_no_colour_codes() {
+    let relay = start_cli_relay();
+    let service = http_service("plain").await;
+    let mut forward = relay.forward(None, &[&service.port().to_string(), "-v"]);
+    forward.lines_starting_with(&["url:"]);
+    let relay_log = relay.process.stderr();
+    assert!(relay_log.contains("relay listening"), "{relay_log}");
+    assert!(!relay_log.contains('\u{1b}'), "{relay_log:?}");
+    let forward_log = forward.stderr();
+    assert!(!forward_log.is_empty());
+    assert!(!forward_log.contains('\u{1b}'), "{forward_log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_to_a_host_name_is_accepted() {
+    let relay = start_cli_relay();
+    let service = http_service("by name").await;
+    let to = format!("localhost:{}", service.port());
+    let mut forward = relay.forward(None, &["8000", "--to", &to]);
+    let url = forward.lines_starting_with(&["url:"]).remove(0);
+    let (host, port, _) = split_url(url.trim_start_matches("url:").trim());
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("by name"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pointed_at_the_public_port_is_told_so() {
+    let public = common::free_port();
+    let relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            &format!("127.0.0.1:{public}"),
+        ],
+    );
+    let mut forward = relay.forward(Some(&format!("localhost:{public}")), &["8000"]);
+    let status = forward.exits_within(STEP).await;
+    assert!(!status.success());
+    let stderr = forward.stderr();
+    assert!(stderr.contains("agent endpoint"), "{stderr}");
+    assert!(!stderr.contains("PORTFERRY_RELAY_CA"), "{stderr}");
+}
+
+/// A service that is not running: the client's connections are refused, and the agent
+/// says so at warn, naming the addresses it tried, once for several attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_local_service_is_logged_once_with_its_address() {
+    let relay = start_cli_relay();
+    let port = common::free_port();
+    let mut forward = relay.forward(None, &[&port.to_string()]);
+    let url = forward.lines_starting_with(&["url:"]).remove(0);
+    let (host, public_port, _) = split_url(url.trim_start_matches("url:").trim());
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let connector = TlsConnector::from(portferry::tls::client_config(roots, HTTP1));
+    for _ in 0..3 {
+        let attempt = async {
+            let tls = tls_connect(&connector, (Ipv4Addr::LOCALHOST, public_port), &host).await?;
+            http_get_raw(tls, &host, "/").await
+        };
+        let got = tokio::time::timeout(STEP, attempt).await.expect("hung");
+        assert!(got.as_ref().map_or(true, String::is_empty), "{got:?}");
+    }
+    let deadline = Instant::now() + STEP;
+    let warnings = loop {
+        let stderr = forward.stderr();
+        let warnings: Vec<String> = stderr
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains("cannot reach the local service"))
+            .map(str::to_owned)
+            .collect();
+        if !warnings.is_empty() || Instant::now() > deadline {
+            break warnings;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&format!("127.0.0.1:{port}")),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[0].contains(&format!("[::1]:{port}")),
+        "{}",
+        warnings[0]
+    );
 }

@@ -874,3 +874,65 @@ async fn forward_right_after_drop_works() {
         "dropped GET /"
     );
 }
+
+// ───────────────────────────── the local service's address ─────────────────────────────
+
+/// `forward(port)` reaches a service that listens on `[::1]` only, as `localhost`
+/// means: 127.0.0.1 first, then ::1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_target_falls_back_to_ipv6_loopback() {
+    let fixture = Fixture::start(STEP).await;
+    let agent = fixture.agent().await;
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve_http1(stream, "over ipv6"));
+        }
+    });
+    let tunnel = quickly("forward", agent.forward(port)).await.unwrap();
+    let tls = fixture.tls_to(&tunnel).await.unwrap();
+    assert_eq!(
+        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        "over ipv6 GET /"
+    );
+}
+
+/// A local port equal to a `listen()` tunnel's inner port can still be forwarded, and
+/// both tunnels serve their own service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_inner_ports_do_not_collide_with_forwarded_ports() {
+    let fixture = Fixture::start(STEP).await;
+    let agent = fixture.agent().await;
+    let mut listener = quickly("listen", agent.listen(ForwardOptions::default()))
+        .await
+        .unwrap();
+    let inner = listener.tunnel().port();
+    let listen_host = listener.tunnel().tls_socket().0.to_owned();
+    tokio::spawn(async move {
+        while let Ok(stream) = listener.accept().await {
+            tokio::spawn(serve_http1(stream, "listener"));
+        }
+    });
+    // A local service on the same number, when that port is free on loopback.
+    let Ok(local) = TcpListener::bind((Ipv4Addr::LOCALHOST, inner)).await else {
+        eprintln!("127.0.0.1:{inner} is taken on this machine: skipping");
+        return;
+    };
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = local.accept().await {
+            tokio::spawn(serve_http1(stream, "forwarded"));
+        }
+    });
+    let tunnel = quickly("forward", agent.forward(inner))
+        .await
+        .expect("forwarding the listener's inner port number failed");
+    assert_eq!(tunnel.port(), inner);
+    let tls = fixture.tls_to(&tunnel).await.unwrap();
+    assert_eq!(
+        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        "forwarded GET /"
+    );
+    let tls = fixture.tls(&listen_host, &[b"http/1.1"]).await.unwrap();
+    assert_eq!(hyper_get(tls, &listen_host, "/").await, "listener GET /");
+}

@@ -522,6 +522,58 @@ async fn handshakes_beyond_max_pending_handshakes_are_closed_at_once() {
     assert_eq!(fx.get(&tunnel).await.unwrap(), "h");
 }
 
+/// Handshake places in each pool of the flood test: the flooder may hold half.
+const POOL: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_from_one_address_keeps_out_neither_agents_nor_other_clients()
+{
+    let fx = Fixture::start_with(STEP, |config| {
+        config.max_pending_handshakes = POOL;
+        config.max_pending_agent_handshakes = POOL;
+        config.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let agent = fx.agent().await;
+    let tunnel = agent
+        .forward(http_service("one").await.port())
+        .await
+        .unwrap();
+
+    // One address floods both ports with silent connections, five times what a pool
+    // holds.
+    let flooder = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let mut silent = Vec::new();
+    for port in [fx.public.port(), fx.agent_port] {
+        for _ in 0..5 * POOL {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(flooder, 0)).unwrap();
+            let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+            silent.push(timeout(STEP, socket.connect(to)).await.unwrap().unwrap());
+        }
+    }
+    // Every connection of the flood is either holding a place or refused by now.
+    fx.until_stats("the flood handled", |s| {
+        s.refused_by_limit >= 2 * 4 * POOL as u64
+    })
+    .await;
+
+    // Other clients still get their pages, and other agents connect and forward.
+    for round in 0..3 {
+        assert_eq!(fx.get(&tunnel).await.unwrap(), "one", "round {round}");
+    }
+    let second = fx.agent().await;
+    let other = second
+        .forward(http_service("two").await.port())
+        .await
+        .unwrap();
+    assert_eq!(fx.get(&other).await.unwrap(), "two");
+    assert_eq!(fx.stats().pending_handshakes, POOL, "{:?}", fx.stats());
+    drop(silent);
+    fx.until_stats("no pending handshake", |s| s.pending_handshakes == 0)
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_beyond_max_agent_sessions_is_refused() {
     let fx = Fixture::start_with(STEP, |config| config.max_agent_sessions = 1).await;
@@ -700,7 +752,7 @@ async fn the_relay_command_drains_on_sigterm_and_exits_on_the_second() {
         std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .any(|line| line.starts_with("PORTFERRY_RELAY="))
+            .any(|line| line.starts_with("export PORTFERRY_RELAY="))
     });
     assert!(timeout(STEP, ready).await.unwrap().unwrap(), "never ready");
 

@@ -110,39 +110,11 @@ struct CliRelay {
 }
 
 impl CliRelay {
-    /// Starts the relay and waits, at most [`STEP`], until it says it is ready.
+    /// Starts the relay with its CA and token generated in `state` and waits, at most
+    /// [`STEP`], until it says it is ready.
     async fn start(state: &Path, agent_port: u16, public_port: u16) -> CliRelay {
-        let mut process = Child(
-            portferry(["relay", "--agent-addr"])
-                .arg(format!("127.0.0.1:{agent_port}"))
-                .arg("--public-addr")
-                .arg(format!("127.0.0.1:{public_port}"))
-                .arg("--state-dir")
-                .arg(state)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let stdout = process.0.stdout.take().unwrap();
-        // Ends at the last line it needs, or when the process dies.
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut printed = Vec::new();
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some((name, value)) = line.trim().split_once('=') {
-                    printed.push((name.to_owned(), value.to_owned()));
-                    if name == "PORTFERRY_RELAY_CA" {
-                        break;
-                    }
-                }
-            }
-            printed
-        });
-        let printed = timeout(STEP, ready)
-            .await
-            .expect("the relay never said it was ready")
-            .unwrap();
+        let (process, printed) =
+            start_printing(state, agent_port, public_port, &[], "PORTFERRY_RELAY_CA").await;
         let value = |name: &str| {
             printed
                 .iter()
@@ -164,6 +136,52 @@ impl CliRelay {
         self.process.0.kill().unwrap();
         self.process.0.wait().unwrap();
     }
+}
+
+/// Starts `portferry relay` on fixed loopback ports with `state` and `extra` flags; waits,
+/// at most [`STEP`], until it has printed the variable `last`, and returns what it
+/// printed (`NAME=value` lines).
+async fn start_printing(
+    state: &Path,
+    agent_port: u16,
+    public_port: u16,
+    extra: &[&std::ffi::OsStr],
+    last: &'static str,
+) -> (Child, Vec<(String, String)>) {
+    let mut process = Child(
+        portferry(["relay", "--agent-addr"])
+            .arg(format!("127.0.0.1:{agent_port}"))
+            .arg("--public-addr")
+            .arg(format!("127.0.0.1:{public_port}"))
+            .arg("--state-dir")
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = process.0.stdout.take().unwrap();
+    // Ends at the last line it needs, or when the process dies.
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut printed = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let line = line.trim().trim_start_matches("export ");
+            if let Some((name, value)) = line.split_once('=') {
+                printed.push((name.to_owned(), value.to_owned()));
+                if name == last {
+                    break;
+                }
+            }
+        }
+        printed
+    });
+    let printed = timeout(STEP, ready)
+        .await
+        .expect("the relay never said it was ready")
+        .unwrap();
+    (process, printed)
 }
 
 /// Bytes each connection of the streaming service carries: enough that a transfer is
@@ -248,4 +266,124 @@ async fn a_relay_killed_mid_transfer_fails_the_transfer_fast_and_serves_the_same
         .unwrap()
         .unwrap();
     assert!(agent.is_connected());
+}
+
+/// The README's production command (`--cert --key --tokens-file`) with a state
+/// directory that does not exist yet: the relay creates it private, saves each lease
+/// there (mode 0600), and a restarted relay gives the agent its URL back.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_production_command_keeps_leases_privately_across_a_kill() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let files = TempDir::new("restart-prod-files");
+    // A certificate from elsewhere, as an operator's would be.
+    let pki = portferry::tls::local_pki(&files.path().join("pki"), LOCAL_DOMAIN).unwrap();
+    let token = Token::generate();
+    let tokens = files.path().join("tokens");
+    std::fs::write(&tokens, format!("# agents\n{}\n", token.expose())).unwrap();
+    let state = files.path().join("var/lib/portferry");
+    let pki_dir = pki.ca_cert_path.parent().unwrap();
+    let (cert, key) = (pki_dir.join("server.pem"), pki_dir.join("server-key.pem"));
+    let flags = [
+        "--cert".as_ref(),
+        cert.as_os_str(),
+        "--key".as_ref(),
+        key.as_os_str(),
+        "--tokens-file".as_ref(),
+        tokens.as_os_str(),
+    ];
+    let (agent_port, public_port) = (free_port(), free_port());
+    let (relay, _) =
+        start_printing(&state, agent_port, public_port, &flags, "PORTFERRY_RELAY").await;
+
+    let mut config = AgentConfig::new(format!("localhost:{agent_port}"), token.clone());
+    config.relay_ca = Some(pki.ca_cert_path.clone());
+    let agent = timeout(STEP, Agent::connect(config))
+        .await
+        .expect("Agent::connect hung")
+        .unwrap();
+    let service = echo_service().await;
+    let tunnel = agent.forward(service.port()).await.unwrap();
+    let host = tunnel.tls_socket().0.to_owned();
+
+    let leases = state.join("leases");
+    eventually(STEP, "the lease saved in the state directory", || async {
+        std::fs::read_to_string(&leases).is_ok_and(|text| text.contains(&host))
+    })
+    .await;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&leases), 0o600);
+
+    let mut relay = relay;
+    relay.0.kill().unwrap();
+    relay.0.wait().unwrap();
+    let (_restarted, _) =
+        start_printing(&state, agent_port, public_port, &flags, "PORTFERRY_RELAY").await;
+    let tls = TlsConnector::from(portferry::tls::client_config(pki.roots(), HTTP1));
+    eventually(STEP, "the same URL serving again", || async {
+        let echoed = echo_via_url(&tls, &tunnel, b"again", Duration::from_secs(2)).await;
+        matches!(echoed, Ok(echoed) if echoed == b"again")
+    })
+    .await;
+    assert_eq!(tunnel.tls_socket().0, host);
+}
+
+/// An agent process killed mid-download: the HTTPS client's read fails; it never sees
+/// a clean end (close_notify) of the truncated data.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_download_is_an_error_for_the_https_client() {
+    let state = TempDir::new("restart-agent-kill");
+    let (agent_port, public_port) = (free_port(), free_port());
+    let relay = CliRelay::start(state.path(), agent_port, public_port).await;
+    let service = stream_service(STREAM_LEN).await;
+    let mut agent = Child(
+        portferry(["forward", &service.addr.port().to_string()])
+            .env("PORTFERRY_RELAY", &relay.relay)
+            .env("PORTFERRY_TOKEN", &relay.token)
+            .env("PORTFERRY_RELAY_CA", &relay.ca)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = agent.0.stdout.take().unwrap();
+    let host = timeout(
+        STEP,
+        tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .find_map(|line| {
+                    let url = line.trim().strip_prefix("url:")?.trim().to_owned();
+                    let host = url.strip_prefix("https://")?.split([':', '/']).next()?;
+                    Some(host.to_owned())
+                })
+        }),
+    )
+    .await
+    .expect("the agent never printed its URL")
+    .unwrap()
+    .expect("the agent exited without a URL");
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let tls = TlsConnector::from(portferry::tls::client_config(roots, HTTP1));
+    let mut download = timeout(STEP, tls_connect(&tls, ("127.0.0.1", public_port), &host))
+        .await
+        .unwrap()
+        .unwrap();
+    timeout(STEP, read_stream(&mut download, 1024 * 1024))
+        .await
+        .unwrap()
+        .unwrap();
+
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    let (read, ended) = drain(&mut download, STEP).await;
+    assert!(read < STREAM_LEN);
+    assert!(
+        ended.is_err(),
+        "a download cut by the agent's death ended cleanly after {read} more bytes"
+    );
 }

@@ -14,7 +14,11 @@ use portferry::link::FrameWriter;
 use portferry::netstack::{Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR};
 use portferry::token::Token;
 use portferry::wire::Frame;
-use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
+    UdpRepr,
+};
 use tokio::io::WriteHalf;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -86,28 +90,76 @@ async fn syn_to(agent: &mut RawAgent, port: u16) -> (bytes::Bytes, Segment) {
     }
 }
 
-/// Flags of a TCP header.
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+/// What a hand-made segment says: a SYN, a SYN-ACK, or a bare ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flags {
+    Syn,
+    SynAck,
+    Ack,
+}
 
-/// An IPv4/TCP packet with no payload and no options (checksums left at 0: the inner
-/// link does not use them).
-fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), flags: u8) -> Vec<u8> {
-    let mut packet = vec![0u8; 40];
-    packet[0] = 0x45;
-    packet[2..4].copy_from_slice(&40u16.to_be_bytes());
-    packet[8] = 64;
-    packet[9] = 6;
-    packet[12..16].copy_from_slice(&src.octets());
-    packet[16..20].copy_from_slice(&dst.octets());
-    packet[20..22].copy_from_slice(&ports.0.to_be_bytes());
-    packet[22..24].copy_from_slice(&ports.1.to_be_bytes());
-    packet[24..28].copy_from_slice(&1000u32.to_be_bytes());
-    packet[28..32].copy_from_slice(&1u32.to_be_bytes());
-    packet[32] = 0x50;
-    packet[33] = flags;
-    packet[34..36].copy_from_slice(&u16::MAX.to_be_bytes());
+/// An IPv4/TCP packet with no payload and no options, built by smoltcp (checksums left
+/// at 0: the inner link does not use them).
+fn tcp_packet(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16), flags: Flags) -> Vec<u8> {
+    let tcp = TcpRepr {
+        src_port: ports.0,
+        dst_port: ports.1,
+        control: match flags {
+            Flags::Syn | Flags::SynAck => TcpControl::Syn,
+            Flags::Ack => TcpControl::None,
+        },
+        seq_number: TcpSeqNumber(1000),
+        ack_number: (flags != Flags::Syn).then_some(TcpSeqNumber(1)),
+        window_len: u16::MAX,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let (ip, mut packet) = ipv4(src, dst, IpProtocol::Tcp, tcp.header_len());
+    let mut segment = TcpPacket::new_unchecked(&mut packet[ip..]);
+    tcp.emit(&mut segment, &src.into(), &dst.into(), &no_checksums());
     packet
+}
+
+/// A UDP datagram with no payload.
+fn udp_packet(src: Ipv4Addr, dst: Ipv4Addr, ports: (u16, u16)) -> Vec<u8> {
+    let udp = UdpRepr {
+        src_port: ports.0,
+        dst_port: ports.1,
+    };
+    let (ip, mut packet) = ipv4(src, dst, IpProtocol::Udp, udp.header_len());
+    let mut datagram = UdpPacket::new_unchecked(&mut packet[ip..]);
+    udp.emit(
+        &mut datagram,
+        &src.into(),
+        &dst.into(),
+        0,
+        |_| {},
+        &no_checksums(),
+    );
+    packet
+}
+
+/// A packet buffer with its IPv4 header emitted for a payload of `len` bytes, and the
+/// header's length.
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: IpProtocol, len: usize) -> (usize, Vec<u8>) {
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: protocol,
+        payload_len: len,
+        hop_limit: 64,
+    };
+    let mut packet = vec![0u8; ip.buffer_len() + len];
+    ip.emit(&mut Ipv4Packet::new_unchecked(&mut packet), &no_checksums());
+    (ip.buffer_len(), packet)
+}
+
+fn no_checksums() -> ChecksumCapabilities {
+    ChecksumCapabilities::ignored()
 }
 
 /// Opens a public TLS connection to `host` in the background, for its SYN: the
@@ -166,7 +218,7 @@ async fn a_second_link_with_the_same_identity_takes_the_tunnel_over_and_the_firs
 /// stay there (while it still reads the link). The SYNs go at the pace the relay
 /// handles them, so that what is written next is read at once.
 async fn stall_the_relays_writes(fx: &Fixture, writer: &mut RawWriter) {
-    let syn = bytes::Bytes::from(tcp_packet(AGENT_ADDR, RELAY_ADDR, (40_000, 9), SYN));
+    let syn = bytes::Bytes::from(tcp_packet(AGENT_ADDR, RELAY_ADDR, (40_000, 9), Flags::Syn));
     let handled = |sent: u64, backlog: u64| async move {
         while fx.stats().stacks.refused_syns + backlog < sent {
             tokio::task::yield_now().await;
@@ -392,22 +444,24 @@ async fn packets_outside_the_agents_own_flows_are_dropped_and_counted_and_distur
     let spoofed = Ipv4Addr::new(10, 0, 0, 1);
     let elsewhere = Ipv4Addr::new(100, 64, 0, 9);
     // A SYN-ACK for the flow from an address that is not the agent's.
-    raw.send_packet(&tcp_packet(spoofed, RELAY_ADDR, back, SYN | ACK))
+    raw.send_packet(&tcp_packet(spoofed, RELAY_ADDR, back, Flags::SynAck))
         .await;
     // The right addresses, but no such connection.
-    raw.send_packet(&tcp_packet(AGENT_ADDR, RELAY_ADDR, (PORT + 1, back.1), ACK))
-        .await;
+    raw.send_packet(&tcp_packet(
+        AGENT_ADDR,
+        RELAY_ADDR,
+        (PORT + 1, back.1),
+        Flags::Ack,
+    ))
+    .await;
     // The flow's ports, to an address that is not the relay's.
-    raw.send_packet(&tcp_packet(AGENT_ADDR, elsewhere, back, SYN | ACK))
+    raw.send_packet(&tcp_packet(AGENT_ADDR, elsewhere, back, Flags::SynAck))
         .await;
     // Not an IP packet at all.
     raw.send_packet(&[0x45, 0x00, 0x00]).await;
     // UDP, with the right addresses.
-    let mut udp = tcp_packet(AGENT_ADDR, RELAY_ADDR, back, 0);
-    udp.truncate(28);
-    udp[2..4].copy_from_slice(&28u16.to_be_bytes());
-    udp[9] = 17;
-    raw.send_packet(&udp).await;
+    raw.send_packet(&udp_packet(AGENT_ADDR, RELAY_ADDR, back))
+        .await;
     // Once the pong is back, the relay has handled every one of them.
     raw.sync().await;
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
-use smoltcp::wire::{HardwareAddress, IpCidr, Ipv4Address};
+use smoltcp::wire::{HardwareAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
 use super::clock::Clock;
 use super::device::FlowDevice;
@@ -41,47 +41,29 @@ pub(crate) enum Unclassified {
     NotTcp,
 }
 
-const IPV4_MIN_HEADER: usize = 20;
-const TCP_MIN_HEADER: usize = 20;
-const PROTOCOL_TCP: u8 = 6;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
 impl PacketInfo {
     /// Reads the addresses, ports and flags of an IPv4/TCP packet. Checks only what
     /// dispatch relies on; smoltcp validates the rest.
     pub(crate) fn classify(packet: &[u8]) -> Result<PacketInfo, Unclassified> {
-        if packet.len() < IPV4_MIN_HEADER || packet[0] >> 4 != 4 {
+        // Checks the header and total lengths against each other and the buffer.
+        let ip = Ipv4Packet::new_checked(packet).map_err(|_| Unclassified::Malformed)?;
+        if ip.version() != 4 {
             return Err(Unclassified::Malformed);
         }
-        let header_len = usize::from(packet[0] & 0x0f) * 4;
-        let total_len = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-        if header_len < IPV4_MIN_HEADER || total_len < header_len || total_len > packet.len() {
-            return Err(Unclassified::Malformed);
-        }
-        if packet[9] != PROTOCOL_TCP {
+        if ip.next_header() != IpProtocol::Tcp {
             return Err(Unclassified::NotTcp);
         }
-        let tcp = &packet[header_len..total_len];
-        if tcp.len() < TCP_MIN_HEADER {
-            return Err(Unclassified::Malformed);
-        }
-        let flags = tcp[13];
-        let ip = |at: usize| {
-            Ipv4Address::new(packet[at], packet[at + 1], packet[at + 2], packet[at + 3])
-        };
+        let tcp = TcpPacket::new_checked(ip.payload()).map_err(|_| Unclassified::Malformed)?;
         Ok(PacketInfo {
-            src: ip(12),
-            dst: ip(16),
+            src: ip.src_addr(),
+            dst: ip.dst_addr(),
             key: FlowKey {
-                local_port: u16::from_be_bytes([tcp[2], tcp[3]]),
-                remote_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+                local_port: tcp.dst_port(),
+                remote_port: tcp.src_port(),
             },
-            syn: flags & TCP_SYN != 0,
-            ack: flags & TCP_ACK != 0,
-            rst: flags & TCP_RST != 0 && flags & TCP_FIN == 0,
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            rst: tcp.rst() && !tcp.fin(),
         })
     }
 

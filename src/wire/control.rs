@@ -21,8 +21,9 @@ pub struct Hello {
     pub version: u16,
     /// Secret that authorizes the agent at the relay.
     pub token: String,
-    /// Opaque ticket from an earlier [`Welcome`] to resume that session; empty for a new
-    /// session.
+    /// The agent's identity: 16 random bytes it keeps for its life, by which the relay
+    /// gives a reconnecting agent (with the same token) back the tunnels it leased.
+    /// Empty, or any other length, for an agent whose tunnels are not leased.
     pub resume: Bytes,
 }
 
@@ -31,7 +32,7 @@ impl Hello {
         Ok(Self {
             version: r.u16("version")?,
             token: r.str16("token")?,
-            // Copied rather than sliced from the read buffer: the ticket is small and may
+            // Copied rather than sliced from the read buffer: the identity is small and may
             // be kept for the whole session, and a slice would pin the buffer.
             resume: Bytes::copy_from_slice(r.bytes16("resume")?),
         })
@@ -68,7 +69,7 @@ impl fmt::Debug for Hello {
 pub struct Welcome {
     /// Frame format version the relay speaks on this link.
     pub version: u16,
-    /// Opaque ticket the agent sends back in [`Hello::resume`] to resume this session.
+    /// Reserved for a resume ticket; the relay sends it empty and the agent ignores it.
     pub ticket: Bytes,
 }
 

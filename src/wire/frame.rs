@@ -104,6 +104,14 @@ impl Frame {
             .filter(|&total| buf.len() >= total))
     }
 
+    /// Reads a whole header: the frame's kind and its payload length, which is at most
+    /// [`MAX_PAYLOAD_LEN`]. For readers that take a frame in two exact reads, header
+    /// then payload (as the [handshake](super::handshake) does), so that they never read
+    /// past the frame.
+    pub fn read_header(header: &[u8; HEADER_LEN]) -> Result<(FrameKind, usize), FrameError> {
+        Ok(read_header(header)?.expect("a whole header is in"))
+    }
+
     /// Parses one frame off the front of `buf` and advances past it; `Ok(None)` on partial
     /// input (buf untouched).
     ///

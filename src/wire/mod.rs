@@ -1,10 +1,11 @@
 //! The frame format of the agent link.
 //!
 //! Agent and relay talk over one TLS connection carrying a stream of frames: control
-//! messages and raw IP packets. This module only turns bytes into [`Frame`]s and back;
-//! it does no I/O, so a driver reads into a [`BytesMut`](bytes::BytesMut), calls
-//! [`Frame::parse`] until it returns `Ok(None)`, and writes what [`Frame::encode`]
-//! (or [`packet_header`] followed by the packet itself) produces.
+//! messages and raw IP packets. This module turns bytes into [`Frame`]s and back and,
+//! but for the [`handshake`]'s exact reads, does no I/O: a driver reads into a
+//! [`BytesMut`](bytes::BytesMut), calls [`Frame::parse`] until it returns `Ok(None)`,
+//! and writes what [`Frame::encode`] (or [`packet_header`] followed by the packet
+//! itself) produces.
 //!
 //! # Frame layout
 //!
@@ -21,8 +22,8 @@
 //!
 //! | kind   | frame              | direction     | payload fields                                                                                 |
 //! |--------|--------------------|---------------|------------------------------------------------------------------------------------------------|
-//! | `0x01` | [`Hello`]          | agent → relay | `version: u16`, `token: str16`, `resume: bytes16` (resume ticket, may be empty)                |
-//! | `0x02` | [`Welcome`]        | relay → agent | `version: u16`, `ticket: bytes16`                                                              |
+//! | `0x01` | [`Hello`]          | agent → relay | `version: u16`, `token: str16`, `resume: bytes16` (the agent's identity, may be empty)         |
+//! | `0x02` | [`Welcome`]        | relay → agent | `version: u16`, `ticket: bytes16` (reserved: sent empty)                                       |
 //! | `0x03` | [`ForwardRequest`] | agent → relay | `request_id: u32`, `port: u16`, `flags: u8` (bit 0 unencrypted, bit 1 h2, others 0)            |
 //! | `0x04` | [`Forwarded`]      | relay → agent | `request_id: u32`, `port: u16`, `hostname: str16`, `tls_port: u16`, `tcp_port: u16` (0 = none) |
 //! | `0x05` | [`Frame::Close`]   | both          | `port: u16`                                                                                    |
@@ -34,6 +35,17 @@
 //! A control frame (every kind but `Packet`) must end exactly after its last field. The
 //! encoding is canonical: every frame that parses re-encodes to exactly the same bytes.
 //! The link speaks [`PROTOCOL_VERSION`], sent in [`Hello`] and [`Welcome`].
+//!
+//! # Handshake
+//!
+//! A link opens with the agent's [`Hello`], answered by a [`Welcome`] or by an
+//! [`ErrorFrame`] after which the relay closes the link. Both ends read these frames
+//! with [`handshake`], under a bound of their own ([`MAX_HELLO_LEN`],
+//! [`handshake::MAX_ANSWER_LEN`]). `Hello::resume` carries the agent's identity: 16
+//! random bytes the agent keeps for its life, by which the relay gives a reconnecting
+//! agent back the hostnames and ports it leased (with the same token); the relay keeps
+//! no leases for an agent that sends anything but 16 bytes. `Welcome::ticket` is
+//! reserved and sent empty.
 //!
 //! # Bounds
 //!
@@ -63,6 +75,7 @@ mod control;
 mod error;
 mod field;
 mod frame;
+pub mod handshake;
 
 #[cfg(test)]
 mod tests;
@@ -70,6 +83,7 @@ mod tests;
 pub use control::{ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Hello, Welcome};
 pub use error::FrameError;
 pub use frame::{packet_header, Frame, FrameKind};
+pub use handshake::MAX_HELLO_LEN;
 
 /// Size of the frame header: one `kind` byte and a big-endian `u32` payload length.
 pub const HEADER_LEN: usize = 5;

@@ -24,7 +24,7 @@ use portferry::netstack::Stack;
 use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
 use portferry::tls::LocalPki;
 use portferry::token::Token;
-use portferry::wire::{ForwardRequest, Forwarded, Frame, Hello, PROTOCOL_VERSION};
+use portferry::wire::{handshake, ForwardRequest, Forwarded, Frame};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -602,31 +602,30 @@ impl RawAgent {
     /// unless the relay welcomes it within [`Fixture::step`].
     pub async fn connect(fx: &Fixture, token: &Token, identity: [u8; 16]) -> RawAgent {
         let connector = fx.connector(&[]);
-        let tls = timeout(
+        let mut tls = timeout(
             fx.step,
             tls_connect(&connector, ("127.0.0.1", fx.agent_port), "localhost"),
         )
         .await
         .expect("TLS to the agent port hung")
         .expect("TLS to the agent port failed");
+        let hello = handshake::hello(token.expose(), &identity).unwrap();
+        let answer = timeout(fx.step, async {
+            handshake::send(&mut tls, &hello).await.unwrap();
+            handshake::read_answer(&mut tls).await
+        })
+        .await
+        .expect("the relay did not answer the hello");
+        if let Err(refusal) = answer.expect("the relay's answer is unreadable") {
+            panic!("expected a welcome, got {refusal:?}");
+        }
         let (reader, writer) = tokio::io::split(tls);
-        let mut agent = RawAgent {
+        RawAgent {
             reader: FrameReader::new(reader),
             writer: FrameWriter::new(writer),
             step: fx.step,
             next_request: 1,
             next_nonce: 1,
-        };
-        agent
-            .send(&Frame::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                token: token.expose().to_owned(),
-                resume: bytes::Bytes::copy_from_slice(&identity),
-            }))
-            .await;
-        match agent.next().await {
-            Some(Frame::Welcome(_)) => agent,
-            other => panic!("expected a welcome, got {other:?}"),
         }
     }
 

@@ -11,19 +11,39 @@
 //! a write shutdown of the stream. A reset on either side aborts the other. Each
 //! direction moves only while its destination has room, so a reader that stops only
 //! stops its own connection.
+//!
+//! Two things end a connection that no longer moves (issue 12):
+//! - an idle timeout ([`SpliceOptions::idle_timeout`]): no byte moved either way for that
+//!   long resets both sides, so a client that sent and left cannot hold a connection that
+//!   its service never reads;
+//! - a reset from the kernel TCP peer ([`splice_tcp`], [`splice_tls`]) ends the splice at
+//!   once, even while nothing is being read from it because the inner connection is full.
+//!
+//! A splice that ends in an error resets both sides: the inner connection is aborted, a
+//! kernel TCP stream is closed with a RST, and a TLS stream ends without `close_notify`,
+//! so a client never mistakes a cut transfer for a complete one.
+//!
+//! Files: this one holds the byte pump; `tcp` the kernel-socket front ends
+//! ([`SharedTcp`], [`splice_tcp`], [`splice_tls`], [`forward_to`]).
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
-use crate::netstack::{FlowTimer, InnerStream, Listener};
+use crate::netstack::{FlowTimer, InnerStream};
+
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+pub use tcp::{forward_to, splice_tcp, splice_tcp_with, splice_tls, SharedTcp};
 
 /// Bytes moved by a finished [`splice`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,14 +54,32 @@ pub struct SpliceStats {
     pub outer_to_inner: u64,
 }
 
+/// How a splice treats a connection that stops moving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SpliceOptions {
+    /// Resets both sides once no byte has moved either way for this long; `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl SpliceOptions {
+    /// Options with the given idle timeout (`None`: connections may idle forever).
+    pub fn idle_timeout(idle_timeout: Option<Duration>) -> SpliceOptions {
+        SpliceOptions { idle_timeout }
+    }
+}
+
 /// Why a [`splice`] ended before both directions closed cleanly.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SpliceError {
     /// The inner connection was reset by its peer (or its stack closed).
     InnerReset,
-    /// Reading or writing the stream failed; the inner connection was reset.
+    /// Reading or writing the stream failed, or its TCP peer reset it; the inner
+    /// connection was reset.
     Outer(io::Error),
+    /// No byte moved either way for [`SpliceOptions::idle_timeout`]; both sides were reset.
+    Idle,
 }
 
 impl fmt::Display for SpliceError {
@@ -49,6 +87,7 @@ impl fmt::Display for SpliceError {
         match self {
             SpliceError::InnerReset => f.write_str("inner connection reset"),
             SpliceError::Outer(e) => write!(f, "stream failed: {e}"),
+            SpliceError::Idle => f.write_str("connection idle for too long"),
         }
     }
 }
@@ -56,16 +95,31 @@ impl fmt::Display for SpliceError {
 impl std::error::Error for SpliceError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            SpliceError::InnerReset => None,
             SpliceError::Outer(e) => Some(e),
+            SpliceError::InnerReset | SpliceError::Idle => None,
         }
     }
 }
 
 /// Moves bytes between `inner` and `outer` until both directions have closed, or
-/// either side fails. On failure the inner connection is reset; resetting `outer` is
-/// up to the caller ([`splice_tcp`] does it for a `TcpStream`).
+/// either side fails. On failure the inner connection is reset; resetting `outer` is up
+/// to the caller. [`splice_tcp`] and [`splice_tls`] do it, and also take
+/// [`SpliceOptions`] and notice a reset of the TCP peer while not reading.
 pub async fn splice<S>(inner: &InnerStream, outer: &mut S) -> Result<SpliceStats, SpliceError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    splice_watching(inner, outer, SpliceOptions::default(), None).await
+}
+
+/// [`splice`], also ending at once with [`SpliceError::Outer`] when `transport` (the
+/// kernel connection under `outer`) reports an error such as a reset from its peer.
+async fn splice_watching<S>(
+    inner: &InnerStream,
+    outer: &mut S,
+    options: SpliceOptions,
+    transport: Option<&TcpStream>,
+) -> Result<SpliceStats, SpliceError>
 where
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
@@ -77,46 +131,83 @@ where
         fin_pending: false,
         timer: FlowTimer::default(),
     };
-    let result = poll_fn(|cx| inner.with_flow(|state, now| splice.poll(cx, state, now))).await;
+    // Error readiness is its own waiter in tokio: it fires on a RST even while the
+    // stream's read side, full of data nobody takes, is not being polled.
+    let mut reset = pin!(async {
+        match transport {
+            Some(tcp) => transport_error(tcp).await,
+            None => std::future::pending().await,
+        }
+    });
+    let mut idle = options.idle_timeout.map(IdleTimer::new);
+    let mut idle_sleep = pin!(idle.as_ref().map(|idle| tokio::time::sleep(idle.limit)));
+    let result = poll_fn(|cx| {
+        let before = splice.stats;
+        if let Poll::Ready(result) = inner.with_flow(|state, now| splice.poll(cx, state, now)) {
+            return Poll::Ready(result);
+        }
+        let moved = splice.stats != before;
+        // Checked when nothing moved, so a busy transfer does not pay for it; its waiter
+        // stays registered in between, and a stalled connection moves nothing.
+        if !moved {
+            if let Poll::Ready(e) = reset.as_mut().poll(cx) {
+                return Poll::Ready(Err(SpliceError::Outer(e)));
+            }
+        }
+        if let (Some(idle), Some(sleep)) = (&mut idle, idle_sleep.as_mut().as_pin_mut()) {
+            if idle.expired(cx, sleep, moved) {
+                return Poll::Ready(Err(SpliceError::Idle));
+            }
+        }
+        Poll::Pending
+    })
+    .await;
     if result.is_err() {
         inner.with_flow(|state, _| state.socket().abort());
     }
     result
 }
 
-/// Serves every connection to `listener` from the service at `target`, until the
-/// listener's stack closes. Each connection first connects to `target` (within
-/// `connect_timeout`); only then is the inner handshake completed, so a client of a
-/// service that is not running sees its connection refused rather than accepted and
-/// dropped.
-pub async fn forward_to(mut listener: Listener, target: SocketAddr, connect_timeout: Duration) {
-    while let Some(pending) = listener.next().await {
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
-                    Ok(Ok(stream)) => stream,
-                    _ => return pending.refuse(),
-                };
-            // Small writes (requests, keystrokes) must not wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            if let Ok(inner) = pending.accept().await {
-                let _ = splice_tcp(&inner, stream).await;
-            }
-        });
+/// Waits until `tcp` reports an error (a reset from its peer) and returns it.
+async fn transport_error(tcp: &TcpStream) -> io::Error {
+    match tcp.ready(Interest::ERROR).await {
+        Err(e) => e,
+        Ok(_) => match tcp.take_error() {
+            Ok(Some(e)) | Err(e) => e,
+            Ok(None) => io::ErrorKind::ConnectionReset.into(),
+        },
     }
 }
 
-/// [`splice`] for a kernel TCP stream, which is reset when the inner connection is.
-pub async fn splice_tcp(
-    inner: &InnerStream,
-    mut outer: TcpStream,
-) -> Result<SpliceStats, SpliceError> {
-    let result = splice(inner, &mut outer).await;
-    if result.is_err() {
-        // Dropping the stream now sends a RST instead of a FIN.
-        let _ = outer.set_zero_linger();
+/// When a splice last moved a byte, against its idle timeout.
+struct IdleTimer {
+    limit: Duration,
+    last_moved: Instant,
+}
+
+impl IdleTimer {
+    fn new(limit: Duration) -> IdleTimer {
+        IdleTimer {
+            limit,
+            last_moved: Instant::now(),
+        }
     }
-    result
+
+    /// Notes whether bytes `moved` in this poll; true once none moved for the limit.
+    /// The sleep is moved forward only when it fires, not on every byte.
+    fn expired(&mut self, cx: &mut Context<'_>, mut sleep: Pin<&mut Sleep>, moved: bool) -> bool {
+        if moved {
+            self.last_moved = Instant::now();
+        }
+        while sleep.as_mut().poll(cx).is_ready() {
+            let due = self.last_moved + self.limit;
+            if due <= Instant::now() {
+                return true;
+            }
+            sleep.as_mut().reset(due);
+        }
+        false
+    }
 }
 
 struct Splice<'a, S: ?Sized> {

@@ -1,0 +1,307 @@
+//! The library used inside containers: connect to a relay and forward ports.
+//!
+//! [`forward`] uses an agent configured from the environment (`PORTFERRY_RELAY`,
+//! `PORTFERRY_TOKEN`, optional `PORTFERRY_RELAY_CA`); [`Agent::connect`] takes an
+//! explicit [`AgentConfig`]. One agent holds one link to the relay, whatever the
+//! number of tunnels and connections.
+//!
+//! Layout: [`config`] (settings), [`control`] (the sans-IO request/close table),
+//! [`reconnect`] (the link and its upkeep), [`tunnel`] (the handles); this file ties
+//! them together.
+
+mod config;
+mod local;
+// Public only for test harnesses and fuzz targets that drive the agent's control plane
+// without sockets; not part of the supported API.
+#[doc(hidden)]
+pub mod control;
+mod reconnect;
+mod tunnel;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{watch, Notify, OnceCell};
+
+use crate::error::Error;
+use crate::netstack::{lock, ListenError, Listener, Stack};
+
+pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN};
+use control::{BindError, Control};
+pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
+
+/// The state of an agent's link to the relay ([`Agent::link_state`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum LinkState {
+    /// The link is up.
+    Connected,
+    /// The link was lost; the agent is reconnecting.
+    Reconnecting,
+    /// The relay refused this agent on a reconnect (token or version): the agent has
+    /// stopped trying and its tunnels are dead.
+    GaveUp(Arc<Error>),
+}
+
+/// A connection to a relay, shared by every tunnel made through it. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    shared: Arc<Shared>,
+}
+
+/// What every handle of one agent shares.
+///
+/// Lock order: `control`, then the stack's own locks (`open` listens on the stack
+/// while holding `control`).
+pub(crate) struct Shared {
+    config: AgentConfig,
+    /// Random identity presented on every link, so that the relay gives a reconnecting
+    /// agent back the hostnames and ports it leased.
+    identity: [u8; 16],
+    /// One stack for the agent's whole life: listeners survive a lost link, connections
+    /// do not.
+    stack: Stack,
+    /// Tunnels, requests and closes, each stored once.
+    control: Mutex<Control>,
+    /// Signalled whenever `control` has news: an answer, a frame to send, a lost link.
+    changed: Arc<Notify>,
+    state: watch::Sender<LinkState>,
+    /// The runtime the agent was connected in, which runs its tasks.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stack.close();
+        // Ends the link's pump, so the link flushes and closes.
+        self.changed.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("relay", &self.shared.config.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The one clock of the agent, as the control table takes it (tokio's, so that tests
+/// with paused time move it).
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Agent {
+    /// Connects to the relay, authenticates, and starts the link. The agent keeps the
+    /// link up from then on, reconnecting when it is lost.
+    pub async fn connect(config: AgentConfig) -> Result<Agent, Error> {
+        let identity: [u8; 16] = rand::random();
+        let halves = reconnect::open_link(&config, &identity).await?;
+        let changed = Arc::new(Notify::new());
+        let agent = Agent {
+            shared: Arc::new(Shared {
+                stack: Stack::new(config.stack.clone()),
+                identity,
+                control: Mutex::new(Control::new(config.request_timeout)),
+                changed: changed.clone(),
+                state: watch::Sender::new(LinkState::Connected),
+                runtime: tokio::runtime::Handle::current(),
+                config,
+            }),
+        };
+        agent.shared.runtime.spawn(reconnect::maintain(
+            Arc::downgrade(&agent.shared),
+            changed,
+            halves,
+        ));
+        Ok(agent)
+    }
+
+    /// Forwards `port` with default options; see [`forward_with`](Self::forward_with).
+    pub async fn forward(&self, port: u16) -> Result<Tunnel, Error> {
+        self.forward_with(port, ForwardOptions::default()).await
+    }
+
+    /// Asks the relay for a tunnel to the local service on `port`: connections to the
+    /// tunnel's URL (and TCP socket, if `unencrypted`) reach `127.0.0.1:<port>`, else
+    /// `[::1]:<port>` (as `localhost` means), or `options.local_addr`. A client of a
+    /// service that is not listening sees its connection refused, and the agent logs a
+    /// warning naming the addresses it tried (at most one per tunnel per 10 s).
+    pub async fn forward_with(&self, port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
+        if port == 0 {
+            return Err(Error::InvalidPort { given: "0".into() });
+        }
+        let (forwarded, listener) = self.open(Some(port), &options).await?;
+        let targets = match options.local_addr {
+            Some(addr) => vec![addr],
+            None => local::default_targets(port),
+        };
+        let connect_timeout = self.shared.config.connect_timeout;
+        let stopper = listener.stopper();
+        let task = self
+            .shared
+            .runtime
+            .spawn(local::serve(listener, targets, connect_timeout));
+        Ok(Tunnel::new(
+            self.clone(),
+            forwarded,
+            Some(port),
+            Some((task, stopper)),
+        ))
+    }
+
+    /// Opens a tunnel whose connections are handed to the program itself, straight
+    /// from the userspace stack: no local port is bound.
+    pub async fn listen(&self, options: ForwardOptions) -> Result<TunnelListener, Error> {
+        let (forwarded, listener) = self.open(None, &options).await?;
+        Ok(TunnelListener {
+            tunnel: Tunnel::new(self.clone(), forwarded, None, None),
+            listener,
+        })
+    }
+
+    /// Listens on an inner port and asks the relay for a tunnel to it.
+    async fn open(
+        &self,
+        local: Option<u16>,
+        options: &ForwardOptions,
+    ) -> Result<(crate::wire::Forwarded, Listener), Error> {
+        if options.h2 && options.unencrypted {
+            return Err(Error::H2RequiresTls);
+        }
+        let shared = &self.shared;
+        let (id, _inner, listener) = shared.update(|control| {
+            control.open(local, options, now(), |port| {
+                shared.stack.listen(port).map_err(|e| match e {
+                    ListenError::PortInUse(_) => BindError::Taken,
+                    _ => BindError::Failed(Error::LinkClosed),
+                })
+            })
+        })?;
+        shared.changed.notify_waiters();
+        let forwarded = shared
+            .wait_for(|control| control.answer(id), |control| control.cancel(id))
+            .await?;
+        Ok((forwarded, listener))
+    }
+
+    /// Whether the link to the relay is up.
+    pub fn is_connected(&self) -> bool {
+        self.shared.update(|control| control.is_link_up())
+    }
+
+    /// The link's state, now and as it changes.
+    pub fn link_state(&self) -> watch::Receiver<LinkState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Waits until the agent gives up (the relay refused it on a reconnect) and
+    /// returns why; pending forever while the agent keeps its link.
+    pub async fn gave_up(&self) -> Arc<Error> {
+        let mut state = self.link_state();
+        loop {
+            if let LinkState::GaveUp(reason) = &*state.borrow_and_update() {
+                return reason.clone();
+            }
+            if state.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `f` on the control table.
+    pub(crate) fn update<T>(&self, f: impl FnOnce(&mut Control) -> T) -> T {
+        f(&mut lock(&self.control))
+    }
+
+    /// Handles a control frame from the relay and wakes whoever it concerns.
+    fn handle_frame(&self, frame: crate::wire::Frame) {
+        let events: Vec<_> = self.update(|control| {
+            control.handle_frame(frame);
+            std::iter::from_fn(|| control.poll_event()).collect()
+        });
+        self.changed.notify_waiters();
+        events.into_iter().for_each(reconnect::report);
+    }
+
+    /// Waits until `poll` finds what it is looking for in the control table, expiring
+    /// deadlines as they come. Runs `cancel` if dropped before.
+    pub(crate) async fn wait_for<T>(
+        &self,
+        mut poll: impl FnMut(&mut Control) -> Option<T>,
+        cancel: impl FnOnce(&mut Control),
+    ) -> T {
+        struct Cancel<'a, F: FnOnce(&mut Control)>(&'a Shared, Option<F>);
+        impl<F: FnOnce(&mut Control)> Drop for Cancel<'_, F> {
+            fn drop(&mut self) {
+                if let Some(cancel) = self.1.take() {
+                    self.0.update(cancel);
+                    self.0.changed.notify_waiters();
+                }
+            }
+        }
+        let mut guard = Cancel(self, Some(cancel));
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (found, deadline) = self.update(|control| (poll(control), control.poll_timeout()));
+            if let Some(found) = found {
+                guard.1 = None;
+                return found;
+            }
+            let Some(deadline) = deadline else {
+                notified.await;
+                continue;
+            };
+            let deadline = tokio::time::Instant::from_std(deadline);
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.update(|control| control.handle_timeout(now()));
+                self.changed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// The agent used by [`forward`], connected on first use.
+static GLOBAL_AGENT: OnceCell<Agent> = OnceCell::const_new();
+
+/// The runtime of [`GLOBAL_AGENT`]: its own, so that the agent outlives whichever
+/// runtime first called [`forward`] (each `#[tokio::test]` has one, for example).
+fn global_runtime() -> Result<&'static tokio::runtime::Runtime, Error> {
+    static RUNTIME: Mutex<Option<&'static tokio::runtime::Runtime>> = Mutex::new(None);
+    let mut runtime = lock(&RUNTIME);
+    if let Some(runtime) = *runtime {
+        return Ok(runtime);
+    }
+    let built = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("portferry-agent")
+        .enable_all()
+        .build()?;
+    Ok(*runtime.insert(Box::leak(Box::new(built))))
+}
+
+/// Forwards `port` through the relay named by the environment (`PORTFERRY_RELAY`,
+/// `PORTFERRY_TOKEN`, optional `PORTFERRY_RELAY_CA`); every call shares one agent,
+/// whose tasks run on a small runtime of its own, so calls from any tokio runtime work.
+pub async fn forward(port: u16) -> Result<Tunnel, Error> {
+    forward_with(port, ForwardOptions::default()).await
+}
+
+/// [`forward`] with options.
+pub async fn forward_with(port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
+    let agent = GLOBAL_AGENT
+        .get_or_try_init(|| async {
+            let config = AgentConfig::from_env()?;
+            global_runtime()?
+                .spawn(Agent::connect(config))
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?
+        })
+        .await?;
+    agent.forward_with(port, options).await
+}

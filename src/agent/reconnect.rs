@@ -1,0 +1,204 @@
+//! The agent's link to the relay: one attempt to connect, authenticate and be welcomed
+//! ([`open_link`]), and the task that keeps a link up for the agent's whole life,
+//! reconnecting with capped, jittered exponential backoff ([`maintain`]).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+
+use super::control::{refusal_error, Event};
+use super::{AgentConfig, LinkState, Shared, ENV_TOKEN};
+use crate::error::Error;
+use crate::link::{self, ControlSender, FrameReader, FrameWriter, CONTROL_QUEUE};
+use crate::wire::{Frame, Hello, PROTOCOL_VERSION};
+
+/// First delay before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The two halves of an established, welcomed link.
+pub(crate) type LinkHalves = (
+    FrameReader<ReadHalf<TlsStream<TcpStream>>>,
+    FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
+);
+
+/// One attempt to connect, authenticate and be welcomed.
+pub(crate) async fn open_link(
+    config: &AgentConfig,
+    identity: &[u8; 16],
+) -> Result<LinkHalves, Error> {
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        token: config.token.expose().to_owned(),
+        resume: bytes::Bytes::copy_from_slice(identity),
+    });
+    // Encoding panics on a field too long for a frame: refuse such a token cleanly.
+    hello.validate().map_err(|_| Error::InvalidConfig {
+        name: ENV_TOKEN,
+        reason: "the token is longer than a hello frame can carry".into(),
+    })?;
+    let server_name = config.server_name()?;
+    let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
+    let limit = config.connect_timeout;
+    let unreachable = |reason: String| Error::RelayUnreachable {
+        relay: config.relay.clone(),
+        reason,
+    };
+    let tcp = match timeout(limit, TcpStream::connect(&config.relay)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
+    };
+    tcp.set_nodelay(true)?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let stream = match timeout(limit, connector.connect(server_name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(source)) => {
+            return Err(Error::RelayTls {
+                relay: config.relay.clone(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(Error::Timeout {
+                waiting_for: "the TLS handshake with the relay",
+            })
+        }
+    };
+    let (read_half, write_half) = tokio::io::split(stream);
+    let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
+    writer
+        .send(&hello)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    match reader.read_frame_within(limit).await {
+        Ok(Some(Frame::Welcome(_))) => Ok((reader, writer)),
+        Ok(Some(Frame::Error(refusal))) => Err(refusal_error(refusal)),
+        Ok(_) => Err(unreachable(
+            "the relay closed the link during the handshake".into(),
+        )),
+        Err(link::LinkError::Idle(_)) => Err(Error::Timeout {
+            waiting_for: "the relay's welcome",
+        }),
+        Err(e) => Err(unreachable(e.to_string())),
+    }
+}
+
+/// Runs the agent's links for as long as the agent exists: when a link is lost, its
+/// connections are reset, the agent reconnects with capped, jittered exponential
+/// backoff, and asks again for every open tunnel (the relay's lease gives back the same
+/// hostname and port). Holds only a weak reference, so dropping every `Agent` ends it.
+pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halves: LinkHalves) {
+    loop {
+        let (reader, writer) = halves;
+        let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
+        let (outbound_tx, outbound) = mpsc::channel(CONTROL_QUEUE);
+        let (stack, link_config) = {
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            (shared.stack.clone(), shared.config.link.clone())
+        };
+        let dispatch = async {
+            while let Some(frame) = inbound.recv().await {
+                let Some(shared) = agent.upgrade() else { break };
+                shared.handle_frame(frame);
+            }
+        };
+        let link = async {
+            let link = link::run(reader, writer, stack, inbound_tx, outbound, link_config);
+            let pump = pump(&agent, &changed, outbound_tx);
+            tokio::pin!(link, pump);
+            tokio::select! {
+                result = &mut link => result,
+                // The agent is gone and the pump with its sender: the link flushes
+                // what is queued and closes.
+                () = &mut pump => link.await,
+            }
+        };
+        let (result, ()) = tokio::join!(link, dispatch);
+        {
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            shared.stack.reset_connections();
+            shared.update(|control| control.link_lost());
+            shared.state.send_replace(LinkState::Reconnecting);
+            match result {
+                Ok(()) => {
+                    tracing::warn!(relay = %shared.config.relay, "relay closed the link; reconnecting")
+                }
+                Err(e) => {
+                    tracing::warn!(relay = %shared.config.relay, error = %e, "link lost; reconnecting")
+                }
+            }
+        }
+        let mut backoff = FIRST_BACKOFF;
+        halves = loop {
+            // Full jitter in [backoff/2, backoff): agents that lost the same relay spread out.
+            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+            tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter)).await;
+            let Some(shared) = agent.upgrade() else {
+                return;
+            };
+            match open_link(&shared.config, &shared.identity).await {
+                Ok(halves) => {
+                    shared.update(|control| control.link_up(super::now()));
+                    shared.state.send_replace(LinkState::Connected);
+                    break halves;
+                }
+                Err(e @ (Error::Unauthorized | Error::VersionMismatch { .. })) => {
+                    tracing::error!(error = %e, "the relay refuses this agent; giving up");
+                    shared.state.send_replace(LinkState::GaveUp(Arc::new(e)));
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, ?backoff, "reconnect failed"),
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        tracing::info!("reconnected to the relay");
+    }
+}
+
+/// Moves the control table's frames onto the link, until the link or the agent ends.
+async fn pump(agent: &Weak<Shared>, changed: &Notify, link: ControlSender) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let frame = match agent.upgrade() {
+            Some(shared) => shared.update(|control| control.poll_transmit()),
+            None => return,
+        };
+        match frame {
+            Some(frame) => {
+                if link.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+/// Logs what the control table reports.
+pub(crate) fn report(event: Event) {
+    match event {
+        Event::Restored { port } => tracing::debug!(port, "tunnel restored"),
+        Event::Moved { port, old, new } => tracing::error!(
+            port,
+            %old,
+            %new,
+            "the relay no longer held this tunnel's lease: it has a new address"
+        ),
+        Event::RestoreFailed { port, error } => {
+            tracing::error!(port, %error, "could not restore a tunnel")
+        }
+    }
+}

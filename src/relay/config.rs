@@ -1,0 +1,179 @@
+//! The relay's settings ([`RelayConfig`]) and what it reports ([`RelayStats`]).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::link::LinkConfig;
+use crate::netstack::{StackConfig, StackStats};
+use crate::tls::ServerIdentity;
+use crate::token::Token;
+
+#[cfg(doc)]
+use super::RelayHandle;
+
+/// The domain of a relay for one machine. Not plain `localhost`: certificate checkers
+/// refuse a wildcard directly under a single label (`*.localhost`), while
+/// `*.portferry.localhost` is fine, and clients resolve every `*.localhost` to loopback.
+pub const LOCAL_DOMAIN: &str = "portferry.localhost";
+
+/// Settings of a relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Where agents connect (TLS).
+    pub agent_addr: SocketAddr,
+    /// Where the public connects with TLS (`https://…`).
+    pub public_tls_addr: SocketAddr,
+    /// The TLS port shown in URLs, if not the bound one (behind a load balancer).
+    pub public_tls_port: Option<u16>,
+    /// Address raw TCP tunnel ports are bound on.
+    pub tcp_bind: IpAddr,
+    /// Ports raw TCP tunnels are given from.
+    pub tcp_ports: RangeInclusive<u16>,
+    /// Domain tunnel hostnames are made under.
+    pub domain: String,
+    /// This relay node's name, if hostnames are sharded by node (`<label>.<node>.<domain>`).
+    pub node: Option<String>,
+    /// Tokens agents may present.
+    pub tokens: Vec<Token>,
+    /// Certificate (a wildcard for the tunnel hostnames) and key of the public edge and
+    /// the agent endpoint.
+    pub identity: ServerIdentity,
+    /// Deadline for the whole unauthenticated phase of a connection: a public TLS
+    /// handshake, or an agent's TLS handshake and hello together (just the hello on a
+    /// stream given to [`RelayHandle::serve_agent_stream`]). A connection that
+    /// has not finished by then is closed and counted in
+    /// [`RelayStats::failed_handshakes`].
+    pub handshake_timeout: Duration,
+    /// Tunnels one agent session may have open at once; the next `Forward` is refused
+    /// with `LIMIT_REACHED`.
+    pub max_tunnels_per_agent: usize,
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once; the next
+    /// one is closed (TLS) or reset (raw TCP).
+    pub max_connections_per_tunnel: usize,
+    /// Public connections all tunnels of one agent session may have open at once; the
+    /// next one is closed (TLS) or reset (raw TCP).
+    pub max_connections_per_agent: usize,
+    /// TLS handshakes in progress on the public port, of which one source address (an
+    /// IPv4 address or an IPv6 /64) may hold half, rounded up; a connection beyond
+    /// either is closed as soon as it is accepted.
+    pub max_pending_handshakes: usize,
+    /// Handshakes in progress on the agent port (TLS and hello: until the hello is
+    /// answered) and streams given to [`RelayHandle::serve_agent_stream`] until their
+    /// hello is answered, of which one source address may hold half, rounded up; a
+    /// connection or stream beyond either is closed as soon as it is accepted. Apart
+    /// from [`max_pending_handshakes`](Self::max_pending_handshakes), so that a flood
+    /// of the public port cannot keep agents out.
+    pub max_pending_agent_handshakes: usize,
+    /// Authenticated agent sessions at once; an agent beyond it is refused with
+    /// `LIMIT_REACHED` (and tries again later).
+    pub max_agent_sessions: usize,
+    /// How long a shutting-down relay lets open public connections finish before it
+    /// drops them.
+    pub shutdown_grace: Duration,
+    /// How long the hostnames and TCP ports of an agent whose link was lost stay
+    /// reserved for it: an agent that reconnects within it (presenting the same
+    /// identity and token) gets the same URLs back.
+    pub lease_grace: Duration,
+    /// Where leases are kept across restarts: a relay started on the same file gives
+    /// reconnecting agents their hostnames and TCP ports back (each lease is honoured for
+    /// [`lease_grace`](Self::lease_grace) after the start). `None`: leases live in memory.
+    pub lease_file: Option<PathBuf>,
+    /// Heartbeats and batching of agent links.
+    pub link: LinkConfig,
+    /// Settings of each session's userspace stack.
+    pub stack: StackConfig,
+}
+
+impl RelayConfig {
+    /// Default of [`handshake_timeout`](Self::handshake_timeout): 10 s.
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Default of [`max_tunnels_per_agent`](Self::max_tunnels_per_agent).
+    pub const DEFAULT_MAX_TUNNELS_PER_AGENT: usize = 64;
+    /// Default of [`max_connections_per_tunnel`](Self::max_connections_per_tunnel).
+    pub const DEFAULT_MAX_CONNECTIONS_PER_TUNNEL: usize = 1024;
+    /// Default of [`max_connections_per_agent`](Self::max_connections_per_agent).
+    pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 10_000;
+    /// Default of [`max_pending_handshakes`](Self::max_pending_handshakes).
+    pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+    /// Default of [`max_pending_agent_handshakes`](Self::max_pending_agent_handshakes).
+    pub const DEFAULT_MAX_PENDING_AGENT_HANDSHAKES: usize = 1024;
+    /// Default of [`max_agent_sessions`](Self::max_agent_sessions).
+    pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
+    /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
+    pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Default of [`lease_grace`](Self::lease_grace): 60 s.
+    pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(60);
+
+    /// Settings for one machine: everything on loopback, domain [`LOCAL_DOMAIN`], the given
+    /// ports (0 picks a free one), raw TCP ports from 20000 to 29999, and the default
+    /// limits and timeouts (the `DEFAULT_*` constants).
+    pub fn local(
+        identity: ServerIdentity,
+        tokens: Vec<Token>,
+        agent_port: u16,
+        public_tls_port: u16,
+    ) -> Self {
+        let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        RelayConfig {
+            agent_addr: SocketAddr::new(loopback, agent_port),
+            public_tls_addr: SocketAddr::new(loopback, public_tls_port),
+            public_tls_port: None,
+            tcp_bind: loopback,
+            tcp_ports: 20_000..=29_999,
+            domain: LOCAL_DOMAIN.into(),
+            node: None,
+            tokens,
+            identity,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_tunnels_per_agent: Self::DEFAULT_MAX_TUNNELS_PER_AGENT,
+            max_connections_per_tunnel: Self::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL,
+            max_connections_per_agent: Self::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
+            max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
+            max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
+            shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            lease_grace: Self::DEFAULT_LEASE_GRACE,
+            lease_file: None,
+            link: LinkConfig::default(),
+            stack: StackConfig::relay(),
+        }
+    }
+
+    /// The domain under which this node's tunnels are named.
+    pub(super) fn node_domain(&self) -> String {
+        match &self.node {
+            Some(node) => format!("{node}.{}", self.domain),
+            None => self.domain.clone(),
+        }
+    }
+}
+
+/// A snapshot of a relay's gauges and counters ([`RelayHandle::stats`]). Counters
+/// count since the relay was bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RelayStats {
+    /// Authenticated agent sessions.
+    pub agent_sessions: usize,
+    /// Tunnels currently routed.
+    pub tunnels: usize,
+    /// Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.
+    pub public_connections: usize,
+    /// TLS handshakes in progress (public, and agents' until their hello is answered),
+    /// and agent streams waiting for their hello to be answered.
+    pub pending_handshakes: usize,
+    /// Connections, sessions and tunnels refused because a limit was reached.
+    pub refused_by_limit: u64,
+    /// Public TLS connections closed for an unknown or missing SNI.
+    pub unknown_sni: u64,
+    /// Connections closed during their handshake: timeouts, TLS errors, garbage, a
+    /// missing, malformed or oversized hello, an unsupported protocol version.
+    pub failed_handshakes: u64,
+    /// Agents refused for a missing or wrong token.
+    pub unauthorized: u64,
+    /// The relay-side stacks' counters, summed over the live sessions (a session's
+    /// counts leave the sum when it ends).
+    pub stacks: StackStats,
+}

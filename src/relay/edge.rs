@@ -1,0 +1,198 @@
+//! The public edge: TLS connections routed by SNI and raw TCP ports, each admitted
+//! within its tunnel's and its agent's limits and spliced into an inner connection to
+//! the agent.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{timeout_at, Instant};
+use tokio_rustls::LazyConfigAcceptor;
+
+use super::budget::HandshakePermit;
+use super::registry::{Acceptor, Route, TcpPort};
+use super::session::Unbound;
+use super::{Phase, Shared};
+use crate::splice::{splice_tls, SharedTcp, SpliceOptions};
+
+/// Tries at binding a random free raw TCP port before giving up.
+const BIND_TRIES: usize = 64;
+
+/// A public connection's places in its tunnel's and its agent's limits; counted in
+/// [`RelayStats::public_connections`](super::RelayStats::public_connections) while it
+/// lives.
+pub(super) struct ConnectionPermit {
+    shared: Arc<Shared>,
+    _tunnel: OwnedSemaphorePermit,
+    _agent: OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.shared
+            .public_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Route {
+    /// Admits one more public connection, or counts a refusal if a limit is reached.
+    fn admit(&self, shared: &Arc<Shared>) -> Option<ConnectionPermit> {
+        let admitted = match self.tunnel_connections.clone().try_acquire_owned() {
+            Err(_) => Err("max_connections_per_tunnel"),
+            Ok(tunnel) => match self.agent_connections.clone().try_acquire_owned() {
+                Err(_) => Err("max_connections_per_agent"),
+                Ok(agent) => Ok((tunnel, agent)),
+            },
+        };
+        match admitted {
+            Ok((tunnel, agent)) => {
+                shared.public_connections.fetch_add(1, Ordering::Relaxed);
+                Some(ConnectionPermit {
+                    shared: shared.clone(),
+                    _tunnel: tunnel,
+                    _agent: agent,
+                })
+            }
+            Err(limit) => {
+                shared.count_refusal(limit);
+                None
+            }
+        }
+    }
+}
+
+/// Why a public connection did not get going.
+enum PublicFailure {
+    /// The TLS handshake failed or timed out.
+    Tls,
+    /// The agent refused the inner connection (nothing listens on the port).
+    Inner,
+}
+
+/// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
+pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let counters = &shared.counters;
+    let tcp = SharedTcp::new(tcp);
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Some(route) = start
+        .client_hello()
+        .server_name()
+        .and_then(|sni| shared.route(sni))
+    else {
+        // Unknown or missing SNI: close without an answer, the same way every time.
+        counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // Counted by `admit`; the client sees the connection closed.
+    let Some(_permit) = route.admit(&shared) else {
+        return;
+    };
+    let tls_config = if route.h2 {
+        &shared.http2
+    } else {
+        &shared.http1
+    };
+    let tls = async {
+        match timeout_at(deadline, start.into_stream(tls_config.clone())).await {
+            Ok(Ok(tls)) => Ok(tls),
+            _ => Err(PublicFailure::Tls),
+        }
+    };
+    let inner = async {
+        route
+            .stack
+            .connect(route.port)
+            .await
+            .map_err(|_| PublicFailure::Inner)
+    };
+    let (tls, inner) = match tokio::try_join!(tls, inner) {
+        Ok(both) => both,
+        Err(PublicFailure::Tls) => {
+            counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Err(PublicFailure::Inner) => return,
+    };
+    drop(handshake);
+    // Ends with close_notify only after the service's clean end; a reset ends with a
+    // RST, so the client never takes a cut response as whole.
+    let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
+}
+
+/// Binds a random free port of the configured range for the tunnel `hostname` and
+/// starts accepting its connections.
+pub(super) async fn bind_tunnel_port(
+    shared: &Arc<Shared>,
+    hostname: &str,
+) -> Result<TcpPort, Unbound> {
+    let range = shared.config.tcp_ports.clone();
+    let span = u32::from(range.end() - range.start()) + 1;
+    for _ in 0..BIND_TRIES {
+        let port = range.start() + (rand::random::<u32>() % span) as u16;
+        if let Ok(listener) = TcpListener::bind((shared.config.tcp_bind, port)).await {
+            return serve_tunnel_port(shared, listener, port, hostname)
+                .ok_or(Unbound::ShuttingDown);
+        }
+    }
+    Err(Unbound::NoFreePort)
+}
+
+/// Starts accepting raw TCP connections for `hostname` on `listener`; `None` once the
+/// relay has stopped.
+pub(super) fn serve_tunnel_port(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    port: u16,
+    hostname: &str,
+) -> Option<TcpPort> {
+    let acceptor =
+        shared
+            .tasks
+            .spawn(serve_raw_tcp(shared.clone(), listener, hostname.to_owned()))?;
+    Some(TcpPort::new(port, Some(Acceptor(acceptor))))
+}
+
+/// Accepts raw TCP connections to an unencrypted tunnel until aborted or the relay
+/// drains.
+async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: String) {
+    let mut phase = shared.phase.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        // Looked up per connection: a reconnected agent's session takes the route over.
+        let Some(route) = shared.route(&hostname) else {
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let Some(permit) = route.admit(&shared) else {
+            // At a limit (counted): the client sees a reset, as from a closed port.
+            let _ = stream.set_zero_linger();
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        shared.tasks.spawn(async move {
+            let _permit = permit;
+            match route.stack.connect(route.port).await {
+                Ok(inner) => {
+                    let _ = crate::splice::splice_tcp(&inner, stream).await;
+                }
+                // Refused by the agent: the client sees a reset, as from a closed port.
+                Err(_) => drop(stream.set_zero_linger()),
+            }
+        });
+    }
+}

@@ -1,0 +1,164 @@
+//! The agent endpoint's driver: the TLS handshake and hello of each agent connection
+//! under one deadline, then the link and its [`Session`] until the link ends.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::{timeout_at, Instant};
+
+use super::budget::HandshakePermit;
+use super::edge::bind_tunnel_port;
+use super::registry::AgentKey;
+use super::session::{admit, Counted, Session, Step};
+use super::tasks::AbortOnDrop;
+use super::Shared;
+use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
+use crate::netstack::Stack;
+use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VERSION};
+
+/// One connection to the agent endpoint: its TLS handshake, then its link as
+/// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
+pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let Ok(Ok(tls)) = timeout_at(deadline, shared.agent_tls.accept(tcp)).await else {
+        shared.count_failed_handshake();
+        return;
+    };
+    serve_agent_link(shared, tls, handshake, deadline).await;
+}
+
+/// One agent session on a secured stream: the hello by `deadline`, then tunnel requests
+/// until the link ends.
+pub(super) async fn serve_agent_link<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    handshake: HandshakePermit,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (stream, slot, agent) = match timeout_at(deadline, authenticate(&shared, stream)).await {
+        Ok(Some(admitted)) => admitted,
+        // Counted where it failed.
+        Ok(None) => return,
+        Err(_) => {
+            shared.count_failed_handshake();
+            return;
+        }
+    };
+    drop(handshake);
+
+    let (read_half, write_half) = tokio::io::split(stream);
+    let stack = Stack::new(shared.config.stack.clone());
+    let (control, outbound) = mpsc::channel(CONTROL_QUEUE);
+    let (inbound_tx, mut inbound) = mpsc::channel(CONTROL_QUEUE);
+    let mut link = AbortOnDrop(tokio::spawn(link::run(
+        FrameReader::new(read_half),
+        FrameWriter::new(write_half),
+        stack.clone(),
+        inbound_tx,
+        outbound,
+        shared.config.link.clone(),
+    )));
+    let session = Live {
+        session: shared.update(|registry| Session::start(registry, stack, agent)),
+        shared: shared.clone(),
+        _slot: slot,
+    };
+    while let Some(frame) = inbound.recv().await {
+        let answer = match shared.update(|registry| session.session.handle(registry, frame)) {
+            Step::Answer(answer) => answer,
+            Step::BindTcp(pending) => {
+                let tcp = bind_tunnel_port(&shared, &pending.hostname).await;
+                shared.update(|registry| session.session.bound(registry, pending, tcp))
+            }
+        };
+        if let Some(limit) = answer.refused {
+            shared.count_refusal(limit);
+        }
+        if control.send(answer.frame).await.is_err() {
+            break;
+        }
+    }
+    drop(session);
+    drop(control);
+    let _ = (&mut link.0).await;
+}
+
+/// A session while its link lives; ended in the registry when dropped (also when its
+/// task is aborted).
+struct Live {
+    session: Session,
+    shared: Arc<Shared>,
+    /// This session's place in [`RelayConfig::max_agent_sessions`](super::RelayConfig::max_agent_sessions).
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.shared
+            .update(|registry| self.session.end(registry, now));
+        self.shared.lease_expiry.notify_one();
+    }
+}
+
+/// The unauthenticated phase of an agent after TLS: a hello of bounded size, its token,
+/// a session slot, and the welcome. `None` (counted) if the agent is turned away.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    mut stream: S,
+) -> Option<(S, OwnedSemaphorePermit, Option<AgentKey>)> {
+    let hello = match handshake::read_hello(&mut stream).await {
+        Ok(hello) => hello,
+        Err(error) => {
+            shared.count_failed_handshake();
+            refuse(&mut stream, ErrorCode::PROTOCOL, error.to_string()).await;
+            return None;
+        }
+    };
+    let agent = match admit(&hello, &shared.config.tokens, shared.is_running()) {
+        Ok(agent) => agent,
+        Err(refusal) => {
+            match refusal.counted {
+                Counted::FailedHandshake => shared.count_failed_handshake(),
+                Counted::Unauthorized => {
+                    shared.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+                }
+                Counted::Uncounted => {}
+            }
+            refuse(&mut stream, refusal.code, refusal.message).await;
+            return None;
+        }
+    };
+    let Ok(slot) = shared.session_slots.clone().try_acquire_owned() else {
+        shared.count_refusal("max_agent_sessions");
+        let message = format!(
+            "the relay serves its maximum of {} agent sessions (max_agent_sessions)",
+            shared.config.max_agent_sessions
+        );
+        refuse(&mut stream, ErrorCode::LIMIT_REACHED, message).await;
+        return None;
+    };
+    let welcome = Frame::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        ticket: bytes::Bytes::new(),
+    });
+    handshake::send(&mut stream, &welcome).await.ok()?;
+    Some((stream, slot, agent))
+}
+
+/// Tells an agent why it is turned away, and closes the link.
+async fn refuse(stream: &mut (impl AsyncWrite + Unpin), code: ErrorCode, message: String) {
+    let refusal = Frame::Error(ErrorFrame {
+        request_id: 0,
+        code,
+        message,
+    });
+    if handshake::send(stream, &refusal).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
+}

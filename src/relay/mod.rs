@@ -1,0 +1,581 @@
+//! The relay server: agents connect to it, the public connects through it.
+//!
+//! One file per job: [`config`] (settings and stats), `endpoint` (the agent endpoint's
+//! driver: TLS, hello, link), `session` (one session's control plane, sans-IO),
+//! `registry` (every tunnel, lease and session behind one lock), `leases` (the lease
+//! file), `edge` (public TLS and raw TCP), `tasks` (supervision), and this file (binding,
+//! serving and shutting down).
+//!
+//! - The **agent endpoint** takes TLS connections from agents, checks their token, and
+//!   gives each session its own userspace [`Stack`]: a session can only ever reach its
+//!   own agent. [`RelayHandle::serve_agent_stream`] serves an agent link on a stream
+//!   secured elsewhere in the same way.
+//! - The **tunnel registry** maps hostnames (`<label>.<domain>`, with a label of 128
+//!   random bits from the OS) to a session and an inner port.
+//! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
+//!   to tunnels that asked for HTTP/2, terminates TLS and splices the plaintext into an
+//!   inner connection to the agent. An unknown or missing SNI is dropped the same way
+//!   every time, before any certificate is shown. Routing follows the SNI only: an
+//!   HTTP `Host` header is never looked at.
+//! - **Raw TCP** tunnels get a port of their own from a configured range.
+//!
+//! # Bounds and failure behaviour
+//!
+//! Every count a client or an agent can raise has a limit in [`RelayConfig`]; at a
+//! limit the new piece of work is refused at once and counted in
+//! [`RelayStats::refused_by_limit`], and nothing already running slows down:
+//!
+//! | limit | counts | at the limit |
+//! |---|---|---|
+//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | public TLS handshakes in progress; one source address (IPv4, or IPv6 /64) may hold half | the new TCP connection is closed |
+//! | [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes) | agents' handshakes in progress (until the hello is answered) and agent streams waiting for their hello; one source address may hold half | the new TCP connection or stream is closed |
+//! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
+//! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
+//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
+//! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels | the same |
+//!
+//! Before it is authenticated, a connection to the agent endpoint gets one deadline,
+//! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
+//! its hello (a stream given to [`RelayHandle::serve_agent_stream`], for its hello), and
+//! can make the relay buffer little: besides the TLS session's own bounded buffers, a
+//! hello is read only once its header says it is a hello of at most [`MAX_HELLO_LEN`]
+//! bytes. A public TLS connection gets the same deadline for its whole handshake.
+//! Garbage, a silent peer or a bad hello close the connection and are counted in
+//! [`RelayStats::failed_handshakes`]; a wrong token in [`RelayStats::unauthorized`]; an
+//! unknown SNI in [`RelayStats::unknown_sni`].
+//!
+//! Packets from an agent are untrusted too: the session's stack takes only packets of
+//! connections the relay opened, and never listens, so a SYN from an agent is answered
+//! with a RST and counted in [`StackStats::refused_syns`].
+//!
+//! # Shutdown
+//!
+//! [`Relay::run_until`] (or [`RelayHandle::shutdown`]) first closes the listeners
+//! (public, agent and raw TCP ports) and refuses new tunnels and agent streams, then
+//! lets open public connections finish for up to
+//! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
+//! connection.
+
+mod budget;
+mod config;
+mod edge;
+mod endpoint;
+#[cfg(any(test, feature = "harness"))]
+pub mod harness;
+mod leases;
+mod registry;
+mod session;
+mod tasks;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::{timeout, Instant};
+use tokio_rustls::TlsAcceptor;
+
+pub use crate::wire::MAX_HELLO_LEN;
+pub use config::{RelayConfig, RelayStats, LOCAL_DOMAIN};
+
+use crate::error::Error;
+use crate::netstack::{lock, StackStats};
+use budget::{HandshakeBudget, HandshakePermit};
+use registry::{semaphore, Registry, Route};
+use tasks::TaskSet;
+
+/// How long [`Relay::run_until`] waits, after the grace period, for its tasks to end.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+/// How often a draining relay looks whether its connections have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// A bound relay; [`run`](Relay::run) or [`run_until`](Relay::run_until) serves it.
+pub struct Relay {
+    shared: Arc<Shared>,
+    agents: TcpListener,
+    public: TcpListener,
+}
+
+/// A cheap, cloneable view of a relay that stays usable while
+/// [`run`](Relay::run) owns the [`Relay`]: statistics and shutdown.
+#[derive(Clone)]
+pub struct RelayHandle {
+    shared: Arc<Shared>,
+}
+
+/// Where a relay is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Running,
+    /// Listeners closed, open connections finishing.
+    Draining,
+    /// Everything ended.
+    Stopped,
+}
+
+/// What the relay's tasks share.
+///
+/// Locks: `registry` is the one lock of the relay's state; `lease_saves` is only ever
+/// taken before it (to write the lease file in order), never while it is held.
+struct Shared {
+    config: RelayConfig,
+    agent_tls: TlsAcceptor,
+    http1: Arc<rustls::ServerConfig>,
+    http2: Arc<rustls::ServerConfig>,
+    registry: Mutex<Registry>,
+    /// Serializes writes of [`RelayConfig::lease_file`], so the last one wins.
+    lease_saves: Mutex<()>,
+    /// Wakes the lease expiry task when a lease may have a new deadline.
+    lease_expiry: Arc<Notify>,
+    /// Places for public TLS handshakes in progress
+    /// ([`RelayConfig::max_pending_handshakes`]).
+    public_handshakes: HandshakeBudget,
+    /// Places for agents' handshakes in progress
+    /// ([`RelayConfig::max_pending_agent_handshakes`]).
+    agent_handshakes: HandshakeBudget,
+    /// Permits for authenticated sessions ([`RelayConfig::max_agent_sessions`]).
+    session_slots: Arc<Semaphore>,
+    /// Public connections admitted and not yet ended.
+    public_connections: AtomicUsize,
+    counters: Counters,
+    phase: watch::Sender<Phase>,
+    tasks: TaskSet,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    refused_by_limit: AtomicU64,
+    unknown_sni: AtomicU64,
+    failed_handshakes: AtomicU64,
+    unauthorized: AtomicU64,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("agent_addr", &self.agent_addr())
+            .field("public_tls_addr", &self.public_tls_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Binds the agent endpoint and the public TLS port.
+    pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
+        let agents = TcpListener::bind(config.agent_addr).await?;
+        let public = TcpListener::bind(config.public_tls_addr).await?;
+        let public_tls_port = config
+            .public_tls_port
+            .unwrap_or(public.local_addr()?.port());
+        let server_config = |alpn: &[&[u8]]| crate::tls::server_config(&config.identity, alpn);
+        let agent_tls = TlsAcceptor::from(server_config(&[])?);
+        let http1 = server_config(&[b"http/1.1"])?;
+        let http2 = server_config(&[b"h2", b"http/1.1"])?;
+        let relay = Relay {
+            shared: Arc::new(Shared {
+                agent_tls,
+                http1,
+                http2,
+                registry: Mutex::new(Registry::new(registry::Settings::of(
+                    &config,
+                    public_tls_port,
+                ))),
+                lease_saves: Mutex::new(()),
+                lease_expiry: Arc::new(Notify::new()),
+                public_handshakes: HandshakeBudget::new(config.max_pending_handshakes),
+                agent_handshakes: HandshakeBudget::new(config.max_pending_agent_handshakes),
+                session_slots: semaphore(config.max_agent_sessions),
+                public_connections: AtomicUsize::new(0),
+                counters: Counters::default(),
+                phase: watch::Sender::new(Phase::Running),
+                tasks: TaskSet::default(),
+                config,
+            }),
+            agents,
+            public,
+        };
+        relay.shared.restore_leases().await;
+        let expiry = expire_leases(
+            Arc::downgrade(&relay.shared),
+            relay.shared.lease_expiry.clone(),
+        );
+        relay.shared.tasks.spawn(expiry);
+        Ok(relay)
+    }
+
+    /// Where agents connect.
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.agents
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Where the public connects with TLS.
+    pub fn public_tls_addr(&self) -> SocketAddr {
+        self.public
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Number of tunnels currently routed.
+    pub fn tunnel_count(&self) -> usize {
+        self.shared.tunnel_count()
+    }
+
+    /// A snapshot of the relay's gauges and counters.
+    pub fn stats(&self) -> RelayStats {
+        self.shared.stats()
+    }
+
+    /// A handle for statistics and shutdown that outlives the `Relay` moved into
+    /// [`run`](Self::run).
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves agents and the public until [`RelayHandle::shutdown`] is called (then
+    /// shuts down as [`run_until`](Self::run_until) does), or until the returned future
+    /// is dropped, which ends every session and connection at once.
+    pub async fn run(self) {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Serves agents and the public until `shutdown` completes (or
+    /// [`RelayHandle::shutdown`] is called), then shuts down gracefully: the listeners
+    /// are closed at once (new connections are refused by the OS) and new tunnels are
+    /// refused; open public connections may finish for up to
+    /// [`RelayConfig::shutdown_grace`]; then every session and connection is ended and
+    /// this returns. Dropping the future ends everything at once.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) {
+        let Relay {
+            shared,
+            agents,
+            public,
+        } = self;
+        let stop_on_drop = StopOnDrop(shared.clone());
+        let signal = async {
+            let mut phase = shared.phase.subscribe();
+            tokio::select! {
+                () = shutdown => {}
+                _ = phase.wait_for(|phase| *phase != Phase::Running) => {}
+            }
+            shared.begin_shutdown();
+        };
+        // Each loop returns, dropping (closing) its listener, once the relay drains.
+        tokio::join!(
+            accept_loop(agents, shared.clone(), Pool::Agents, endpoint::serve_agent),
+            accept_loop(public, shared.clone(), Pool::Public, edge::serve_public),
+            signal,
+        );
+        let grace = shared.config.shutdown_grace;
+        tracing::info!(
+            connections = shared.public_connections.load(Ordering::Relaxed),
+            ?grace,
+            "relay stopped accepting; letting open connections finish"
+        );
+        if timeout(grace, shared.drained()).await.is_err() {
+            tracing::warn!(
+                connections = shared.public_connections.load(Ordering::Relaxed),
+                "grace period over; dropping the remaining connections"
+            );
+        }
+        shared.stop();
+        let _ = timeout(STOP_WAIT, shared.tasks.stopped()).await;
+        drop(stop_on_drop);
+        tracing::info!("relay stopped");
+    }
+}
+
+impl RelayHandle {
+    /// Number of tunnels currently routed.
+    pub fn tunnel_count(&self) -> usize {
+        self.shared.tunnel_count()
+    }
+
+    /// A snapshot of the relay's gauges and counters.
+    pub fn stats(&self) -> RelayStats {
+        self.shared.stats()
+    }
+
+    /// Starts a graceful shutdown, as when the future given to
+    /// [`Relay::run_until`] completes; later calls do nothing.
+    pub fn shutdown(&self) {
+        self.shared.begin_shutdown();
+    }
+
+    /// Serves one agent link on an already-secured byte stream — e.g. behind your own
+    /// TLS terminator, or on a Unix socket — as the agent endpoint serves one after its
+    /// TLS handshake. The same hello deadline, token check and limits apply: the
+    /// [`handshake_timeout`](RelayConfig::handshake_timeout) runs from the first poll,
+    /// and until its hello is answered the stream takes a place in
+    /// [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes)
+    /// (beyond it, the stream is closed at once).
+    ///
+    /// The future ends when the link does, or when the relay stops; dropping it ends
+    /// the session.
+    pub fn serve_agent_stream<S>(&self, stream: S) -> impl Future<Output = ()> + Send + 'static
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let shared = self.shared.clone();
+        async move {
+            let Some(handshake) = shared.agent_handshakes.try_acquire(None) else {
+                shared.count_refusal("max_pending_agent_handshakes");
+                return;
+            };
+            let deadline = Instant::now() + shared.config.handshake_timeout;
+            let mut phase = shared.phase.subscribe();
+            tokio::select! {
+                () = endpoint::serve_agent_link(shared.clone(), stream, handshake, deadline) => {}
+                // Ended by a stop, like the sessions of the agent endpoint.
+                _ = phase.wait_for(|phase| *phase == Phase::Stopped) => {}
+            }
+        }
+    }
+}
+
+/// Ends everything when [`Relay::run_until`] returns or is dropped.
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
+/// Which handshake places a listener's connections take.
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// [`RelayConfig::max_pending_agent_handshakes`].
+    Agents,
+    /// [`RelayConfig::max_pending_handshakes`].
+    Public,
+}
+
+/// Accepts connections until the relay drains, each served by its own task once it
+/// has a handshake place in `pool`; a connection beyond the pool, or beyond its source
+/// address's share of it, is closed at once.
+async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, pool: Pool, serve: F)
+where
+    F: Fn(Arc<Shared>, TcpStream, HandshakePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut phase = shared.phase.subscribe();
+    let (budget, limit) = match pool {
+        Pool::Agents => (&shared.agent_handshakes, "max_pending_agent_handshakes"),
+        Pool::Public => (&shared.public_handshakes, "max_pending_handshakes"),
+    };
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
+        };
+        match accepted {
+            Ok((stream, from)) => {
+                let Some(permit) = budget.try_acquire(Some(from.ip())) else {
+                    shared.count_refusal(limit);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                shared.tasks.spawn(serve(shared.clone(), stream, permit));
+            }
+            // Out of file descriptors and the like: wait instead of spinning.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Ends the leases of agents that stayed away past their grace period, as their
+/// deadlines come; ends with the relay.
+async fn expire_leases(shared: Weak<Shared>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let now = Instant::now();
+            shared.update(|registry| {
+                registry.expire(now);
+                registry.next_expiry()
+            })
+        };
+        match next {
+            Some(deadline) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `change` on the registry under its lock, then saves the leases if it
+    /// changed them.
+    fn update<T>(&self, change: impl FnOnce(&mut Registry) -> T) -> T {
+        let (result, changed) = {
+            let mut registry = lock(&self.registry);
+            let result = change(&mut registry);
+            (result, registry.take_leases_changed())
+        };
+        if changed {
+            self.save_leases();
+        }
+        result
+    }
+
+    /// Writes every lease to [`RelayConfig::lease_file`], if there is one.
+    fn save_leases(&self) {
+        let Some(path) = &self.config.lease_file else {
+            return;
+        };
+        let _in_order = lock(&self.lease_saves);
+        let records = lock(&self.registry).lease_records();
+        leases::save(path, &records);
+    }
+
+    /// Takes over the leases a previous run of this relay saved: their hostnames route
+    /// to nothing and their TCP ports stay bound until their agent comes back, or until
+    /// [`RelayConfig::lease_grace`] is over.
+    async fn restore_leases(self: &Arc<Self>) {
+        let Some(path) = &self.config.lease_file else {
+            return;
+        };
+        let records = leases::load(path);
+        if records.is_empty() && !path.exists() {
+            return;
+        }
+        let until = Instant::now() + self.config.lease_grace;
+        let mut count = 0;
+        for record in records {
+            let tcp = match record.tcp_port {
+                None => None,
+                Some(tcp_port) => {
+                    let Ok(listener) = TcpListener::bind((self.config.tcp_bind, tcp_port)).await
+                    else {
+                        tracing::warn!(
+                            tcp_port,
+                            "a leased TCP port is taken; that lease is dropped"
+                        );
+                        continue;
+                    };
+                    edge::serve_tunnel_port(self, listener, tcp_port, &record.hostname)
+                }
+            };
+            lock(&self.registry).restore(record, tcp, until);
+            count += 1;
+        }
+        tracing::info!(leases = count, "restored tunnel leases");
+    }
+
+    fn route(&self, hostname: &str) -> Option<Route> {
+        lock(&self.registry).route(hostname)
+    }
+
+    fn tunnel_count(&self) -> usize {
+        lock(&self.registry).tunnel_count()
+    }
+
+    fn stats(&self) -> RelayStats {
+        let c = &self.counters;
+        let (stacks, tunnels) = {
+            let registry = lock(&self.registry);
+            (registry.stacks(), registry.tunnel_count())
+        };
+        let mut sum = StackStats::default();
+        for stack in &stacks {
+            let s = stack.stats();
+            sum.flows += s.flows;
+            sum.listeners += s.listeners;
+            sum.packets_in += s.packets_in;
+            sum.dropped_malformed += s.dropped_malformed;
+            sum.dropped_wrong_address += s.dropped_wrong_address;
+            sum.dropped_unknown_flow += s.dropped_unknown_flow;
+            sum.refused_syns += s.refused_syns;
+            sum.queued_bytes += s.queued_bytes;
+        }
+        RelayStats {
+            agent_sessions: stacks.len(),
+            tunnels,
+            public_connections: self.public_connections.load(Ordering::Relaxed),
+            pending_handshakes: self.pending_handshakes(),
+            refused_by_limit: c.refused_by_limit.load(Ordering::Relaxed),
+            unknown_sni: c.unknown_sni.load(Ordering::Relaxed),
+            failed_handshakes: c.failed_handshakes.load(Ordering::Relaxed),
+            unauthorized: c.unauthorized.load(Ordering::Relaxed),
+            stacks: sum,
+        }
+    }
+
+    /// Handshakes holding a place now, public and agent.
+    fn pending_handshakes(&self) -> usize {
+        self.public_handshakes.in_use() + self.agent_handshakes.in_use()
+    }
+
+    /// Counts a refusal at the limit named by its setting.
+    fn count_refusal(&self, limit: &'static str) {
+        self.counters
+            .refused_by_limit
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(limit, "refused: limit reached");
+    }
+
+    /// Counts a connection closed during its handshake.
+    fn count_failed_handshake(&self) {
+        self.counters
+            .failed_handshakes
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn is_running(&self) -> bool {
+        *self.phase.borrow() == Phase::Running
+    }
+
+    /// Running → draining: the accept loops return and close their listeners, and no
+    /// new tunnel opens.
+    fn begin_shutdown(&self) {
+        let started = self.phase.send_if_modified(|phase| {
+            let start = *phase == Phase::Running;
+            if start {
+                *phase = Phase::Draining;
+            }
+            start
+        });
+        if started {
+            lock(&self.registry).stop_accepting();
+        }
+    }
+
+    /// Waits until no public connection is open or in its handshake.
+    async fn drained(&self) {
+        while self.public_connections.load(Ordering::Relaxed) > 0 || self.pending_handshakes() > 0 {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+    }
+
+    /// Ends every task (sessions, connections, raw TCP acceptors) and spawns no more.
+    fn stop(&self) {
+        self.phase.send_replace(Phase::Stopped);
+        lock(&self.registry).stop_accepting();
+        self.tasks.stop();
+        // A stopped relay holds nothing for agents that may come back.
+        lock(&self.registry).drop_leases();
+    }
+}

@@ -1,0 +1,566 @@
+//! Every tunnel, lease and session of a relay, in one table behind one lock.
+//!
+//! A [`Tunnel`] is stored once, under its hostname, and says who serves it
+//! ([`Owner`]): a live session, or nobody while its agent is away (a lost link inside
+//! the lease grace period, or a lease restored from the lease file). The other maps
+//! are indexes into it: a session's open ports, an agent's leased ports, the newest
+//! session of each agent identity. No I/O and no clock: time comes in as `now`, and the
+//! next lease expiry goes out of [`Registry::next_expiry`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::TryRngCore;
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use super::config::RelayConfig;
+use super::leases::LeaseRecord;
+use crate::netstack::Stack;
+use crate::wire::{ForwardRequest, Forwarded};
+
+/// Who an agent is across its links: the identity it presents and the index of the
+/// token it used.
+pub(crate) type AgentKey = ([u8; 16], usize);
+
+/// A session of the relay, numbered in the order they were admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SessionId(u64);
+
+/// Who serves a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// This live session.
+    Session(SessionId),
+    /// Nobody: the agent is away, and the tunnel is kept for it until then.
+    Away {
+        /// When the lease ends unless the agent is back.
+        until: Instant,
+    },
+}
+
+/// A raw TCP port of a tunnel, held as long as the tunnel is.
+pub(crate) struct TcpPort {
+    /// The port on the relay's raw TCP address.
+    pub(crate) port: u16,
+    /// The task accepting its connections, ended with the tunnel (`None`: no task, in
+    /// the sans-IO harness).
+    _acceptor: Option<Acceptor>,
+}
+
+impl TcpPort {
+    /// Raw TCP `port`, its connections accepted by `acceptor`.
+    pub(crate) fn new(port: u16, acceptor: Option<Acceptor>) -> TcpPort {
+        TcpPort {
+            port,
+            _acceptor: acceptor,
+        }
+    }
+}
+
+/// A task that ends when this is dropped.
+pub(crate) struct Acceptor(pub(crate) AbortHandle);
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One tunnel: a hostname routed to a port of an agent.
+pub(crate) struct Tunnel {
+    /// The agent's (inner) port.
+    port: u16,
+    h2: bool,
+    unencrypted: bool,
+    tcp: Option<TcpPort>,
+    /// The agent it is leased to, if it presented an identity.
+    lease: Option<AgentKey>,
+    owner: Owner,
+    /// Places for this tunnel's public connections.
+    connections: Arc<Semaphore>,
+}
+
+/// What one live session holds.
+struct SessionEntry {
+    stack: Stack,
+    /// Places for the public connections of all the session's tunnels.
+    connections: Arc<Semaphore>,
+    /// The ports this session opened (or took over) and has not closed, and their
+    /// hostnames. A port taken over by a newer session of the same agent stays here,
+    /// so that the older one cannot forward it again.
+    ports: HashMap<u16, String>,
+}
+
+/// Where public connections to one hostname go, as looked up now.
+#[derive(Clone)]
+pub(crate) struct Route {
+    /// The stack of the session serving the tunnel (a closed one while nobody does).
+    pub(crate) stack: Stack,
+    /// The agent's port.
+    pub(crate) port: u16,
+    /// Whether the TLS edge offers ALPN `h2`.
+    pub(crate) h2: bool,
+    /// Places for the tunnel's public connections.
+    pub(crate) tunnel_connections: Arc<Semaphore>,
+    /// Places for the public connections of every tunnel of the session.
+    pub(crate) agent_connections: Arc<Semaphore>,
+}
+
+/// The relay's tunnels, leases and sessions.
+pub(crate) struct Registry {
+    tunnels: HashMap<String, Tunnel>,
+    /// Leased tunnels' hostnames by agent and port.
+    leases: HashMap<(AgentKey, u16), String>,
+    sessions: HashMap<SessionId, SessionEntry>,
+    /// The newest session of each agent identity.
+    identities: HashMap<AgentKey, SessionId>,
+    next_session: u64,
+    /// What routes of tunnels nobody serves lead to: connections fail at once.
+    away: (Stack, Arc<Semaphore>),
+    /// Whether new tunnels may open (not once the relay shuts down).
+    accepting: bool,
+    /// The leases changed since [`take_leases_changed`](Self::take_leases_changed).
+    leases_changed: bool,
+    domain: String,
+    tls_port: u16,
+    max_tunnels_per_agent: usize,
+    max_connections_per_tunnel: usize,
+    max_connections_per_agent: usize,
+    lease_grace: std::time::Duration,
+}
+
+/// What a registry takes from its relay's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The domain hostnames are made under (with the node, if any).
+    pub(crate) domain: String,
+    /// The public TLS port URLs name.
+    pub(crate) tls_port: u16,
+    pub(crate) max_tunnels_per_agent: usize,
+    pub(crate) max_connections_per_tunnel: usize,
+    pub(crate) max_connections_per_agent: usize,
+    pub(crate) lease_grace: std::time::Duration,
+    /// Settings of the closed stack that routes of away agents lead to.
+    pub(crate) stack: crate::netstack::StackConfig,
+}
+
+impl Settings {
+    /// The settings of a relay with `config` whose URLs name `tls_port`.
+    pub(crate) fn of(config: &RelayConfig, tls_port: u16) -> Settings {
+        Settings {
+            domain: config.node_domain(),
+            tls_port,
+            max_tunnels_per_agent: config.max_tunnels_per_agent,
+            max_connections_per_tunnel: config.max_connections_per_tunnel,
+            max_connections_per_agent: config.max_connections_per_agent,
+            lease_grace: config.lease_grace,
+            stack: config.stack.clone(),
+        }
+    }
+}
+
+/// A semaphore of `permits`, capped at what tokio supports.
+pub(crate) fn semaphore(permits: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
+}
+
+impl Registry {
+    /// An empty registry.
+    pub(crate) fn new(settings: Settings) -> Registry {
+        let nobody = Stack::new(settings.stack);
+        nobody.close();
+        Registry {
+            tunnels: HashMap::new(),
+            leases: HashMap::new(),
+            sessions: HashMap::new(),
+            identities: HashMap::new(),
+            next_session: 1,
+            away: (nobody, semaphore(settings.max_connections_per_agent)),
+            accepting: true,
+            leases_changed: false,
+            domain: settings.domain,
+            tls_port: settings.tls_port,
+            max_tunnels_per_agent: settings.max_tunnels_per_agent,
+            max_connections_per_tunnel: settings.max_connections_per_tunnel,
+            max_connections_per_agent: settings.max_connections_per_agent,
+            lease_grace: settings.lease_grace,
+        }
+    }
+
+    /// Admits a session serving `stack` for `agent`. The newest session of an agent
+    /// wins: an older one still open has its stack closed (its link then ends).
+    pub(crate) fn start_session(&mut self, stack: Stack, agent: Option<AgentKey>) -> SessionId {
+        let id = SessionId(self.next_session);
+        self.next_session += 1;
+        let entry = SessionEntry {
+            stack,
+            connections: semaphore(self.max_connections_per_agent),
+            ports: HashMap::new(),
+        };
+        self.sessions.insert(id, entry);
+        if let Some(key) = agent {
+            if let Some(older) = self.identities.insert(key, id) {
+                if let Some(older) = self.sessions.get(&older) {
+                    older.stack.close();
+                }
+            }
+        }
+        id
+    }
+
+    /// Ends session `id` at `now`: its leased tunnels wait for their agent for the lease
+    /// grace period (their connections fail at once meanwhile), the others end now. Its
+    /// stack is closed.
+    pub(crate) fn end_session(&mut self, id: SessionId, agent: Option<AgentKey>, now: Instant) {
+        let Some(entry) = self.sessions.remove(&id) else {
+            return;
+        };
+        let until = now + self.lease_grace;
+        for hostname in entry.ports.values() {
+            let Some(tunnel) = self.tunnels.get_mut(hostname) else {
+                continue;
+            };
+            if tunnel.owner != Owner::Session(id) {
+                continue;
+            }
+            if tunnel.lease.is_some() {
+                tunnel.owner = Owner::Away { until };
+            } else {
+                self.tunnels.remove(hostname);
+            }
+        }
+        entry.stack.close();
+        if let Some(key) = agent {
+            if self.identities.get(&key) == Some(&id) {
+                self.identities.remove(&key);
+            }
+        }
+    }
+
+    /// Whether session `id` has `port` open.
+    pub(crate) fn has_port(&self, id: SessionId, port: u16) -> bool {
+        self.sessions
+            .get(&id)
+            .is_some_and(|entry| entry.ports.contains_key(&port))
+    }
+
+    /// Whether session `id` has its maximum of tunnels open.
+    pub(crate) fn at_tunnel_limit(&self, id: SessionId) -> bool {
+        self.sessions
+            .get(&id)
+            .is_none_or(|entry| entry.ports.len() >= self.max_tunnels_per_agent)
+    }
+
+    /// The most tunnels a session may have open.
+    pub(crate) fn max_tunnels_per_agent(&self) -> usize {
+        self.max_tunnels_per_agent
+    }
+
+    /// Whether new tunnels may open.
+    pub(crate) fn accepting(&self) -> bool {
+        self.accepting
+    }
+
+    /// Refuses new tunnels from now on.
+    pub(crate) fn stop_accepting(&mut self) {
+        self.accepting = false;
+    }
+
+    /// Gives session `id` of `agent` back the tunnel leased for `request.port`, with
+    /// the same hostname and TCP port, if the options match; a lease with other options
+    /// ends now.
+    pub(crate) fn reclaim(
+        &mut self,
+        id: SessionId,
+        agent: AgentKey,
+        request: &ForwardRequest,
+    ) -> Option<Forwarded> {
+        let key = (agent, request.port);
+        let hostname = self.leases.get(&key)?.clone();
+        let tunnel = self.tunnels.get_mut(&hostname)?;
+        if tunnel.h2 != request.h2 || tunnel.unencrypted != request.unencrypted {
+            // Asked for a different tunnel: the old one ends now.
+            self.end_tunnel(&hostname);
+            return None;
+        }
+        tunnel.owner = Owner::Session(id);
+        tunnel.connections = semaphore(self.max_connections_per_tunnel);
+        let forwarded = Forwarded {
+            request_id: request.request_id,
+            port: request.port,
+            hostname: hostname.clone(),
+            tls_port: self.tls_port,
+            tcp_port: tunnel.tcp.as_ref().map(|tcp| tcp.port),
+        };
+        let entry = self.sessions.get_mut(&id)?;
+        entry.ports.insert(request.port, hostname);
+        Some(forwarded)
+    }
+
+    /// A hostname no tunnel uses: 128 random bits, so never one handed out before.
+    pub(crate) fn fresh_hostname(&self) -> String {
+        loop {
+            let hostname = format!("{}.{}", random_label(), self.domain);
+            if !self.tunnels.contains_key(&hostname) {
+                return hostname;
+            }
+        }
+    }
+
+    /// Opens a new tunnel of session `id` under `hostname` (from
+    /// [`fresh_hostname`](Self::fresh_hostname)), leased to `agent` if it has an
+    /// identity (a stale lease of the same port ends).
+    pub(crate) fn open(
+        &mut self,
+        id: SessionId,
+        agent: Option<AgentKey>,
+        request: &ForwardRequest,
+        hostname: String,
+        tcp: Option<TcpPort>,
+    ) -> Forwarded {
+        let forwarded = Forwarded {
+            request_id: request.request_id,
+            port: request.port,
+            hostname: hostname.clone(),
+            tls_port: self.tls_port,
+            tcp_port: tcp.as_ref().map(|tcp| tcp.port),
+        };
+        let tunnel = Tunnel {
+            port: request.port,
+            h2: request.h2,
+            unencrypted: request.unencrypted,
+            tcp,
+            lease: agent,
+            owner: Owner::Session(id),
+            connections: semaphore(self.max_connections_per_tunnel),
+        };
+        self.tunnels.insert(hostname.clone(), tunnel);
+        if let Some(key) = agent {
+            if let Some(stale) = self.leases.insert((key, request.port), hostname.clone()) {
+                self.tunnels.remove(&stale);
+            }
+            self.leases_changed = true;
+        }
+        if let Some(entry) = self.sessions.get_mut(&id) {
+            entry.ports.insert(request.port, hostname);
+        }
+        forwarded
+    }
+
+    /// Session `id` closes its tunnel of `port`: it stops routing and its lease ends,
+    /// unless a newer session has taken it over. Its open connections carry on.
+    pub(crate) fn close(&mut self, id: SessionId, port: u16) {
+        let Some(hostname) = self
+            .sessions
+            .get_mut(&id)
+            .and_then(|entry| entry.ports.remove(&port))
+        else {
+            return;
+        };
+        if self
+            .tunnels
+            .get(&hostname)
+            .is_some_and(|tunnel| tunnel.owner == Owner::Session(id))
+        {
+            self.end_tunnel(&hostname);
+        }
+    }
+
+    /// Ends a tunnel and its lease; its TCP port is freed.
+    fn end_tunnel(&mut self, hostname: &str) {
+        let Some(tunnel) = self.tunnels.remove(hostname) else {
+            return;
+        };
+        if let Some(key) = tunnel.lease {
+            let index = (key, tunnel.port);
+            if self.leases.get(&index).is_some_and(|h| h == hostname) {
+                self.leases.remove(&index);
+                self.leases_changed = true;
+            }
+        }
+    }
+
+    /// Ends the leases of agents that stayed away past their grace period.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| matches!(t.owner, Owner::Away { until } if until <= now))
+            .map(|(hostname, _)| hostname.clone())
+            .collect();
+        for hostname in expired {
+            self.end_tunnel(&hostname);
+        }
+    }
+
+    /// When the next lease ends unless its agent is back: the moment to call
+    /// [`expire`](Self::expire) at.
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.tunnels
+            .values()
+            .filter_map(|t| match t.owner {
+                Owner::Away { until } => Some(until),
+                Owner::Session(_) => None,
+            })
+            .min()
+    }
+
+    /// Takes over a lease a previous run saved: its hostname routes to nobody and its
+    /// TCP port stays held until its agent comes back, or until `until`.
+    pub(crate) fn restore(&mut self, record: LeaseRecord, tcp: Option<TcpPort>, until: Instant) {
+        let LeaseRecord {
+            agent,
+            port,
+            hostname,
+            h2,
+            unencrypted,
+            ..
+        } = record;
+        let tunnel = Tunnel {
+            port,
+            h2,
+            unencrypted,
+            tcp,
+            lease: Some(agent),
+            owner: Owner::Away { until },
+            connections: semaphore(self.max_connections_per_tunnel),
+        };
+        self.tunnels.insert(hostname.clone(), tunnel);
+        self.leases.insert((agent, port), hostname);
+    }
+
+    /// Ends every lease (a stopped relay holds nothing for agents that may come back),
+    /// without marking the leases changed: the lease file keeps them for the next run.
+    pub(crate) fn drop_leases(&mut self) {
+        self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
+        self.leases.clear();
+    }
+
+    /// Whether the leases changed since the last call.
+    pub(crate) fn take_leases_changed(&mut self) -> bool {
+        std::mem::take(&mut self.leases_changed)
+    }
+
+    /// Every lease, as records for the lease file.
+    pub(crate) fn lease_records(&self) -> Vec<LeaseRecord> {
+        self.leases
+            .iter()
+            .filter_map(|(&(agent, port), hostname)| {
+                let tunnel = self.tunnels.get(hostname)?;
+                Some(LeaseRecord {
+                    agent,
+                    port,
+                    hostname: hostname.clone(),
+                    tcp_port: tunnel.tcp.as_ref().map(|tcp| tcp.port),
+                    h2: tunnel.h2,
+                    unencrypted: tunnel.unencrypted,
+                })
+            })
+            .collect()
+    }
+
+    /// Where connections for `hostname` (any case) go now.
+    pub(crate) fn route(&self, hostname: &str) -> Option<Route> {
+        let tunnel = self.tunnels.get(&hostname.to_ascii_lowercase())?;
+        let (stack, agent_connections) = match tunnel.owner {
+            Owner::Session(id) => {
+                let entry = self.sessions.get(&id)?;
+                (&entry.stack, &entry.connections)
+            }
+            Owner::Away { .. } => (&self.away.0, &self.away.1),
+        };
+        Some(Route {
+            stack: stack.clone(),
+            port: tunnel.port,
+            h2: tunnel.h2,
+            tunnel_connections: tunnel.connections.clone(),
+            agent_connections: agent_connections.clone(),
+        })
+    }
+
+    /// Tunnels routed now, whether or not anybody serves them.
+    pub(crate) fn tunnel_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// The stacks of the live sessions.
+    pub(crate) fn stacks(&self) -> Vec<Stack> {
+        self.sessions.values().map(|e| e.stack.clone()).collect()
+    }
+}
+
+#[cfg(any(test, feature = "harness"))]
+impl Registry {
+    /// Panics unless the tables agree: every index points at the tunnel it names, every
+    /// tunnel a session serves is in that session's ports, and a tunnel nobody serves is
+    /// leased.
+    pub(crate) fn check(&self) {
+        for (hostname, tunnel) in &self.tunnels {
+            match tunnel.owner {
+                Owner::Session(id) => {
+                    let entry = self.sessions.get(&id).expect("a tunnel's session is live");
+                    assert_eq!(entry.ports.get(&tunnel.port), Some(hostname), "{id:?}");
+                }
+                Owner::Away { .. } => assert!(tunnel.lease.is_some(), "{hostname} unleased"),
+            }
+            if let Some(key) = tunnel.lease {
+                assert_eq!(self.leases.get(&(key, tunnel.port)), Some(hostname));
+            }
+        }
+        for ((key, port), hostname) in &self.leases {
+            let tunnel = self.tunnels.get(hostname).expect("a lease's tunnel exists");
+            assert_eq!(
+                (tunnel.lease, tunnel.port),
+                (Some(*key), *port),
+                "{hostname}"
+            );
+        }
+        for id in self.identities.values() {
+            assert!(
+                self.sessions.contains_key(id),
+                "an identity's session is live"
+            );
+        }
+    }
+
+    /// Who serves `hostname` (any case) now.
+    pub(crate) fn owner(&self, hostname: &str) -> Option<Owner> {
+        Some(self.tunnels.get(&hostname.to_ascii_lowercase())?.owner)
+    }
+
+    /// Live sessions.
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+/// A DNS label of 26 characters from `a-z2-7` carrying 128 bits from the OS CSPRNG.
+fn random_label() -> String {
+    const ALPHABET: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut bytes = [0u8; 16];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .expect("the OS random number generator failed");
+    let bits = u128::from_be_bytes(bytes);
+    (0..26)
+        .map(|i| ALPHABET[((bits >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_random_dns_labels() {
+        let a = random_label();
+        let b = random_label();
+        assert_eq!(a.len(), 26);
+        assert_ne!(a, b);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
+    }
+}

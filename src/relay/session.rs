@@ -1,0 +1,253 @@
+//! The control plane of one agent session, sans-IO: whom a hello admits, and what each
+//! control frame does to the [`Registry`] and gets as an answer.
+//!
+//! Nothing here reads a socket or a clock. A driver ([`endpoint`](super::endpoint), or
+//! the sans-IO [`harness`](super::harness)) hands frames to [`Session::handle`] under the
+//! registry's lock and sends the [`Answer`]s; the one step that needs I/O, binding the
+//! raw TCP port of an unencrypted tunnel, comes out as [`Step::BindTcp`], and the
+//! driver brings the port back to [`Session::bound`].
+
+use tokio::time::Instant;
+
+use super::registry::{AgentKey, Registry, SessionId, TcpPort};
+use crate::netstack::Stack;
+use crate::token::Token;
+use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, PROTOCOL_VERSION};
+
+/// What a refused hello is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Counted {
+    /// In [`RelayStats::failed_handshakes`](super::RelayStats::failed_handshakes).
+    FailedHandshake,
+    /// In [`RelayStats::unauthorized`](super::RelayStats::unauthorized).
+    Unauthorized,
+    /// Nowhere.
+    Uncounted,
+}
+
+/// Why a hello is turned away: the error the agent gets, and how it is counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+    pub(crate) counted: Counted,
+}
+
+/// Decides on an agent's hello: the agent key its tunnels are leased under (`None`
+/// if it presents no 16-byte identity), or why it is turned away. `running` is
+/// whether the relay still takes new sessions.
+pub(crate) fn admit(
+    hello: &Hello,
+    tokens: &[Token],
+    running: bool,
+) -> Result<Option<AgentKey>, Refusal> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Refusal {
+            code: ErrorCode::BAD_VERSION,
+            message: format!(
+                "relay speaks version {PROTOCOL_VERSION}, agent {}",
+                hello.version
+            ),
+            counted: Counted::FailedHandshake,
+        });
+    }
+    let Some(token_index) = tokens
+        .iter()
+        .position(|token| !hello.token.is_empty() && token.matches(&hello.token))
+    else {
+        return Err(Refusal {
+            code: ErrorCode::UNAUTHORIZED,
+            message: "unknown agent token".into(),
+            counted: Counted::Unauthorized,
+        });
+    };
+    if !running {
+        return Err(Refusal {
+            code: ErrorCode::INTERNAL,
+            message: "the relay is shutting down".into(),
+            counted: Counted::Uncounted,
+        });
+    }
+    // An agent that presents a 16-byte identity gets its leases back on reconnect.
+    Ok(<[u8; 16]>::try_from(&hello.resume[..])
+        .ok()
+        .map(|identity| (identity, token_index)))
+}
+
+/// One answer to a control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub(crate) frame: Frame,
+    /// The limit a refusal was at, to count in `refused_by_limit`.
+    pub(crate) refused: Option<&'static str>,
+}
+
+impl Answer {
+    fn frame(frame: Frame) -> Answer {
+        Answer {
+            frame,
+            refused: None,
+        }
+    }
+
+    fn error(request_id: u32, code: ErrorCode, message: String) -> Answer {
+        Answer::frame(Frame::Error(ErrorFrame {
+            request_id,
+            code,
+            message,
+        }))
+    }
+
+    fn shutting_down(request_id: u32) -> Answer {
+        Answer::error(
+            request_id,
+            ErrorCode::INTERNAL,
+            "the relay is shutting down".into(),
+        )
+    }
+}
+
+/// What the driver does next with a control frame.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Send this answer.
+    Answer(Answer),
+    /// Bind a raw TCP port for this tunnel, then call [`Session::bound`].
+    BindTcp(PendingTunnel),
+}
+
+/// An unencrypted tunnel waiting for its raw TCP port.
+#[derive(Debug)]
+pub(crate) struct PendingTunnel {
+    pub(crate) request: ForwardRequest,
+    /// Its hostname, which the port's acceptor routes by.
+    pub(crate) hostname: String,
+}
+
+/// Why a pending tunnel got no raw TCP port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unbound {
+    /// Every port tried was taken.
+    NoFreePort,
+    /// The relay stopped meanwhile.
+    ShuttingDown,
+}
+
+/// The relay's side of one agent link.
+#[derive(Debug)]
+pub(crate) struct Session {
+    id: SessionId,
+    /// The agent's identity, if it presented one: its tunnels are leased.
+    agent: Option<AgentKey>,
+}
+
+impl Session {
+    /// Admits a session serving `stack` for `agent` (from [`admit`]).
+    pub(crate) fn start(registry: &mut Registry, stack: Stack, agent: Option<AgentKey>) -> Session {
+        Session {
+            id: registry.start_session(stack, agent),
+            agent,
+        }
+    }
+
+    /// The session's number in the registry.
+    #[cfg(any(test, feature = "harness"))]
+    pub(crate) fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Handles one control frame from the agent.
+    pub(crate) fn handle(&self, registry: &mut Registry, frame: Frame) -> Step {
+        match frame {
+            Frame::Forward(request) => self.open(registry, request),
+            Frame::Close { port } => {
+                registry.close(self.id, port);
+                Step::Answer(Answer::frame(Frame::Close { port }))
+            }
+            _ => Step::Answer(Answer::error(
+                0,
+                ErrorCode::PROTOCOL,
+                "unexpected frame".into(),
+            )),
+        }
+    }
+
+    /// Opens a tunnel to `request.port` of the agent, or takes back its lease.
+    fn open(&self, registry: &mut Registry, request: ForwardRequest) -> Step {
+        let (id, port) = (request.request_id, request.port);
+        let refuse = |code, message: String| Step::Answer(Answer::error(id, code, message));
+        if port == 0 {
+            return refuse(
+                ErrorCode::INVALID_REQUEST,
+                "port 0 is not a valid port (1 to 65535)".into(),
+            );
+        }
+        if request.h2 && request.unencrypted {
+            return refuse(
+                ErrorCode::INVALID_REQUEST,
+                "HTTP/2 needs TLS: h2 cannot be unencrypted".into(),
+            );
+        }
+        if registry.has_port(self.id, port) {
+            return refuse(
+                ErrorCode::PORT_IN_USE,
+                format!("port {port} is already forwarded"),
+            );
+        }
+        if let Some(agent) = self.agent {
+            if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
+                return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
+            }
+        }
+        if !registry.accepting() {
+            return Step::Answer(Answer::shutting_down(id));
+        }
+        if registry.at_tunnel_limit(self.id) {
+            let max = registry.max_tunnels_per_agent();
+            let mut answer = Answer::error(
+                id,
+                ErrorCode::LIMIT_REACHED,
+                format!("this agent has its maximum of {max} tunnels open (max_tunnels_per_agent)"),
+            );
+            answer.refused = Some("max_tunnels_per_agent");
+            return Step::Answer(answer);
+        }
+        let hostname = registry.fresh_hostname();
+        if request.unencrypted {
+            return Step::BindTcp(PendingTunnel { request, hostname });
+        }
+        let forwarded = registry.open(self.id, self.agent, &request, hostname, None);
+        Step::Answer(Answer::frame(Frame::Forwarded(forwarded)))
+    }
+
+    /// Finishes a [`Step::BindTcp`] with the port the driver bound.
+    pub(crate) fn bound(
+        &self,
+        registry: &mut Registry,
+        pending: PendingTunnel,
+        tcp: Result<TcpPort, Unbound>,
+    ) -> Answer {
+        let PendingTunnel { request, hostname } = pending;
+        match tcp {
+            Ok(tcp) => {
+                let forwarded = registry.open(self.id, self.agent, &request, hostname, Some(tcp));
+                Answer::frame(Frame::Forwarded(forwarded))
+            }
+            Err(Unbound::NoFreePort) => {
+                let mut answer = Answer::error(
+                    request.request_id,
+                    ErrorCode::LIMIT_REACHED,
+                    "no free raw TCP port on the relay".into(),
+                );
+                answer.refused = Some("tcp_ports");
+                answer
+            }
+            Err(Unbound::ShuttingDown) => Answer::shutting_down(request.request_id),
+        }
+    }
+
+    /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].
+    pub(crate) fn end(&self, registry: &mut Registry, now: Instant) {
+        registry.end_session(self.id, self.agent, now);
+    }
+}
