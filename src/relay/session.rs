@@ -213,7 +213,7 @@ impl Session {
         if !registry.accepting() {
             return Step::Answer(Answer::shutting_down(id));
         }
-        if let Some(refusal) = self.lease_refusal(registry, id) {
+        if let Some(refusal) = self.over_lease_limit(registry, id) {
             return Step::Answer(refusal);
         }
         let hostname = registry.fresh_hostname();
@@ -232,9 +232,11 @@ impl Session {
         tcp: Result<TcpPort, Unbound>,
     ) -> Answer {
         let PendingTunnel { request, hostname } = pending;
-        // Other sessions may have taken leases while the port was being bound.
-        if let Some(refusal) = self.lease_refusal(registry, request.request_id) {
-            return refusal;
+        if tcp.is_ok() {
+            // Other sessions may have taken the last leases meanwhile.
+            if let Some(refusal) = self.over_lease_limit(registry, request.request_id) {
+                return refusal;
+            }
         }
         match tcp {
             Ok(tcp) => {
@@ -254,15 +256,19 @@ impl Session {
         }
     }
 
-    /// The refusal of a new tunnel that would take a lease over its limits, if any.
-    fn lease_refusal(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
-        let (setting, max) = registry.lease_limit(self.agent?)?;
+    /// The refusal of a new leased tunnel if this session's agent is at a lease limit.
+    fn over_lease_limit(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
+        let (limit, max) = registry.lease_limit(self.agent?)?;
+        let holder = match limit {
+            "max_leases_per_token" => "the agents of this token hold their",
+            _ => "the relay holds its",
+        };
         let mut answer = Answer::error(
             request_id,
             ErrorCode::LIMIT_REACHED,
-            format!("the relay holds its maximum of {max} leases ({setting})"),
+            format!("{holder} maximum of {max} tunnel leases ({limit})"),
         );
-        answer.refused = Some(setting);
+        answer.refused = Some(limit);
         Some(answer)
     }
 
