@@ -27,7 +27,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a relay. With no flags: on loopback, domain `portferry.localhost`, with a generated CA
-    /// and token kept in the state directory; prints the environment an agent needs.
+    /// and token kept in the state directory; prints the environment an agent needs, as
+    /// `export` lines to paste into a shell.
     Relay(Box<RelayArgs>),
     /// Forward a local port through the relay named by PORTFERRY_RELAY / PORTFERRY_TOKEN
     /// / PORTFERRY_RELAY_CA; runs until Ctrl-C or SIGTERM, then closes the tunnel (a
