@@ -120,6 +120,10 @@ struct RelayArgs {
     /// (a second one exits at once).
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_SHUTDOWN_GRACE.as_secs_f64(), value_parser = parse_seconds)]
     shutdown_grace: f64,
+    /// Seconds a public connection may go without a byte moving either way before it is
+    /// reset on both sides; 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
+    idle_timeout: f64,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -279,6 +283,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.max_agent_sessions = args.max_agent_sessions;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
     config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
+    config.idle_timeout = Some(Duration::from_secs_f64(args.idle_timeout)).filter(|t| !t.is_zero());
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;

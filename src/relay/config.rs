@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
+use crate::splice::SpliceOptions;
 use crate::tls::ServerIdentity;
 use crate::token::Token;
 
@@ -73,6 +74,10 @@ pub struct RelayConfig {
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
     pub shutdown_grace: Duration,
+    /// A public connection (TLS or raw TCP) on which no byte has moved either way for
+    /// this long is reset on both sides, so that a client that sent and left cannot hold
+    /// a connection its service never reads. `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
     /// How long the hostnames and TCP ports of an agent whose link was lost stay
     /// reserved for it: an agent that reconnects within it (presenting the same
     /// identity and token) gets the same URLs back.
@@ -104,6 +109,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Default of [`idle_timeout`](Self::idle_timeout): 10 minutes.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     /// Default of [`lease_grace`](Self::lease_grace): 60 s.
     pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(60);
 
@@ -135,11 +142,17 @@ impl RelayConfig {
             max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
+    }
+
+    /// How the edge splices its public connections.
+    pub(super) fn splice_options(&self) -> SpliceOptions {
+        SpliceOptions::idle_timeout(self.idle_timeout)
     }
 
     /// The domain under which this node's tunnels are named.

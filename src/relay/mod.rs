@@ -13,8 +13,9 @@
 //! - The **tunnel registry** maps hostnames (`<label>.<domain>`, with a label of 128
 //!   random bits from the OS) to a session and an inner port.
 //! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
-//!   to tunnels that asked for HTTP/2, terminates TLS and splices the plaintext into an
-//!   inner connection to the agent. An unknown or missing SNI is dropped the same way
+//!   to tunnels that asked for HTTP/2, terminates TLS and only then opens an inner
+//!   connection to the agent and splices the plaintext into it. An unknown, closed or
+//!   missing SNI gets a fatal `unrecognized_name` alert and the close, the same way
 //!   every time, before any certificate is shown. Routing follows the SNI only: an
 //!   HTTP `Host` header is never looked at.
 //! - **Raw TCP** tunnels get a port of their own from a configured range.
