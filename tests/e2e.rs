@@ -941,3 +941,21 @@ async fn listen_inner_ports_do_not_collide_with_forwarded_ports() {
     let tls = fixture.tls(&listen_host, &[b"http/1.1"]).await.unwrap();
     assert_eq!(hyper_get(tls, &listen_host, "/").await, "listener GET /");
 }
+
+/// With several local addresses, each connection goes to the first that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_addresses_are_tried_in_order() {
+    let fixture = Fixture::start(STEP).await;
+    let agent = fixture.agent().await;
+    let nothing = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let service = hyper_http1_service("second address").await;
+    let options = ForwardOptions::new().local_addrs([nothing, service]);
+    let tunnel = quickly("forward", agent.forward_with(free_port(), options))
+        .await
+        .unwrap();
+    let tls = fixture.tls_to(&tunnel).await.unwrap();
+    assert_eq!(
+        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        "second address GET /"
+    );
+}

@@ -125,7 +125,7 @@ impl Agent {
 
     /// Asks the relay for a tunnel to the local service on `port`: connections to the
     /// tunnel's URL (and TCP socket, if `unencrypted`) reach `127.0.0.1:<port>`, else
-    /// `[::1]:<port>` (as `localhost` means), or `options.local_addr`. A client of a
+    /// `[::1]:<port>` (as `localhost` means), or `options`' local addresses. A client of a
     /// service that is not listening sees its connection refused, and the agent logs a
     /// warning naming the addresses it tried (at most one per tunnel per 10 s).
     pub async fn forward_with(&self, port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
@@ -133,9 +133,10 @@ impl Agent {
             return Err(Error::InvalidPort { given: "0".into() });
         }
         let (forwarded, listener) = self.open(Some(port), &options).await?;
-        let targets = match options.local_addr {
-            Some(addr) => vec![addr],
-            None => local::default_targets(port),
+        let targets = if options.local_addrs.is_empty() {
+            local::default_targets(port)
+        } else {
+            options.local_addrs
         };
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
