@@ -313,4 +313,9 @@ async fn an_agent_refused_on_reconnect_says_it_gave_up() {
     assert!(matches!(*reason, Error::Unauthorized), "{reason:?}");
     assert!(matches!(*agent.link_state().borrow(), LinkState::GaveUp(_)));
     assert!(!agent.is_connected());
+    // Asking it for a tunnel now says why it cannot.
+    let refused = timeout(STEP, agent.forward(common::free_port()))
+        .await
+        .unwrap();
+    assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
 }

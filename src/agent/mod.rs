@@ -172,19 +172,39 @@ impl Agent {
             return Err(Error::H2RequiresTls);
         }
         let shared = &self.shared;
-        let (id, _inner, listener) = shared.update(|control| {
+        let opened = shared.update(|control| {
             control.open(local, options, now(), |port| {
                 shared.stack.listen(port).map_err(|e| match e {
                     ListenError::PortInUse(_) => BindError::Taken,
                     _ => BindError::Failed(Error::LinkClosed),
                 })
             })
-        })?;
+        });
+        let (id, _inner, listener) = match opened {
+            // An agent that gave up says why, rather than that its link is closed.
+            Err(Error::LinkClosed) => return Err(self.link_closed()),
+            opened => opened?,
+        };
         shared.changed.notify_waiters();
         let forwarded = shared
             .wait_for(|control| control.answer(id), |control| control.cancel(id))
             .await?;
         Ok((forwarded, listener))
+    }
+
+    /// The error for a request made while the link is down: why the agent gave up, if
+    /// it did.
+    fn link_closed(&self) -> Error {
+        match &*self.shared.state.borrow() {
+            LinkState::GaveUp(reason) => match &**reason {
+                Error::Unauthorized => Error::Unauthorized,
+                Error::VersionMismatch { message } => Error::VersionMismatch {
+                    message: message.clone(),
+                },
+                _ => Error::LinkClosed,
+            },
+            _ => Error::LinkClosed,
+        }
     }
 
     /// Whether the link to the relay is up.
