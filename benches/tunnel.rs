@@ -2,7 +2,14 @@
 //! measured against direct loopback TCP in the same run. Prints one table.
 //!
 //! `cargo bench --bench tunnel` (set `PORTFERRY_BENCH_MIB` to change the bulk size, and
-//! `PORTFERRY_BENCH_SOCKET_BUFFER` to give every inner connection another buffer size).
+//! `PORTFERRY_BENCH_SOCKET_BUFFER` to give every inner connection another initial buffer
+//! size).
+//!
+//! `PORTFERRY_BENCH_RTT_MS=40` puts the agent's link to the relay through an in-process
+//! delay line of that round trip (a loopback TCP proxy that delivers every byte half the
+//! round trip after it arrived, each way; no root needed) and measures single-stream
+//! throughput of the raw TCP and HTTPS tunnels against what the same delay line carries
+//! for one plain TCP stream in the same run.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -21,6 +28,9 @@ const ROUND_TRIPS: usize = 2_000;
 const CONNECTIONS: usize = 300;
 /// `forward()` calls timed.
 const FORWARDS: usize = 50;
+
+/// Bytes a delay line holds in flight per direction: 1 Gbit/s for half of 500 ms.
+const DELAY_LINE_BYTES: usize = 32 << 20;
 
 /// Idle connections held open for the scale measurement.
 const IDLE_CONNECTIONS: usize = 10_000;
@@ -64,7 +74,16 @@ async fn run() {
         relay_config.stack.socket_buffer = bytes;
     }
     let relay = Relay::bind(relay_config).await.expect("relay");
-    let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
+    let rtt = std::env::var("PORTFERRY_BENCH_RTT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .filter(|rtt| !rtt.is_zero());
+    let agent_link = match rtt {
+        Some(rtt) => delay_line(relay.agent_addr(), rtt / 2).await,
+        None => relay.agent_addr(),
+    };
+    let mut config = AgentConfig::new(format!("localhost:{}", agent_link.port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
     if let Some(bytes) = socket_buffer {
         config.socket_buffer = bytes;
@@ -98,6 +117,9 @@ async fn run() {
         .unwrap();
     let echo_raw = raw_addr(&echo_tunnel);
     let sink_raw = raw_addr(&sink_tunnel);
+    if let Some(rtt) = rtt {
+        return across_delay_line(&setup, &sink_tunnel, bulk, rtt).await;
+    }
 
     println!(
         "portferry end-to-end benchmark ({mib} MiB bulk, {ROUND_TRIPS} round trips, {CONNECTIONS} connections, {} socket buffers)",
@@ -195,6 +217,83 @@ async fn run() {
     );
     scale(&setup, bulk, sink_raw).await;
     let _ = std::fs::remove_dir_all(state);
+}
+
+/// Single-stream throughput of the raw TCP and HTTPS tunnels, whose agent link crosses
+/// a delay line of `rtt`, against one plain TCP stream across the same kind of line.
+async fn across_delay_line(setup: &Setup, sink_tunnel: &Tunnel, bulk: usize, rtt: Duration) {
+    let sink_raw = raw_addr(sink_tunnel);
+    let sink_delayed = delay_line(setup.sink, rtt / 2).await;
+    println!(
+        "portferry across an in-process delay line of {} ms round trip ({} MiB bulk)",
+        rtt.as_millis(),
+        bulk >> 20
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "measure", "delay line", "tunnel", "ratio"
+    );
+    let line = throughput(bulk, &[], || TcpStream::connect(sink_delayed)).await;
+    let raw = throughput(bulk, &[], || TcpStream::connect(sink_raw)).await;
+    let https = throughput(bulk, &[], || tls_connect(setup, sink_tunnel)).await;
+    row_rate("single-stream throughput, raw TCP tunnel", &line, &raw);
+    row_rate("single-stream throughput, HTTPS tunnel", &line, &https);
+}
+
+/// A loopback TCP proxy to `target` that delivers every byte `one_way` after it
+/// arrived, in both directions: a link with a round trip, without root or a network.
+/// Each direction holds at most [`DELAY_LINE_BYTES`] in flight.
+async fn delay_line(target: SocketAddr, one_way: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((near, _)) = listener.accept().await {
+            let Ok(far) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let _ = near.set_nodelay(true);
+            let _ = far.set_nodelay(true);
+            let (near_read, near_write) = near.into_split();
+            let (far_read, far_write) = far.into_split();
+            tokio::spawn(delayed_copy(near_read, far_write, one_way));
+            tokio::spawn(delayed_copy(far_read, near_write, one_way));
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to`, each read written `one_way` after it was read.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    one_way: Duration,
+) {
+    let (line_in, mut line_out) = tokio::sync::mpsc::unbounded_channel();
+    // The bytes in flight are bounded here rather than by the channel.
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(DELAY_LINE_BYTES));
+    let read = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let Ok(permit) = room.clone().acquire_many_owned(n as u32).await else {
+                break;
+            };
+            let due = tokio::time::Instant::now() + one_way;
+            if line_in.send((due, buf[..n].to_vec(), permit)).is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk, permit)) = line_out.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            drop(permit);
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
 }
 
 /// Throughput of one stream with and without 10,000 idle connections through the same
