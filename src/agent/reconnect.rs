@@ -33,12 +33,11 @@ pub(crate) async fn open_link(
     config: &AgentConfig,
     identity: &[u8; 16],
 ) -> Result<LinkHalves, Error> {
-    let hello = handshake::hello(config.token.expose(), identity).map_err(|_| {
-        Error::InvalidConfig {
+    let hello =
+        handshake::hello(config.token.expose(), identity).map_err(|_| Error::InvalidConfig {
             name: ENV_TOKEN,
             reason: "the token is longer than a hello frame can carry".into(),
-        }
-    })?;
+        })?;
     let server_name = config.server_name()?;
     let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
     let limit = config.connect_timeout;
