@@ -18,8 +18,10 @@
 //!   the peak of and after a burst of downloads (item 10).
 //!
 //! Every line is a ratio or a count next to the same run's baseline. Environment:
-//! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build, and
-//! `HOSTILE_RELAY_ARGS` (space-separated) for extra relay flags.
+//! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build,
+//! `HOSTILE_ONLY=memory` to run only the memory phase, and
+//! `HOSTILE_RELAY_ARGS` (space-separated relay flags, default [`RELAY_ARGS`]; set it
+//! empty for a build without `--idle-timeout`).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +36,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
+/// Relay flags unless `HOSTILE_RELAY_ARGS` says otherwise: an idle timeout well inside
+/// [`IDLE_WAIT`], so that the `idle` phase shows it.
+const RELAY_ARGS: &str = "--idle-timeout 5";
 /// Connections in each flood.
 const FLOOD: usize = 2_000;
 /// Flood connections opened at once.
@@ -51,8 +56,8 @@ const IDLE_CLIENTS: usize = 50;
 const IDLE_SEND: usize = 256 << 10;
 const IDLE_WAIT: Duration = Duration::from_secs(20);
 /// Downloads in the memory burst, all at once, and the bytes of each.
-const BURST: usize = 300;
-const BURST_BYTES: usize = 2 << 20;
+const BURST: usize = 400;
+const BURST_BYTES: usize = 4 << 20;
 
 fn main() {
     // `cargo bench` passes `--bench`; this program takes no other arguments.
@@ -65,6 +70,18 @@ fn main() {
 }
 
 async fn run() {
+    if std::env::var("HOSTILE_ONLY").as_deref() != Ok("memory") {
+        attacks().await;
+    }
+    // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
+    let relay = RelayProcess::start().await;
+    let roots = portferry::tls::load_ca_roots(&relay.ca).expect("ca");
+    let tls = TlsConnector::from(portferry::tls::client_config(roots, &[b"http/1.1"]));
+    memory(&relay, &tls).await;
+}
+
+/// The phases of items 1, 5 and 4 against one relay.
+async fn attacks() {
     let relay = RelayProcess::start().await;
     let mut config = AgentConfig::new(relay.addr.clone(), Token::new(relay.token.clone()));
     config.relay_ca = Some(relay.ca.clone());
@@ -117,13 +134,7 @@ async fn run() {
 
     // Item 4: a client that sends to a service that never reads, then half-closes.
     idle(&tls, &hole).await;
-
-    // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
-    drop((echo, counted, hole, agent, relay));
-    let relay = RelayProcess::start().await;
-    let roots = portferry::tls::load_ca_roots(&relay.ca).expect("ca");
-    let tls = TlsConnector::from(portferry::tls::client_config(roots, &[b"http/1.1"]));
-    memory(&relay, &tls).await;
+    drop((echo, counted, hole, agent));
 }
 
 /// The `portferry relay` process under test, on loopback ports, killed when dropped.
@@ -141,7 +152,7 @@ impl RelayProcess {
         let bin = std::env::var("HOSTILE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portferry").to_owned());
         let state = tempdir::TempDir::new();
-        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_default();
+        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_else(|_| RELAY_ARGS.into());
         let mut command = Command::new(&bin);
         command
             .args([
@@ -158,7 +169,8 @@ impl RelayProcess {
         let (mut addr, mut token, mut ca) = (None, None, None);
         let read = async {
             while let Some(line) = lines.recv().await {
-                let Some((name, value)) = line.trim().split_once('=') else {
+                let line = line.trim().trim_start_matches("export ");
+                let Some((name, value)) = line.split_once('=') else {
                     continue;
                 };
                 match name {
@@ -559,11 +571,18 @@ async fn memory(relay: &RelayProcess, tls: &TlsConnector) {
             })
         })
         .collect();
-    let mut complete = 0;
+    let (mut complete, mut first_error) = (0, None);
     for download in downloads {
-        if let Ok(Ok(Ok(got))) = timeout(Duration::from_secs(120), download).await {
-            complete += usize::from(got == BURST_BYTES);
-        }
+        let failure = match timeout(Duration::from_secs(120), download).await {
+            Ok(Ok(Ok(got))) if got == BURST_BYTES => {
+                complete += 1;
+                continue;
+            }
+            Ok(Ok(Ok(got))) => format!("ended after {got} bytes"),
+            Ok(Ok(Err(e))) => e.to_string(),
+            _ => "no end in 120 s".into(),
+        };
+        first_error.get_or_insert(failure);
     }
     let took = start.elapsed();
     sampler.abort();
@@ -573,9 +592,10 @@ async fn memory(relay: &RelayProcess, tls: &TlsConnector) {
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after_10s = rss();
     println!(
-        "memory: {complete}/{BURST} downloads of {} MiB in {:.1} s",
+        "memory: {complete}/{BURST} downloads of {} MiB in {:.1} s{}",
         BURST_BYTES >> 20,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        first_error.map_or(String::new(), |e| format!(" (first failure: {e})"))
     );
     for (who, pick) in [("relay", 0), ("agent", 1)] {
         let get = |m: (f64, f64)| if pick == 0 { m.0 } else { m.1 };

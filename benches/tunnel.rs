@@ -88,7 +88,7 @@ async fn run() {
     let mut config = AgentConfig::new(format!("localhost:{}", agent_link.port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
     if let Some(bytes) = socket_buffer {
-        config.stack.socket_buffer = bytes;
+        config.socket_buffer = bytes;
     }
     let relay_handle = relay.handle();
     tokio::spawn(relay.run());
@@ -108,10 +108,7 @@ async fn run() {
         .unwrap_or(512);
     let bulk = mib << 20;
 
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let echo_tunnel = setup
         .agent
         .forward_with(setup.echo.port(), options.clone())
@@ -357,10 +354,7 @@ async fn delayed_copy(
 async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
     // Served straight from the agent's userspace stack: no local socket per connection,
     // so this process holds only the relay's side of each (the fd limit is 20,000).
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let mut listener = setup.agent.listen(options).await.expect("listen");
     let target = raw_addr(listener.tunnel());
     tokio::spawn(async move {

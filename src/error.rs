@@ -3,8 +3,6 @@
 use std::fmt;
 use std::io;
 
-use crate::wire::ErrorCode;
-
 /// Everything that can go wrong when forwarding a port. Each message says what to do.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -55,10 +53,14 @@ pub enum Error {
         /// What the relay said.
         message: String,
     },
-    /// The relay refused a request.
+    /// The relay refused: a limit (tunnels per agent, agents at once) is reached.
+    /// Close something, or retry later.
+    LimitReached {
+        /// The relay's message, naming the limit.
+        message: String,
+    },
+    /// The relay refused a request for another reason.
     Refused {
-        /// The relay's error code.
-        code: ErrorCode,
         /// The relay's message.
         message: String,
     },
@@ -69,6 +71,15 @@ pub enum Error {
     },
     /// The link to the relay is closed.
     LinkClosed,
+    /// A listening socket could not be opened (for example, the address is in use).
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What was to listen there.
+        what: &'static str,
+        /// Why it failed.
+        source: io::Error,
+    },
     /// A certificate or key could not be loaded or made.
     Tls(crate::tls::TlsError),
     /// A local I/O operation failed (binding a port, reading a file).
@@ -119,9 +130,15 @@ impl fmt::Display for Error {
                     "the relay speaks another protocol version ({message}): upgrade the older side"
                 )
             }
-            Error::Refused { code, message } => write!(f, "the relay refused: {message} ({code})"),
+            Error::LimitReached { message } => {
+                write!(f, "the relay refused: a limit is reached ({message})")
+            }
+            Error::Refused { message } => write!(f, "the relay refused: {message}"),
             Error::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
             Error::LinkClosed => f.write_str("the link to the relay is closed"),
+            Error::Bind { addr, what, source } => {
+                write!(f, "cannot listen on {addr} for {what}: {source}")
+            }
             Error::Tls(e) => e.fmt(f),
             Error::Io(e) => e.fmt(f),
         }
@@ -133,7 +150,7 @@ impl std::error::Error for Error {
         match self {
             // These messages already include their source's: skip it, so that a
             // report of the chain does not repeat it.
-            Error::RelayTls { source, .. } => source.source(),
+            Error::RelayTls { source, .. } | Error::Bind { source, .. } => source.source(),
             Error::Tls(e) => e.source(),
             Error::Io(e) => e.source(),
             _ => None,

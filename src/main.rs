@@ -111,6 +111,13 @@ struct RelayArgs {
     /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_AGENT_SESSIONS, value_parser = parse_limit)]
     max_agent_sessions: usize,
+    /// Tunnel leases (kept for a reconnecting agent) the agents of one token may hold at
+    /// once; a tunnel beyond it is refused (LIMIT_REACHED).
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES_PER_TOKEN, value_parser = parse_limit)]
+    max_leases_per_token: usize,
+    /// Tunnel leases the relay holds at once, all tokens together; the same.
+    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES, value_parser = parse_limit)]
+    max_leases: usize,
     /// Seconds a connection may take for its TLS handshake (an agent: TLS and hello
     /// together) before it is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
@@ -119,6 +126,10 @@ struct RelayArgs {
     /// (a second one exits at once).
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_SHUTDOWN_GRACE.as_secs_f64(), value_parser = parse_seconds)]
     shutdown_grace: f64,
+    /// Seconds a public connection may go without a byte moving either way before it is
+    /// reset on both sides; 0: never.
+    #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
+    idle_timeout: f64,
     #[command(flatten)]
     state: StateArgs,
 }
@@ -276,8 +287,11 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.max_pending_handshakes = args.max_pending_handshakes;
     config.max_pending_agent_handshakes = args.max_pending_handshakes;
     config.max_agent_sessions = args.max_agent_sessions;
+    config.max_leases_per_token = args.max_leases_per_token;
+    config.max_leases = args.max_leases;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
     config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
+    config.idle_timeout = Some(Duration::from_secs_f64(args.idle_timeout)).filter(|t| !t.is_zero());
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;
@@ -440,11 +454,12 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         return Ok(());
     };
     let agent = agent?;
-    let options = ForwardOptions {
-        unencrypted: args.unencrypted,
-        h2: args.h2,
-        local_addr,
-    };
+    let mut options = ForwardOptions::new()
+        .unencrypted(args.unencrypted)
+        .h2(args.h2);
+    if let Some(addr) = local_addr {
+        options = options.local_addr(addr);
+    }
     let Some(tunnel) = signals.unless(agent.forward_with(args.port, options)).await else {
         return Ok(());
     };

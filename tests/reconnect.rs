@@ -112,8 +112,8 @@ async fn fixture(lease_grace: Duration) -> Fixture {
 
     let mut config = relay.agent_config();
     config.relay = format!("localhost:{}", proxy.addr.port());
-    config.link.ping_interval = Duration::from_millis(200);
-    config.link.idle_timeout = Duration::from_secs(1);
+    config.ping_interval = Duration::from_millis(200);
+    config.idle_timeout = Duration::from_secs(1);
     Fixture {
         agent: timeout(STEP, Agent::connect(config))
             .await

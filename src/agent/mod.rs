@@ -5,9 +5,9 @@
 //! explicit [`AgentConfig`]. One agent holds one link to the relay, whatever the
 //! number of tunnels and connections.
 //!
-//! Layout: [`config`] (settings), [`control`] (the sans-IO request/close table),
-//! [`reconnect`] (the link and its upkeep), [`tunnel`] (the handles); this file ties
-//! them together.
+//! Layout: `config` (settings), `control` (the sans-IO request/close table),
+//! `reconnect` (the link and its upkeep), `tunnel` (the handles), `local` (serving a
+//! tunnel from the local service); this file ties them together.
 
 mod config;
 mod local;
@@ -101,7 +101,7 @@ impl Agent {
         let changed = Arc::new(Notify::new());
         let agent = Agent {
             shared: Arc::new(Shared {
-                stack: Stack::new(config.stack.clone()),
+                stack: Stack::new(config.stack()),
                 identity,
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
+use crate::splice::SpliceOptions;
 use crate::tls::ServerIdentity;
 use crate::token::Token;
 
@@ -72,13 +73,26 @@ pub struct RelayConfig {
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
     pub shutdown_grace: Duration,
+    /// A public connection (TLS or raw TCP) on which no byte has moved either way for
+    /// this long is reset on both sides, so that a client that sent and left cannot hold
+    /// a connection its service never reads. `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
+    /// Tunnel leases the agents of one token may hold at once, here or away (a lease
+    /// lasts [`lease_grace`](Self::lease_grace) after its agent's link is lost); a
+    /// `Forward` that would need one more is refused with `LIMIT_REACHED`.
+    pub max_leases_per_token: usize,
+    /// Tunnel leases the relay holds at once, all tokens together; the same.
+    pub max_leases: usize,
     /// How long the hostnames and TCP ports of an agent whose link was lost stay
     /// reserved for it: an agent that reconnects within it (presenting the same
     /// identity and token) gets the same URLs back.
     pub lease_grace: Duration,
     /// Where leases are kept across restarts: a relay started on the same file gives
     /// reconnecting agents their hostnames and TCP ports back (each lease is honoured for
-    /// [`lease_grace`](Self::lease_grace) after the start). `None`: leases live in memory.
+    /// [`lease_grace`](Self::lease_grace) after the start). The directory it is in is a
+    /// [`StateDir`](crate::state_dir::StateDir), created (mode 0700) if missing; the file
+    /// is written mode 0600, atomically and fsynced, by a thread of its own, shortly after
+    /// each change. `None`: leases live in memory.
     pub lease_file: Option<PathBuf>,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
@@ -101,8 +115,14 @@ impl RelayConfig {
     pub const DEFAULT_MAX_PENDING_AGENT_HANDSHAKES: usize = 1024;
     /// Default of [`max_agent_sessions`](Self::max_agent_sessions).
     pub const DEFAULT_MAX_AGENT_SESSIONS: usize = 1024;
+    /// Default of [`max_leases_per_token`](Self::max_leases_per_token).
+    pub const DEFAULT_MAX_LEASES_PER_TOKEN: usize = 4096;
+    /// Default of [`max_leases`](Self::max_leases).
+    pub const DEFAULT_MAX_LEASES: usize = 16_384;
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Default of [`idle_timeout`](Self::idle_timeout): 10 minutes.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     /// Default of [`lease_grace`](Self::lease_grace): 60 s.
     pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(60);
 
@@ -133,12 +153,20 @@ impl RelayConfig {
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
+            max_leases_per_token: Self::DEFAULT_MAX_LEASES_PER_TOKEN,
+            max_leases: Self::DEFAULT_MAX_LEASES,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
+    }
+
+    /// How the edge splices its public connections.
+    pub(super) fn splice_options(&self) -> SpliceOptions {
+        SpliceOptions::idle_timeout(self.idle_timeout)
     }
 
     /// The domain under which this node's tunnels are named.
@@ -159,6 +187,8 @@ pub struct RelayStats {
     pub agent_sessions: usize,
     /// Tunnels currently routed.
     pub tunnels: usize,
+    /// Tunnel leases held, for agents here or away.
+    pub leases: usize,
     /// Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.
     pub public_connections: usize,
     /// TLS handshakes in progress (public, and agents' until their hello is answered),

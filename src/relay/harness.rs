@@ -5,13 +5,16 @@
 //! the sockets.
 //!
 //! Raw TCP ports are numbers handed out from [`HarnessConfig::tcp_ports`] without
-//! binding anything, each at most once, so that a run can use them up.
+//! binding anything, each at most once, so that a run can use them up. The lease file
+//! is a [`Book`] the registry's lease changes are applied to, as the relay's writer
+//! does; [`Harness::restart`] starts a new registry from it.
 
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::leases::Book;
 use super::registry::{Owner, Registry, Settings, TcpPort};
 use super::session::{admit, Session, Step, Unbound};
 use crate::netstack::{Stack, StackConfig};
@@ -29,6 +32,10 @@ pub struct HarnessConfig {
     pub tls_port: u16,
     /// Tunnels one session may have open.
     pub max_tunnels_per_agent: usize,
+    /// Leases the agents of one token may hold.
+    pub max_leases_per_token: usize,
+    /// Leases the relay may hold.
+    pub max_leases: usize,
     /// How long an away agent's tunnels stay leased.
     pub lease_grace: Duration,
     /// Raw TCP port numbers to hand out, each once.
@@ -36,13 +43,16 @@ pub struct HarnessConfig {
 }
 
 impl HarnessConfig {
-    /// One token, the local domain, 4 tunnels per agent, a 30 s grace, 8 TCP ports.
+    /// One token, the local domain, 4 tunnels per agent, 8 leases per token and 16 in
+    /// all, a 30 s grace, 8 TCP ports.
     pub fn new(token: Token) -> HarnessConfig {
         HarnessConfig {
             tokens: vec![token],
             domain: super::LOCAL_DOMAIN.into(),
             tls_port: 4443,
             max_tunnels_per_agent: 4,
+            max_leases_per_token: 8,
+            max_leases: 16,
             lease_grace: Duration::from_secs(30),
             tcp_ports: 20_000..=20_007,
         }
@@ -76,6 +86,9 @@ struct Link {
 /// A relay's control plane and its agents' links on one virtual clock.
 pub struct Harness {
     registry: Registry,
+    settings: Settings,
+    /// The lease file, as the relay's writer would hold it.
+    file: Book,
     tokens: Vec<Token>,
     now: Instant,
     links: Vec<Link>,
@@ -91,11 +104,15 @@ impl Harness {
             max_tunnels_per_agent: config.max_tunnels_per_agent,
             max_connections_per_tunnel: 16,
             max_connections_per_agent: 64,
+            max_leases_per_token: config.max_leases_per_token,
+            max_leases: config.max_leases,
             lease_grace: config.lease_grace,
             stack: StackConfig::relay(),
         };
         Harness {
-            registry: Registry::new(settings),
+            registry: Registry::new(settings.clone()),
+            settings,
+            file: Book::default(),
             tokens: config.tokens,
             now: Instant::now(),
             links: Vec::new(),
@@ -141,6 +158,7 @@ impl Harness {
                 live.session.bound(&mut self.registry, pending, tcp)
             }
         };
+        self.save();
         Some(answer.frame)
     }
 
@@ -151,6 +169,7 @@ impl Harness {
             live.ended = true;
             live.session.end(&mut self.registry, now);
         }
+        self.save();
     }
 
     /// Whether the relay keeps `link` open: not disconnected, and not replaced by a
@@ -165,6 +184,36 @@ impl Harness {
     pub fn advance(&mut self, by: Duration) {
         self.now += by;
         self.registry.expire(self.now);
+        self.save();
+    }
+
+    /// The relay restarts on its lease file: every link is gone, and a new registry
+    /// holds each saved lease for its agent for the grace period from now.
+    pub fn restart(&mut self) {
+        for link in &mut self.links {
+            link.ended = true;
+            link.relay.close();
+        }
+        self.registry = Registry::new(self.settings.clone());
+        let until = self.now + self.settings.lease_grace;
+        for record in std::mem::take(&mut self.file).records() {
+            let tcp = record.tcp_port.map(|port| TcpPort::new(port, None));
+            // Beyond the limits, dropped as the relay drops it.
+            let _ = self.registry.restore(record.clone(), tcp, until);
+        }
+        self.save();
+    }
+
+    /// Leases in the lease file.
+    pub fn saved_leases(&self) -> usize {
+        self.file.records().count()
+    }
+
+    /// Applies the registry's lease changes to the lease file.
+    fn save(&mut self) {
+        for change in self.registry.take_lease_changes() {
+            self.file.apply(change);
+        }
     }
 
     /// When the next lease ends unless its agent comes back.
@@ -182,7 +231,9 @@ impl Harness {
         let route = self.registry.route(hostname)?;
         let link = match self.registry.owner(hostname)? {
             Owner::Session(id) => Some(LinkId(
-                self.links.iter().position(|l| l.session.id() == id)?,
+                self.links
+                    .iter()
+                    .position(|l| !l.ended && l.session.id() == id)?,
             )),
             Owner::Away { .. } => None,
         };
@@ -216,9 +267,16 @@ impl Harness {
         self.registry.session_count()
     }
 
-    /// Panics unless the registry's tables agree with each other.
+    /// Panics unless the registry's tables agree with each other, and the lease file
+    /// with the registry.
     pub fn check(&self) {
         self.registry.check();
+        let mut held = self.registry.lease_records();
+        held.sort_by_key(|record| record.key());
+        assert!(
+            self.file.records().eq(held.iter()),
+            "the lease file differs"
+        );
     }
 }
 
@@ -454,6 +512,85 @@ mod tests {
         );
         assert!(h.is_open(owner));
         assert_eq!(h.route(&owned.hostname).unwrap().link, Some(owner));
+    }
+
+    #[test]
+    fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
+        let mut config = HarnessConfig::new(Token::new(TOKEN));
+        config.tokens.push(Token::new("other"));
+        config.tokens.push(Token::new("third"));
+        (config.max_leases_per_token, config.max_leases) = (3, 5);
+        let mut h = Harness::new(config);
+        // Two agents of one token: three leases between them, then no more.
+        let first = h.connect(&hello(TOKEN, &[1; 16])).unwrap();
+        let second = h.connect(&hello(TOKEN, &[2; 16])).unwrap();
+        let kept = open(&mut h, first, 1, false).unwrap();
+        open(&mut h, first, 2, true).unwrap();
+        open(&mut h, second, 1, false).unwrap();
+        assert_eq!(
+            open(&mut h, second, 2, false),
+            Err(ErrorCode::LIMIT_REACHED)
+        );
+        assert_eq!(open(&mut h, second, 3, true), Err(ErrorCode::LIMIT_REACHED));
+        // An agent without an identity holds no lease: it is not limited by them.
+        let unleased = h.connect(&hello(TOKEN, &[])).unwrap();
+        open(&mut h, unleased, 2, false).unwrap();
+        // Another token has its own three, until the relay's five are taken.
+        let other = h.connect(&hello("other", &[1; 16])).unwrap();
+        open(&mut h, other, 1, false).unwrap();
+        open(&mut h, other, 2, false).unwrap();
+        let third = h.connect(&hello("third", &[1; 16])).unwrap();
+        assert_eq!(open(&mut h, third, 1, false), Err(ErrorCode::LIMIT_REACHED));
+        assert_eq!(h.saved_leases(), 5);
+        h.check();
+        // An agent at the limit gets its own leases back.
+        h.disconnect(first);
+        let back = h.connect(&hello(TOKEN, &[1; 16])).unwrap();
+        assert_eq!(
+            open(&mut h, back, 1, false).unwrap().hostname,
+            kept.hostname
+        );
+        // A closed tunnel's lease is free for another.
+        h.send(back, Frame::Close { port: 1 });
+        open(&mut h, third, 1, false).unwrap();
+        assert_eq!(
+            open(&mut h, second, 2, false),
+            Err(ErrorCode::LIMIT_REACHED)
+        );
+        // An away agent's leases count until they expire.
+        h.disconnect(back);
+        h.advance(Duration::from_secs(29));
+        assert_eq!(
+            open(&mut h, second, 2, false),
+            Err(ErrorCode::LIMIT_REACHED)
+        );
+        h.advance(Duration::from_secs(1));
+        open(&mut h, second, 2, false).unwrap();
+        assert_eq!(h.saved_leases(), 5);
+        h.check();
+    }
+
+    #[test]
+    fn a_restarted_relay_holds_the_saved_leases_for_their_agents() {
+        let mut h = harness();
+        let identity = [3u8; 16];
+        let link = h.connect(&hello(TOKEN, &identity)).unwrap();
+        let tls = open(&mut h, link, 80, false).unwrap();
+        let tcp = open(&mut h, link, 81, true).unwrap();
+        let gone = open(&mut h, link, 82, false).unwrap();
+        h.send(link, Frame::Close { port: 82 });
+        h.advance(Duration::from_secs(10));
+        h.restart();
+        assert!(!h.is_open(link));
+        assert_eq!((h.tunnel_count(), h.saved_leases()), (2, 2));
+        assert_eq!(h.route(&tls.hostname).unwrap().link, None);
+        assert_eq!(h.route(&gone.hostname), None);
+        h.check();
+        let back = h.connect(&hello(TOKEN, &identity)).unwrap();
+        assert_eq!(open(&mut h, back, 80, false).unwrap(), tls);
+        assert_eq!(open(&mut h, back, 81, true).unwrap(), tcp);
+        assert_eq!(h.route(&tcp.hostname).unwrap().link, Some(back));
+        h.check();
     }
 
     #[tokio::test]

@@ -13,8 +13,9 @@
 //! - The **tunnel registry** maps hostnames (`<label>.<domain>`, with a label of 128
 //!   random bits from the OS) to a session and an inner port.
 //! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
-//!   to tunnels that asked for HTTP/2, terminates TLS and splices the plaintext into an
-//!   inner connection to the agent. An unknown or missing SNI is dropped the same way
+//!   to tunnels that asked for HTTP/2, terminates TLS and only then opens an inner
+//!   connection to the agent and splices the plaintext into it. An unknown, closed or
+//!   missing SNI gets a fatal `unrecognized_name` alert and the close, the same way
 //!   every time, before any certificate is shown. Routing follows the SNI only: an
 //!   HTTP `Host` header is never looked at.
 //! - **Raw TCP** tunnels get a port of their own from a configured range.
@@ -33,6 +34,8 @@
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
 //! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
 //! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels | the same |
+//! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel gets `LIMIT_REACHED` |
+//! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens | the same |
 //!
 //! Before it is authenticated, a connection to the agent endpoint gets one deadline,
 //! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
@@ -120,16 +123,17 @@ enum Phase {
 
 /// What the relay's tasks share.
 ///
-/// Locks: `registry` is the one lock of the relay's state; `lease_saves` is only ever
-/// taken before it (to write the lease file in order), never while it is held.
+/// Locks: `registry` is the one lock of the relay's state; the lease writer's book is
+/// taken only under it (so that lease changes reach the book in order) and by the
+/// writer's thread, which does no I/O while it holds it.
 struct Shared {
     config: RelayConfig,
     agent_tls: TlsAcceptor,
     http1: Arc<rustls::ServerConfig>,
     http2: Arc<rustls::ServerConfig>,
     registry: Mutex<Registry>,
-    /// Serializes writes of [`RelayConfig::lease_file`], so the last one wins.
-    lease_saves: Mutex<()>,
+    /// Keeps [`RelayConfig::lease_file`] up to date, if there is one.
+    lease_writer: Option<leases::Writer>,
     /// Wakes the lease expiry task when a lease may have a new deadline.
     lease_expiry: Arc<Notify>,
     /// Places for public TLS handshakes in progress
@@ -175,8 +179,13 @@ impl std::fmt::Debug for RelayHandle {
 impl Relay {
     /// Binds the agent endpoint and the public TLS port.
     pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
-        let agents = TcpListener::bind(config.agent_addr).await?;
-        let public = TcpListener::bind(config.public_tls_addr).await?;
+        let bind_error = |addr, what| move |source| Error::Bind { addr, what, source };
+        let agents = TcpListener::bind(config.agent_addr)
+            .await
+            .map_err(bind_error(config.agent_addr, "the agent endpoint"))?;
+        let public = TcpListener::bind(config.public_tls_addr)
+            .await
+            .map_err(bind_error(config.public_tls_addr, "the public TLS port"))?;
         let public_tls_port = config
             .public_tls_port
             .unwrap_or(public.local_addr()?.port());
@@ -184,6 +193,13 @@ impl Relay {
         let agent_tls = TlsAcceptor::from(server_config(&[])?);
         let http1 = server_config(&[b"http/1.1"])?;
         let http2 = server_config(&[b"h2", b"http/1.1"])?;
+        let (lease_writer, saved_leases) = match &config.lease_file {
+            Some(path) => {
+                let (writer, saved) = leases::open(path)?;
+                (Some(writer), saved)
+            }
+            None => (None, Vec::new()),
+        };
         let relay = Relay {
             shared: Arc::new(Shared {
                 agent_tls,
@@ -193,7 +209,7 @@ impl Relay {
                     &config,
                     public_tls_port,
                 ))),
-                lease_saves: Mutex::new(()),
+                lease_writer,
                 lease_expiry: Arc::new(Notify::new()),
                 public_handshakes: HandshakeBudget::new(config.max_pending_handshakes),
                 agent_handshakes: HandshakeBudget::new(config.max_pending_agent_handshakes),
@@ -207,7 +223,7 @@ impl Relay {
             agents,
             public,
         };
-        relay.shared.restore_leases().await;
+        relay.shared.restore_leases(saved_leases).await;
         let expiry = expire_leases(
             Arc::downgrade(&relay.shared),
             relay.shared.lease_expiry.clone(),
@@ -296,6 +312,9 @@ impl Relay {
         }
         shared.stop();
         let _ = timeout(STOP_WAIT, shared.tasks.stopped()).await;
+        if let Some(writer) = &shared.lease_writer {
+            writer.finish(STOP_WAIT).await;
+        }
         drop(stop_on_drop);
         tracing::info!("relay stopped");
     }
@@ -427,39 +446,23 @@ async fn expire_leases(shared: Weak<Shared>, wake: Arc<Notify>) {
 }
 
 impl Shared {
-    /// Runs `change` on the registry under its lock, then saves the leases if it
-    /// changed them.
+    /// Runs `change` on the registry under its lock, and hands the lease changes it
+    /// made to the lease writer (which saves them on its own thread).
     fn update<T>(&self, change: impl FnOnce(&mut Registry) -> T) -> T {
-        let (result, changed) = {
-            let mut registry = lock(&self.registry);
-            let result = change(&mut registry);
-            (result, registry.take_leases_changed())
-        };
-        if changed {
-            self.save_leases();
+        let mut registry = lock(&self.registry);
+        let result = change(&mut registry);
+        let changes = registry.take_lease_changes();
+        if let Some(writer) = &self.lease_writer {
+            writer.apply(changes);
         }
         result
     }
 
-    /// Writes every lease to [`RelayConfig::lease_file`], if there is one.
-    fn save_leases(&self) {
-        let Some(path) = &self.config.lease_file else {
-            return;
-        };
-        let _in_order = lock(&self.lease_saves);
-        let records = lock(&self.registry).lease_records();
-        leases::save(path, &records);
-    }
-
-    /// Takes over the leases a previous run of this relay saved: their hostnames route
-    /// to nothing and their TCP ports stay bound until their agent comes back, or until
-    /// [`RelayConfig::lease_grace`] is over.
-    async fn restore_leases(self: &Arc<Self>) {
-        let Some(path) = &self.config.lease_file else {
-            return;
-        };
-        let records = leases::load(path);
-        if records.is_empty() && !path.exists() {
+    /// Takes over the leases a previous run of this relay saved (`records`): their
+    /// hostnames route to nothing and their TCP ports stay bound until their agent comes
+    /// back, or until [`RelayConfig::lease_grace`] is over.
+    async fn restore_leases(self: &Arc<Self>, records: Vec<leases::LeaseRecord>) {
+        if records.is_empty() {
             return;
         }
         let until = Instant::now() + self.config.lease_grace;
@@ -479,8 +482,11 @@ impl Shared {
                     edge::serve_tunnel_port(self, listener, tcp_port, &record.hostname)
                 }
             };
-            lock(&self.registry).restore(record, tcp, until);
-            count += 1;
+            let hostname = record.hostname.clone();
+            match self.update(|registry| registry.restore(record, tcp, until)) {
+                Ok(()) => count += 1,
+                Err(reason) => tracing::warn!(%hostname, reason, "a saved lease is dropped"),
+            }
         }
         tracing::info!(leases = count, "restored tunnel leases");
     }
@@ -495,9 +501,13 @@ impl Shared {
 
     fn stats(&self) -> RelayStats {
         let c = &self.counters;
-        let (stacks, tunnels) = {
+        let (stacks, tunnels, leases) = {
             let registry = lock(&self.registry);
-            (registry.stacks(), registry.tunnel_count())
+            (
+                registry.stacks(),
+                registry.tunnel_count(),
+                registry.lease_count(),
+            )
         };
         let mut sum = StackStats::default();
         for stack in &stacks {
@@ -517,6 +527,7 @@ impl Shared {
         RelayStats {
             agent_sessions: stacks.len(),
             tunnels,
+            leases,
             public_connections: self.public_connections.load(Ordering::Relaxed),
             pending_handshakes: self.pending_handshakes(),
             refused_by_limit: c.refused_by_limit.load(Ordering::Relaxed),

@@ -16,7 +16,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::config::RelayConfig;
-use super::leases::LeaseRecord;
+use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
 use crate::netstack::Stack;
 use crate::wire::{ForwardRequest, Forwarded};
 
@@ -112,7 +112,9 @@ pub(crate) struct Route {
 pub(crate) struct Registry {
     tunnels: HashMap<String, Tunnel>,
     /// Leased tunnels' hostnames by agent and port.
-    leases: HashMap<(AgentKey, u16), String>,
+    leases: HashMap<LeaseKey, String>,
+    /// How many leases each token's agents hold (no entry: none).
+    leases_per_token: HashMap<usize, usize>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// The newest session of each agent identity.
     identities: HashMap<AgentKey, SessionId>,
@@ -121,13 +123,16 @@ pub(crate) struct Registry {
     away: (Stack, Arc<Semaphore>),
     /// Whether new tunnels may open (not once the relay shuts down).
     accepting: bool,
-    /// The leases changed since [`take_leases_changed`](Self::take_leases_changed).
-    leases_changed: bool,
+    /// How the leases changed since [`take_lease_changes`](Self::take_lease_changes),
+    /// in order.
+    lease_changes: Vec<LeaseChange>,
     domain: String,
     tls_port: u16,
     max_tunnels_per_agent: usize,
     max_connections_per_tunnel: usize,
     max_connections_per_agent: usize,
+    max_leases_per_token: usize,
+    max_leases: usize,
     lease_grace: std::time::Duration,
 }
 
@@ -141,6 +146,8 @@ pub(crate) struct Settings {
     pub(crate) max_tunnels_per_agent: usize,
     pub(crate) max_connections_per_tunnel: usize,
     pub(crate) max_connections_per_agent: usize,
+    pub(crate) max_leases_per_token: usize,
+    pub(crate) max_leases: usize,
     pub(crate) lease_grace: std::time::Duration,
     /// Settings of the closed stack that routes of away agents lead to.
     pub(crate) stack: crate::netstack::StackConfig,
@@ -155,6 +162,8 @@ impl Settings {
             max_tunnels_per_agent: config.max_tunnels_per_agent,
             max_connections_per_tunnel: config.max_connections_per_tunnel,
             max_connections_per_agent: config.max_connections_per_agent,
+            max_leases_per_token: config.max_leases_per_token,
+            max_leases: config.max_leases,
             lease_grace: config.lease_grace,
             stack: config.stack.clone(),
         }
@@ -174,17 +183,20 @@ impl Registry {
         Registry {
             tunnels: HashMap::new(),
             leases: HashMap::new(),
+            leases_per_token: HashMap::new(),
             sessions: HashMap::new(),
             identities: HashMap::new(),
             next_session: 1,
             away: (nobody, semaphore(settings.max_connections_per_agent)),
             accepting: true,
-            leases_changed: false,
+            lease_changes: Vec::new(),
             domain: settings.domain,
             tls_port: settings.tls_port,
             max_tunnels_per_agent: settings.max_tunnels_per_agent,
             max_connections_per_tunnel: settings.max_connections_per_tunnel,
             max_connections_per_agent: settings.max_connections_per_agent,
+            max_leases_per_token: settings.max_leases_per_token,
+            max_leases: settings.max_leases,
             lease_grace: settings.lease_grace,
         }
     }
@@ -336,13 +348,20 @@ impl Registry {
             owner: Owner::Session(id),
             connections: semaphore(self.max_connections_per_tunnel),
         };
-        self.tunnels.insert(hostname.clone(), tunnel);
-        if let Some(key) = agent {
-            if let Some(stale) = self.leases.insert((key, request.port), hostname.clone()) {
+        if let Some(agent) = agent {
+            self.lease_changes.push(LeaseChange::Put(LeaseRecord {
+                agent,
+                port: request.port,
+                hostname: hostname.clone(),
+                tcp_port: forwarded.tcp_port,
+                h2: request.h2,
+                unencrypted: request.unencrypted,
+            }));
+            if let Some(stale) = self.add_lease((agent, request.port), hostname.clone()) {
                 self.tunnels.remove(&stale);
             }
-            self.leases_changed = true;
         }
+        self.tunnels.insert(hostname.clone(), tunnel);
         if let Some(entry) = self.sessions.get_mut(&id) {
             entry.ports.insert(request.port, hostname);
         }
@@ -376,10 +395,51 @@ impl Registry {
         if let Some(key) = tunnel.lease {
             let index = (key, tunnel.port);
             if self.leases.get(&index).is_some_and(|h| h == hostname) {
-                self.leases.remove(&index);
-                self.leases_changed = true;
+                self.remove_lease(index);
+                self.lease_changes.push(LeaseChange::Remove(index));
             }
         }
+    }
+
+    /// Records the lease `key` of `hostname`; the hostname it replaces, if any.
+    fn add_lease(&mut self, key: LeaseKey, hostname: String) -> Option<String> {
+        let stale = self.leases.insert(key, hostname);
+        if stale.is_none() {
+            *self.leases_per_token.entry(key.0 .1).or_default() += 1;
+        }
+        stale
+    }
+
+    /// Forgets the lease `key`.
+    fn remove_lease(&mut self, key: LeaseKey) {
+        if self.leases.remove(&key).is_none() {
+            return;
+        }
+        let token = key.0 .1;
+        if let Some(count) = self.leases_per_token.get_mut(&token) {
+            *count -= 1;
+            if *count == 0 {
+                self.leases_per_token.remove(&token);
+            }
+        }
+    }
+
+    /// The lease limit a new lease of `agent` would go beyond: its setting's name and
+    /// value; `None` if it may have one more.
+    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(&'static str, usize)> {
+        let of_token = self.leases_per_token.get(&agent.1).copied().unwrap_or(0);
+        if of_token >= self.max_leases_per_token {
+            Some(("max_leases_per_token", self.max_leases_per_token))
+        } else if self.leases.len() >= self.max_leases {
+            Some(("max_leases", self.max_leases))
+        } else {
+            None
+        }
+    }
+
+    /// Leases held now, by agents here or away.
+    pub(crate) fn lease_count(&self) -> usize {
+        self.leases.len()
     }
 
     /// Ends the leases of agents that stayed away past their grace period.
@@ -408,8 +468,21 @@ impl Registry {
     }
 
     /// Takes over a lease a previous run saved: its hostname routes to nobody and its
-    /// TCP port stays held until its agent comes back, or until `until`.
-    pub(crate) fn restore(&mut self, record: LeaseRecord, tcp: Option<TcpPort>, until: Instant) {
+    /// TCP port stays held until its agent comes back, or until `until`. Refused (the
+    /// limit's name) beyond the lease limits, or for a hostname or lease already here.
+    pub(crate) fn restore(
+        &mut self,
+        record: LeaseRecord,
+        tcp: Option<TcpPort>,
+        until: Instant,
+    ) -> Result<(), &'static str> {
+        if let Some((limit, _)) = self.lease_limit(record.agent) {
+            return Err(limit);
+        }
+        if self.tunnels.contains_key(&record.hostname) || self.leases.contains_key(&record.key()) {
+            return Err("a duplicate");
+        }
+        self.lease_changes.push(LeaseChange::Put(record.clone()));
         let LeaseRecord {
             agent,
             port,
@@ -428,7 +501,8 @@ impl Registry {
             connections: semaphore(self.max_connections_per_tunnel),
         };
         self.tunnels.insert(hostname.clone(), tunnel);
-        self.leases.insert((agent, port), hostname);
+        self.add_lease((agent, port), hostname);
+        Ok(())
     }
 
     /// Ends every lease (a stopped relay holds nothing for agents that may come back),
@@ -436,29 +510,12 @@ impl Registry {
     pub(crate) fn drop_leases(&mut self) {
         self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
         self.leases.clear();
+        self.leases_per_token.clear();
     }
 
-    /// Whether the leases changed since the last call.
-    pub(crate) fn take_leases_changed(&mut self) -> bool {
-        std::mem::take(&mut self.leases_changed)
-    }
-
-    /// Every lease, as records for the lease file.
-    pub(crate) fn lease_records(&self) -> Vec<LeaseRecord> {
-        self.leases
-            .iter()
-            .filter_map(|(&(agent, port), hostname)| {
-                let tunnel = self.tunnels.get(hostname)?;
-                Some(LeaseRecord {
-                    agent,
-                    port,
-                    hostname: hostname.clone(),
-                    tcp_port: tunnel.tcp.as_ref().map(|tcp| tcp.port),
-                    h2: tunnel.h2,
-                    unencrypted: tunnel.unencrypted,
-                })
-            })
-            .collect()
+    /// How the leases changed since the last call, in order.
+    pub(crate) fn take_lease_changes(&mut self) -> Vec<LeaseChange> {
+        std::mem::take(&mut self.lease_changes)
     }
 
     /// Where connections for `hostname` (any case) go now.
@@ -517,6 +574,19 @@ impl Registry {
                 "{hostname}"
             );
         }
+        let mut per_token: HashMap<usize, usize> = HashMap::new();
+        for (agent, _) in self.leases.keys() {
+            *per_token.entry(agent.1).or_default() += 1;
+        }
+        assert_eq!(per_token, self.leases_per_token, "leases per token");
+        assert!(
+            self.leases.len() <= self.max_leases,
+            "more leases than allowed"
+        );
+        assert!(
+            per_token.values().all(|&n| n <= self.max_leases_per_token),
+            "a token holds more leases than allowed"
+        );
         for id in self.identities.values() {
             assert!(
                 self.sessions.contains_key(id),
@@ -533,6 +603,24 @@ impl Registry {
     /// Live sessions.
     pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Every lease, as records for the lease file.
+    pub(crate) fn lease_records(&self) -> Vec<LeaseRecord> {
+        self.leases
+            .iter()
+            .filter_map(|(&(agent, port), hostname)| {
+                let tunnel = self.tunnels.get(hostname)?;
+                Some(LeaseRecord {
+                    agent,
+                    port,
+                    hostname: hostname.clone(),
+                    tcp_port: tunnel.tcp.as_ref().map(|tcp| tcp.port),
+                    h2: tunnel.h2,
+                    unencrypted: tunnel.unencrypted,
+                })
+            })
+            .collect()
     }
 }
 

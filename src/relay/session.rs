@@ -212,6 +212,9 @@ impl Session {
             answer.refused = Some("max_tunnels_per_agent");
             return Step::Answer(answer);
         }
+        if let Some(refusal) = self.over_lease_limit(registry, id) {
+            return Step::Answer(refusal);
+        }
         let hostname = registry.fresh_hostname();
         if request.unencrypted {
             return Step::BindTcp(PendingTunnel { request, hostname });
@@ -228,6 +231,12 @@ impl Session {
         tcp: Result<TcpPort, Unbound>,
     ) -> Answer {
         let PendingTunnel { request, hostname } = pending;
+        if tcp.is_ok() {
+            // Other sessions may have taken the last leases meanwhile.
+            if let Some(refusal) = self.over_lease_limit(registry, request.request_id) {
+                return refusal;
+            }
+        }
         match tcp {
             Ok(tcp) => {
                 let forwarded = registry.open(self.id, self.agent, &request, hostname, Some(tcp));
@@ -244,6 +253,22 @@ impl Session {
             }
             Err(Unbound::ShuttingDown) => Answer::shutting_down(request.request_id),
         }
+    }
+
+    /// The refusal of a new leased tunnel if this session's agent is at a lease limit.
+    fn over_lease_limit(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
+        let (limit, max) = registry.lease_limit(self.agent?)?;
+        let holder = match limit {
+            "max_leases_per_token" => "the agents of this token hold their",
+            _ => "the relay holds its",
+        };
+        let mut answer = Answer::error(
+            request_id,
+            ErrorCode::LIMIT_REACHED,
+            format!("{holder} maximum of {max} tunnel leases ({limit})"),
+        );
+        answer.refused = Some(limit);
+        Some(answer)
     }
 
     /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].
