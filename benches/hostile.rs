@@ -6,7 +6,8 @@
 //! agent with three tunnels (an echo service, a service that never reads, a counting
 //! service), then runs, each bounded in count and time:
 //! - `baseline`: legitimate HTTPS-style clients (TLS to the tunnel's hostname, echo 64
-//!   bytes), with nothing else going on;
+//!   bytes, from 127.0.0.2 while every flood comes from 127.0.0.1), with nothing else
+//!   going on;
 //! - `silent`: the same while [`FLOOD`] TCP connections to the public port say nothing,
 //!   plus new agents connecting (item 1);
 //! - `hello`: the same while [`FLOOD`] clients send a real ClientHello for a tunnel and
@@ -46,6 +47,8 @@ const FLOOD_CONCURRENCY: usize = 200;
 /// Legitimate connects per phase, and how many run at once.
 const LEGIT: usize = 40;
 const LEGIT_CONCURRENCY: usize = 4;
+/// Where legitimate clients connect from; floods and agents come from 127.0.0.1.
+const LEGIT_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
 /// Limit for one legitimate connect-and-echo, and for one agent to connect and forward.
 const LEGIT_LIMIT: Duration = Duration::from_secs(5);
 const AGENT_LIMIT: Duration = Duration::from_secs(30);
@@ -373,7 +376,12 @@ async fn legit(tls: &TlsConnector, tunnel: &Tunnel) -> Legit {
 }
 
 async fn echo_once(tls: &TlsConnector, port: u16, host: &str) -> std::io::Result<()> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    // From another address than the floods (all of 127/8 is loopback on Linux).
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((LEGIT_SOURCE, 0).into())?;
+    let tcp = socket
+        .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
+        .await?;
     let name = ServerName::try_from(host.to_owned()).map_err(std::io::Error::other)?;
     let mut stream = tls.connect(name, tcp).await?;
     stream.write_all(&[7; 64]).await?;

@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
-use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
+use portferry::netstack::window::IDLE_SHRINK;
+use portferry::relay::{Relay, RelayConfig, RelayHandle, LOCAL_DOMAIN};
 use portferry::token::Token;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -52,6 +53,7 @@ fn main() {
 
 /// Everything the measurements need, set up once.
 struct Setup {
+    relay: RelayHandle,
     agent: Agent,
     tls: TlsConnector,
     echo: SocketAddr,
@@ -88,8 +90,10 @@ async fn run() {
     if let Some(bytes) = socket_buffer {
         config.socket_buffer = bytes;
     }
+    let relay_handle = relay.handle();
     tokio::spawn(relay.run());
     let setup = Setup {
+        relay: relay_handle,
         agent: Agent::connect(config).await.expect("agent"),
         tls: TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"])),
         echo: start_service(echo).await,
@@ -137,6 +141,7 @@ async fn run() {
     row_rate("single-stream throughput, HTTPS tunnel", &direct, &https);
     row_cpu("CPU time per GiB, raw TCP tunnel", &direct, &raw);
     row_cpu("CPU time per GiB, HTTPS tunnel", &direct, &https);
+    memory_after_bulk(&setup, bulk, echo_raw).await;
 
     let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap()).await;
     let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
@@ -217,6 +222,54 @@ async fn run() {
     );
     scale(&setup, bulk, sink_raw).await;
     let _ = std::fs::remove_dir_all(state);
+}
+
+/// The relay stack's socket buffers for one connection (from the stack's own
+/// accounting): just opened, and idle again after echoing `bulk` bytes.
+async fn memory_after_bulk(setup: &Setup, bulk: usize, echo: SocketAddr) {
+    let buffers = || setup.relay.stats().stacks.buffer_bytes;
+    // Earlier connections finish lingering and shrink first.
+    tokio::time::sleep(IDLE_SHRINK * 2).await;
+    let before = buffers();
+    let mut stream = TcpStream::connect(echo).await.unwrap();
+    let mut byte = [1u8];
+    stream.write_all(&byte).await.unwrap();
+    stream.read_exact(&mut byte).await.unwrap();
+    let fresh = buffers().saturating_sub(before);
+    let (mut reader, mut writer) = stream.split();
+    let chunk = vec![0x33u8; 256 * 1024];
+    let write = async {
+        let mut sent = 0;
+        while sent < bulk {
+            writer.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+    };
+    let read = async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut echoed = 0;
+        while echoed < bulk {
+            echoed += reader.read(&mut buf).await.unwrap();
+        }
+    };
+    tokio::join!(write, read);
+    let busy = buffers().saturating_sub(before);
+    tokio::time::sleep(IDLE_SHRINK * 2).await;
+    let idle = buffers().saturating_sub(before);
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        format!("relay buffers of 1 conn.: new | {} MiB echoed", bulk >> 20),
+        format!("{:.1} KiB", fresh as f64 / 1024.0),
+        format!("{:.1} KiB", busy as f64 / 1024.0),
+        "-"
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "relay buffers of that conn. idle again",
+        "-",
+        format!("{:.1} KiB", idle as f64 / 1024.0),
+        "-"
+    );
 }
 
 /// Single-stream throughput of the raw TCP and HTTPS tunnels, whose agent link crosses

@@ -923,19 +923,15 @@ async fn listen_inner_ports_do_not_collide_with_forwarded_ports() {
             tokio::spawn(serve_http1(stream, "listener"));
         }
     });
-    // A local service on the same number, when that port is free on loopback.
-    let Ok(local) = TcpListener::bind((Ipv4Addr::LOCALHOST, inner)).await else {
-        eprintln!("127.0.0.1:{inner} is taken on this machine: skipping");
-        return;
-    };
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = local.accept().await {
-            tokio::spawn(serve_http1(stream, "forwarded"));
-        }
-    });
-    let tunnel = quickly("forward", agent.forward(inner))
-        .await
-        .expect("forwarding the listener's inner port number failed");
+    // Forwarding the same number as a local port (its service elsewhere, so that no
+    // test binds that port on loopback) is not "already forwarded".
+    let service = hyper_http1_service("forwarded").await;
+    let tunnel = quickly(
+        "forward",
+        agent.forward_with(inner, ForwardOptions::new().local_addr(service)),
+    )
+    .await
+    .expect("forwarding the listener's inner port number failed");
     assert_eq!(tunnel.port(), inner);
     let tls = fixture.tls_to(&tunnel).await.unwrap();
     assert_eq!(
@@ -944,4 +940,22 @@ async fn listen_inner_ports_do_not_collide_with_forwarded_ports() {
     );
     let tls = fixture.tls(&listen_host, &[b"http/1.1"]).await.unwrap();
     assert_eq!(hyper_get(tls, &listen_host, "/").await, "listener GET /");
+}
+
+/// With several local addresses, each connection goes to the first that answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_addresses_are_tried_in_order() {
+    let fixture = Fixture::start(STEP).await;
+    let agent = fixture.agent().await;
+    let nothing = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let service = hyper_http1_service("second address").await;
+    let options = ForwardOptions::new().local_addrs([nothing, service]);
+    let tunnel = quickly("forward", agent.forward_with(free_port(), options))
+        .await
+        .unwrap();
+    let tls = fixture.tls_to(&tunnel).await.unwrap();
+    assert_eq!(
+        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        "second address GET /"
+    );
 }

@@ -41,3 +41,21 @@ fn every_readme_example_is_a_doc_test_of_the_crate() {
         );
     }
 }
+
+#[test]
+fn the_readme_says_what_clients_and_jupyter_need() {
+    let readme = include_str!("../README.md");
+    for needed in [
+        // Jupyter refuses proxied requests without it (issue 11 item 12).
+        "--ServerApp.allow_remote_access=True",
+        // Clients that do not resolve *.localhost themselves (item 3).
+        "curl --resolve",
+        "openssl s_client -connect 127.0.0.1:8443 -servername",
+        // What the relay prints, as it prints it (item 4).
+        "export PORTFERRY_RELAY=localhost:7835",
+        // The lean dependency (item 5).
+        r#"default-features = false, features = ["agent"]"#,
+    ] {
+        assert!(readme.contains(needed), "the README lacks {needed:?}");
+    }
+}

@@ -137,7 +137,8 @@ impl AgentConfig {
 pub struct ForwardOptions {
     pub(crate) unencrypted: bool,
     pub(crate) h2: bool,
-    pub(crate) local_addr: Option<SocketAddr>,
+    /// Where the service listens, tried in order; empty for the default.
+    pub(crate) local_addrs: Vec<SocketAddr>,
 }
 
 impl ForwardOptions {
@@ -161,8 +162,14 @@ impl ForwardOptions {
     }
 
     /// Where the service listens, instead of `127.0.0.1:<port>` (then `[::1]:<port>`).
-    pub fn local_addr(mut self, addr: SocketAddr) -> Self {
-        self.local_addr = Some(addr);
+    pub fn local_addr(self, addr: SocketAddr) -> Self {
+        self.local_addrs([addr])
+    }
+
+    /// Where the service listens, tried in order for each connection (for example what
+    /// a host name resolves to).
+    pub fn local_addrs(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.local_addrs = addrs.into_iter().collect();
         self
     }
 }

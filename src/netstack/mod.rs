@@ -84,9 +84,9 @@ pub const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub struct StackConfig {
     /// This stack's address on the inner link.
-    pub local_addr: Ipv4Address,
+    pub(crate) local_addr: Ipv4Address,
     /// The peer stack's address; packets from any other source are dropped.
-    pub peer_addr: Ipv4Address,
+    pub(crate) peer_addr: Ipv4Address,
     /// Largest IP packet either side sends (at most 65535).
     pub mtu: usize,
     /// Initial (and idle) size of each flow's receive buffer, so of the window it first

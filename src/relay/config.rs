@@ -19,8 +19,9 @@ use super::RelayHandle;
 /// `*.portferry.localhost` is fine, and clients resolve every `*.localhost` to loopback.
 pub const LOCAL_DOMAIN: &str = "portferry.localhost";
 
-/// Settings of a relay.
+/// Settings of a relay: [`RelayConfig::local`], then change any field.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Where agents connect (TLS).
     pub agent_addr: SocketAddr,

@@ -528,6 +528,9 @@ impl Shared {
             sum.dropped_unknown_flow += s.dropped_unknown_flow;
             sum.refused_syns += s.refused_syns;
             sum.queued_bytes += s.queued_bytes;
+            sum.buffer_bytes += s.buffer_bytes;
+            sum.buffer_bytes_peak = sum.buffer_bytes_peak.max(s.buffer_bytes_peak);
+            sum.buffer_budget_refusals += s.buffer_budget_refusals;
         }
         RelayStats {
             agent_sessions: stacks.len(),
