@@ -172,7 +172,7 @@ impl RelayProcess {
         let (mut addr, mut token, mut ca) = (None, None, None);
         let read = async {
             while let Some(line) = lines.recv().await {
-                let line = line.trim().trim_start_matches("export ");
+                let line = line.trim();
                 let Some((name, value)) = line.split_once('=') else {
                     continue;
                 };

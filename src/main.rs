@@ -28,7 +28,7 @@ struct Cli {
 enum Command {
     /// Run a relay. With no flags: on loopback, domain `portferry.localhost`, with a generated CA
     /// and token kept in the state directory; prints the environment an agent needs, as
-    /// `export` lines to paste into a shell.
+    /// lines (`NAME=value`, then `export`) to paste into a shell.
     Relay(Box<RelayArgs>),
     /// Forward a local port through the relay named by PORTFERRY_RELAY / PORTFERRY_TOKEN
     /// / PORTFERRY_RELAY_CA; runs until Ctrl-C or SIGTERM, then closes the tunnel (a
@@ -320,19 +320,25 @@ async fn relay(args: RelayArgs) -> Result<()> {
     } else {
         args.domain.clone()
     };
+    // Plain `NAME=value` lines (what scripts grep for) and one `export` line after
+    // them, so that the block pasted into a shell exports all of them.
     let mut ready = "relay ready. In the container, run:\n".to_string();
     ready += &format!(
-        "export PORTFERRY_RELAY={agent_host}:{}\n",
+        "PORTFERRY_RELAY={agent_host}:{}\n",
         relay.agent_addr().port()
     );
     if args.tokens_file.is_none() && args.tokens.is_empty() {
-        ready += &format!("export PORTFERRY_TOKEN={}\n", tokens[0].expose());
+        ready += &format!("PORTFERRY_TOKEN={}\n", tokens[0].expose());
     } else {
-        ready += "# and export PORTFERRY_TOKEN=<one of the configured tokens>\n";
+        ready += "# and PORTFERRY_TOKEN=<one of the configured tokens>\n";
     }
+    let mut exported = "export PORTFERRY_RELAY PORTFERRY_TOKEN".to_string();
     if let Some(ca) = ca_path {
-        ready += &format!("export PORTFERRY_RELAY_CA={}\n", ca.display());
+        ready += &format!("PORTFERRY_RELAY_CA={}\n", ca.display());
+        exported += " PORTFERRY_RELAY_CA";
     }
+    ready += &exported;
+    ready += "\n";
     say(&ready);
     let handle = relay.handle();
     let serve = relay.run();

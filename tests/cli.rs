@@ -323,9 +323,10 @@ fn start_cli_relay_in(state: TempDir, args: &[&str]) -> CliRelay {
     command.args(args);
     let mut process = Running::spawn(command);
     let lines = process.lines_starting_with(&[
-        "export PORTFERRY_RELAY=",
-        "export PORTFERRY_TOKEN=",
-        "export PORTFERRY_RELAY_CA=",
+        "PORTFERRY_RELAY=",
+        "PORTFERRY_TOKEN=",
+        "PORTFERRY_RELAY_CA=",
+        "export PORTFERRY_",
     ]);
     let value = |line: &str| line.split_once('=').unwrap().1.trim().to_owned();
     let relay = value(&lines[0]);
@@ -634,7 +635,7 @@ async fn forward_exits_non_zero_when_the_relay_refuses_it_on_reconnect() {
         .arg(format!("127.0.0.1:{agent_port}"))
         .args(["--public-addr", "127.0.0.1:0", "--tokens", "another-token"]);
     let mut _again = Running::spawn(again);
-    _again.lines_starting_with(&["export PORTFERRY_RELAY="]);
+    _again.lines_starting_with(&["PORTFERRY_RELAY="]);
 
     let status = forward.exits_within(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", forward.stderr());

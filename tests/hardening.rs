@@ -747,7 +747,7 @@ async fn the_relay_command_drains_on_sigterm_and_exits_on_the_second() {
         std::io::BufReader::new(stdout)
             .lines()
             .map_while(Result::ok)
-            .any(|line| line.starts_with("export PORTFERRY_RELAY="))
+            .any(|line| line.starts_with("PORTFERRY_RELAY="))
     });
     assert!(timeout(STEP, ready).await.unwrap().unwrap(), "never ready");
 

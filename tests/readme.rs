@@ -52,7 +52,8 @@ fn the_readme_says_what_clients_and_jupyter_need() {
         "curl --resolve",
         "openssl s_client -connect 127.0.0.1:8443 -servername",
         // What the relay prints, as it prints it (item 4).
-        "export PORTFERRY_RELAY=localhost:7835",
+        "PORTFERRY_RELAY=localhost:7835\n",
+        "export PORTFERRY_RELAY PORTFERRY_TOKEN PORTFERRY_RELAY_CA",
         // The lean dependency (item 5).
         r#"default-features = false, features = ["agent"]"#,
     ] {

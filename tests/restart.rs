@@ -164,7 +164,7 @@ async fn start_printing(
         let mut printed = Vec::new();
         for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            let line = line.trim().trim_start_matches("export ");
+            let line = line.trim();
             if let Some((name, value)) = line.split_once('=') {
                 printed.push((name.to_owned(), value.to_owned()));
                 if name == last {

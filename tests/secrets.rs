@@ -66,10 +66,8 @@ fn tokens_never_appear_in_logs() {
         &[("PORTFERRY_TOKENS", &token)],
         &relay_log,
     );
-    let relay_env = wait_for_line(&relay_log, "export PORTFERRY_RELAY=");
-    let relay = relay_env
-        .trim_start_matches("export PORTFERRY_RELAY=")
-        .to_owned();
+    let relay_env = wait_for_line(&relay_log, "PORTFERRY_RELAY=");
+    let relay = relay_env.trim_start_matches("PORTFERRY_RELAY=").to_owned();
     let ca = state.join("ca.pem");
     let ca = ca.to_str().unwrap();
 
