@@ -15,7 +15,7 @@ use super::control::{refusal_error, Event};
 use super::{AgentConfig, LinkState, Shared, ENV_TOKEN};
 use crate::error::Error;
 use crate::link::{self, ControlSender, FrameReader, FrameWriter, CONTROL_QUEUE};
-use crate::wire::{Frame, Hello, PROTOCOL_VERSION};
+use crate::wire::{Frame, Hello, Welcome, NEW_AGENT, PROTOCOL_VERSION};
 
 /// First delay before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -28,15 +28,32 @@ pub(crate) type LinkHalves = (
     FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
 );
 
-/// One attempt to connect, authenticate and be welcomed.
-pub(crate) async fn open_link(
-    config: &AgentConfig,
-    identity: &[u8; 16],
-) -> Result<LinkHalves, Error> {
+/// What the agent resumes its leases with: the ticket of its last welcome, kept in
+/// memory only (a restarted agent is a new agent), never logged.
+#[derive(Default)]
+pub(crate) struct Resume(std::sync::Mutex<Option<bytes::Bytes>>);
+
+impl Resume {
+    /// What the hello carries: the ticket, or [`NEW_AGENT`] before the first welcome.
+    fn hello_field(&self) -> bytes::Bytes {
+        let ticket = crate::netstack::lock(&self.0).clone();
+        ticket.unwrap_or(bytes::Bytes::from_static(NEW_AGENT))
+    }
+
+    /// Keeps the ticket of `welcome`.
+    fn welcomed(&self, welcome: &Welcome) {
+        if !welcome.ticket.is_empty() {
+            *crate::netstack::lock(&self.0) = Some(welcome.ticket.clone());
+        }
+    }
+}
+
+/// One attempt to connect, authenticate and be welcomed, resuming with `resume`.
+pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<LinkHalves, Error> {
     let hello = Frame::Hello(Hello {
         version: PROTOCOL_VERSION,
         token: config.token.expose().to_owned(),
-        resume: bytes::Bytes::copy_from_slice(identity),
+        resume: resume.hello_field(),
     });
     // Encoding panics on a field too long for a frame: refuse such a token cleanly.
     hello.validate().map_err(|_| Error::InvalidConfig {
@@ -78,7 +95,10 @@ pub(crate) async fn open_link(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     match reader.read_frame_within(limit).await {
-        Ok(Some(Frame::Welcome(_))) => Ok((reader, writer)),
+        Ok(Some(Frame::Welcome(welcome))) => {
+            resume.welcomed(&welcome);
+            Ok((reader, writer))
+        }
         Ok(Some(Frame::Error(refusal))) => Err(refusal_error(refusal)),
         Ok(_) => Err(unreachable(
             "the relay closed the link during the handshake".into(),
@@ -147,7 +167,7 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
             let Some(shared) = agent.upgrade() else {
                 return;
             };
-            match open_link(&shared.config, &shared.identity).await {
+            match open_link(&shared.config, &shared.resume).await {
                 Ok(halves) => {
                     shared.update(|control| control.link_up(super::now()));
                     shared.state.send_replace(LinkState::Connected);

@@ -58,6 +58,7 @@
 //! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
 //! connection.
 
+mod agents;
 mod budget;
 mod config;
 mod edge;
@@ -68,6 +69,9 @@ mod leases;
 mod registry;
 mod session;
 mod tasks;
+#[cfg(test)]
+mod tests;
+mod ticket;
 
 use std::future::Future;
 use std::net::SocketAddr;
