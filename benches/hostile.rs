@@ -6,7 +6,8 @@
 //! agent with three tunnels (an echo service, a service that never reads, a counting
 //! service), then runs, each bounded in count and time:
 //! - `baseline`: legitimate HTTPS-style clients (TLS to the tunnel's hostname, echo 64
-//!   bytes), with nothing else going on;
+//!   bytes, from 127.0.0.2 while every flood comes from 127.0.0.1), with nothing else
+//!   going on;
 //! - `silent`: the same while [`FLOOD`] TCP connections to the public port say nothing,
 //!   plus new agents connecting (item 1);
 //! - `hello`: the same while [`FLOOD`] clients send a real ClientHello for a tunnel and
@@ -18,8 +19,10 @@
 //!   the peak of and after a burst of downloads (item 10).
 //!
 //! Every line is a ratio or a count next to the same run's baseline. Environment:
-//! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build, and
-//! `HOSTILE_RELAY_ARGS` (space-separated) for extra relay flags.
+//! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build,
+//! `HOSTILE_ONLY=memory` to run only the memory phase, and
+//! `HOSTILE_RELAY_ARGS` (space-separated relay flags, default [`RELAY_ARGS`]; set it
+//! empty for a build without `--idle-timeout`).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,6 +37,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
+/// Relay flags unless `HOSTILE_RELAY_ARGS` says otherwise: an idle timeout well inside
+/// [`IDLE_WAIT`], so that the `idle` phase shows it.
+const RELAY_ARGS: &str = "--idle-timeout 5";
 /// Connections in each flood.
 const FLOOD: usize = 2_000;
 /// Flood connections opened at once.
@@ -41,6 +47,8 @@ const FLOOD_CONCURRENCY: usize = 200;
 /// Legitimate connects per phase, and how many run at once.
 const LEGIT: usize = 40;
 const LEGIT_CONCURRENCY: usize = 4;
+/// Where legitimate clients connect from; floods and agents come from 127.0.0.1.
+const LEGIT_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 2);
 /// Limit for one legitimate connect-and-echo, and for one agent to connect and forward.
 const LEGIT_LIMIT: Duration = Duration::from_secs(5);
 const AGENT_LIMIT: Duration = Duration::from_secs(30);
@@ -51,8 +59,8 @@ const IDLE_CLIENTS: usize = 50;
 const IDLE_SEND: usize = 256 << 10;
 const IDLE_WAIT: Duration = Duration::from_secs(20);
 /// Downloads in the memory burst, all at once, and the bytes of each.
-const BURST: usize = 300;
-const BURST_BYTES: usize = 2 << 20;
+const BURST: usize = 400;
+const BURST_BYTES: usize = 4 << 20;
 
 fn main() {
     // `cargo bench` passes `--bench`; this program takes no other arguments.
@@ -65,6 +73,18 @@ fn main() {
 }
 
 async fn run() {
+    if std::env::var("HOSTILE_ONLY").as_deref() != Ok("memory") {
+        attacks().await;
+    }
+    // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
+    let relay = RelayProcess::start().await;
+    let roots = portferry::tls::load_ca_roots(&relay.ca).expect("ca");
+    let tls = TlsConnector::from(portferry::tls::client_config(roots, &[b"http/1.1"]));
+    memory(&relay, &tls).await;
+}
+
+/// The phases of items 1, 5 and 4 against one relay.
+async fn attacks() {
     let relay = RelayProcess::start().await;
     let mut config = AgentConfig::new(relay.addr.clone(), Token::new(relay.token.clone()));
     config.relay_ca = Some(relay.ca.clone());
@@ -117,13 +137,7 @@ async fn run() {
 
     // Item 4: a client that sends to a service that never reads, then half-closes.
     idle(&tls, &hole).await;
-
-    // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
-    drop((echo, counted, hole, agent, relay));
-    let relay = RelayProcess::start().await;
-    let roots = portferry::tls::load_ca_roots(&relay.ca).expect("ca");
-    let tls = TlsConnector::from(portferry::tls::client_config(roots, &[b"http/1.1"]));
-    memory(&relay, &tls).await;
+    drop((echo, counted, hole, agent));
 }
 
 /// The `portferry relay` process under test, on loopback ports, killed when dropped.
@@ -141,7 +155,7 @@ impl RelayProcess {
         let bin = std::env::var("HOSTILE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portferry").to_owned());
         let state = tempdir::TempDir::new();
-        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_default();
+        let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_else(|_| RELAY_ARGS.into());
         let mut command = Command::new(&bin);
         command
             .args([
@@ -158,7 +172,8 @@ impl RelayProcess {
         let (mut addr, mut token, mut ca) = (None, None, None);
         let read = async {
             while let Some(line) = lines.recv().await {
-                let Some((name, value)) = line.trim().split_once('=') else {
+                let line = line.trim().trim_start_matches("export ");
+                let Some((name, value)) = line.split_once('=') else {
                     continue;
                 };
                 match name {
@@ -361,7 +376,12 @@ async fn legit(tls: &TlsConnector, tunnel: &Tunnel) -> Legit {
 }
 
 async fn echo_once(tls: &TlsConnector, port: u16, host: &str) -> std::io::Result<()> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+    // From another address than the floods (all of 127/8 is loopback on Linux).
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((LEGIT_SOURCE, 0).into())?;
+    let tcp = socket
+        .connect((std::net::Ipv4Addr::LOCALHOST, port).into())
+        .await?;
     let name = ServerName::try_from(host.to_owned()).map_err(std::io::Error::other)?;
     let mut stream = tls.connect(name, tcp).await?;
     stream.write_all(&[7; 64]).await?;
@@ -559,11 +579,18 @@ async fn memory(relay: &RelayProcess, tls: &TlsConnector) {
             })
         })
         .collect();
-    let mut complete = 0;
+    let (mut complete, mut first_error) = (0, None);
     for download in downloads {
-        if let Ok(Ok(Ok(got))) = timeout(Duration::from_secs(120), download).await {
-            complete += usize::from(got == BURST_BYTES);
-        }
+        let failure = match timeout(Duration::from_secs(120), download).await {
+            Ok(Ok(Ok(got))) if got == BURST_BYTES => {
+                complete += 1;
+                continue;
+            }
+            Ok(Ok(Ok(got))) => format!("ended after {got} bytes"),
+            Ok(Ok(Err(e))) => e.to_string(),
+            _ => "no end in 120 s".into(),
+        };
+        first_error.get_or_insert(failure);
     }
     let took = start.elapsed();
     sampler.abort();
@@ -573,9 +600,10 @@ async fn memory(relay: &RelayProcess, tls: &TlsConnector) {
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after_10s = rss();
     println!(
-        "memory: {complete}/{BURST} downloads of {} MiB in {:.1} s",
+        "memory: {complete}/{BURST} downloads of {} MiB in {:.1} s{}",
         BURST_BYTES >> 20,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        first_error.map_or(String::new(), |e| format!(" (first failure: {e})"))
     );
     for (who, pick) in [("relay", 0), ("agent", 1)] {
         let get = |m: (f64, f64)| if pick == 0 { m.0 } else { m.1 };

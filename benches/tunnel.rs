@@ -2,13 +2,21 @@
 //! measured against direct loopback TCP in the same run. Prints one table.
 //!
 //! `cargo bench --bench tunnel` (set `PORTFERRY_BENCH_MIB` to change the bulk size, and
-//! `PORTFERRY_BENCH_SOCKET_BUFFER` to give every inner connection another buffer size).
+//! `PORTFERRY_BENCH_SOCKET_BUFFER` to give every inner connection another initial buffer
+//! size).
+//!
+//! `PORTFERRY_BENCH_RTT_MS=40` puts the agent's link to the relay through an in-process
+//! delay line of that round trip (a loopback TCP proxy that delivers every byte half the
+//! round trip after it arrived, each way; no root needed) and measures single-stream
+//! throughput of the raw TCP and HTTPS tunnels against what the same delay line carries
+//! for one plain TCP stream in the same run.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
-use portferry::relay::{Relay, RelayConfig, LOCAL_DOMAIN};
+use portferry::netstack::window::IDLE_SHRINK;
+use portferry::relay::{Relay, RelayConfig, RelayHandle, LOCAL_DOMAIN};
 use portferry::token::Token;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,6 +29,9 @@ const ROUND_TRIPS: usize = 2_000;
 const CONNECTIONS: usize = 300;
 /// `forward()` calls timed.
 const FORWARDS: usize = 50;
+
+/// Bytes a delay line holds in flight per direction: 1 Gbit/s for half of 500 ms.
+const DELAY_LINE_BYTES: usize = 32 << 20;
 
 /// Idle connections held open for the scale measurement.
 const IDLE_CONNECTIONS: usize = 10_000;
@@ -42,6 +53,7 @@ fn main() {
 
 /// Everything the measurements need, set up once.
 struct Setup {
+    relay: RelayHandle,
     agent: Agent,
     tls: TlsConnector,
     echo: SocketAddr,
@@ -64,13 +76,24 @@ async fn run() {
         relay_config.stack.socket_buffer = bytes;
     }
     let relay = Relay::bind(relay_config).await.expect("relay");
-    let mut config = AgentConfig::new(format!("localhost:{}", relay.agent_addr().port()), token);
+    let rtt = std::env::var("PORTFERRY_BENCH_RTT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .filter(|rtt| !rtt.is_zero());
+    let agent_link = match rtt {
+        Some(rtt) => delay_line(relay.agent_addr(), rtt / 2).await,
+        None => relay.agent_addr(),
+    };
+    let mut config = AgentConfig::new(format!("localhost:{}", agent_link.port()), token);
     config.relay_ca = Some(pki.ca_cert_path.clone());
     if let Some(bytes) = socket_buffer {
-        config.stack.socket_buffer = bytes;
+        config.socket_buffer = bytes;
     }
+    let relay_handle = relay.handle();
     tokio::spawn(relay.run());
     let setup = Setup {
+        relay: relay_handle,
         agent: Agent::connect(config).await.expect("agent"),
         tls: TlsConnector::from(portferry::tls::client_config(pki.roots(), &[b"http/1.1"])),
         echo: start_service(echo).await,
@@ -85,10 +108,7 @@ async fn run() {
         .unwrap_or(512);
     let bulk = mib << 20;
 
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let echo_tunnel = setup
         .agent
         .forward_with(setup.echo.port(), options.clone())
@@ -101,6 +121,9 @@ async fn run() {
         .unwrap();
     let echo_raw = raw_addr(&echo_tunnel);
     let sink_raw = raw_addr(&sink_tunnel);
+    if let Some(rtt) = rtt {
+        return across_delay_line(&setup, &sink_tunnel, bulk, rtt).await;
+    }
 
     println!(
         "portferry end-to-end benchmark ({mib} MiB bulk, {ROUND_TRIPS} round trips, {CONNECTIONS} connections, {} socket buffers)",
@@ -118,6 +141,7 @@ async fn run() {
     row_rate("single-stream throughput, HTTPS tunnel", &direct, &https);
     row_cpu("CPU time per GiB, raw TCP tunnel", &direct, &raw);
     row_cpu("CPU time per GiB, HTTPS tunnel", &direct, &https);
+    memory_after_bulk(&setup, bulk, echo_raw).await;
 
     let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap()).await;
     let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
@@ -200,15 +224,137 @@ async fn run() {
     let _ = std::fs::remove_dir_all(state);
 }
 
+/// The relay stack's socket buffers for one connection (from the stack's own
+/// accounting): just opened, and idle again after echoing `bulk` bytes.
+async fn memory_after_bulk(setup: &Setup, bulk: usize, echo: SocketAddr) {
+    let buffers = || setup.relay.stats().stacks.buffer_bytes;
+    // Earlier connections finish lingering and shrink first.
+    tokio::time::sleep(IDLE_SHRINK * 2).await;
+    let before = buffers();
+    let mut stream = TcpStream::connect(echo).await.unwrap();
+    let mut byte = [1u8];
+    stream.write_all(&byte).await.unwrap();
+    stream.read_exact(&mut byte).await.unwrap();
+    let fresh = buffers().saturating_sub(before);
+    let (mut reader, mut writer) = stream.split();
+    let chunk = vec![0x33u8; 256 * 1024];
+    let write = async {
+        let mut sent = 0;
+        while sent < bulk {
+            writer.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+    };
+    let read = async {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut echoed = 0;
+        while echoed < bulk {
+            echoed += reader.read(&mut buf).await.unwrap();
+        }
+    };
+    tokio::join!(write, read);
+    let busy = buffers().saturating_sub(before);
+    tokio::time::sleep(IDLE_SHRINK * 2).await;
+    let idle = buffers().saturating_sub(before);
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        format!("relay buffers of 1 conn.: new | {} MiB echoed", bulk >> 20),
+        format!("{:.1} KiB", fresh as f64 / 1024.0),
+        format!("{:.1} KiB", busy as f64 / 1024.0),
+        "-"
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "relay buffers of that conn. idle again",
+        "-",
+        format!("{:.1} KiB", idle as f64 / 1024.0),
+        "-"
+    );
+}
+
+/// Single-stream throughput of the raw TCP and HTTPS tunnels, whose agent link crosses
+/// a delay line of `rtt`, against one plain TCP stream across the same kind of line.
+async fn across_delay_line(setup: &Setup, sink_tunnel: &Tunnel, bulk: usize, rtt: Duration) {
+    let sink_raw = raw_addr(sink_tunnel);
+    let sink_delayed = delay_line(setup.sink, rtt / 2).await;
+    println!(
+        "portferry across an in-process delay line of {} ms round trip ({} MiB bulk)",
+        rtt.as_millis(),
+        bulk >> 20
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "measure", "delay line", "tunnel", "ratio"
+    );
+    let line = throughput(bulk, &[], || TcpStream::connect(sink_delayed)).await;
+    let raw = throughput(bulk, &[], || TcpStream::connect(sink_raw)).await;
+    let https = throughput(bulk, &[], || tls_connect(setup, sink_tunnel)).await;
+    row_rate("single-stream throughput, raw TCP tunnel", &line, &raw);
+    row_rate("single-stream throughput, HTTPS tunnel", &line, &https);
+}
+
+/// A loopback TCP proxy to `target` that delivers every byte `one_way` after it
+/// arrived, in both directions: a link with a round trip, without root or a network.
+/// Each direction holds at most [`DELAY_LINE_BYTES`] in flight.
+async fn delay_line(target: SocketAddr, one_way: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((near, _)) = listener.accept().await {
+            let Ok(far) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let _ = near.set_nodelay(true);
+            let _ = far.set_nodelay(true);
+            let (near_read, near_write) = near.into_split();
+            let (far_read, far_write) = far.into_split();
+            tokio::spawn(delayed_copy(near_read, far_write, one_way));
+            tokio::spawn(delayed_copy(far_read, near_write, one_way));
+        }
+    });
+    addr
+}
+
+/// Copies `from` to `to`, each read written `one_way` after it was read.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    one_way: Duration,
+) {
+    let (line_in, mut line_out) = tokio::sync::mpsc::unbounded_channel();
+    // The bytes in flight are bounded here rather than by the channel.
+    let room = std::sync::Arc::new(tokio::sync::Semaphore::new(DELAY_LINE_BYTES));
+    let read = async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            let Ok(permit) = room.clone().acquire_many_owned(n as u32).await else {
+                break;
+            };
+            let due = tokio::time::Instant::now() + one_way;
+            if line_in.send((due, buf[..n].to_vec(), permit)).is_err() {
+                break;
+            }
+        }
+    };
+    let write = async move {
+        while let Some((due, chunk, permit)) = line_out.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+            drop(permit);
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(read, write);
+}
+
 /// Throughput of one stream with and without 10,000 idle connections through the same
 /// agent, and the memory those connections cost this process (relay and agent).
 async fn scale(setup: &Setup, bulk: usize, sink_port: SocketAddr) {
     // Served straight from the agent's userspace stack: no local socket per connection,
     // so this process holds only the relay's side of each (the fd limit is 20,000).
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let mut listener = setup.agent.listen(options).await.expect("listen");
     let target = raw_addr(listener.tunnel());
     tokio::spawn(async move {

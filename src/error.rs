@@ -3,8 +3,6 @@
 use std::fmt;
 use std::io;
 
-use crate::wire::ErrorCode;
-
 /// Everything that can go wrong when forwarding a port. Each message says what to do.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -55,10 +53,14 @@ pub enum Error {
         /// What the relay said.
         message: String,
     },
-    /// The relay refused a request.
+    /// The relay refused: a limit (tunnels per agent, agents at once) is reached.
+    /// Close something, or retry later.
+    LimitReached {
+        /// The relay's message, naming the limit.
+        message: String,
+    },
+    /// The relay refused a request for another reason.
     Refused {
-        /// The relay's error code.
-        code: ErrorCode,
         /// The relay's message.
         message: String,
     },
@@ -73,6 +75,9 @@ pub enum Error {
     Tls(crate::tls::TlsError),
     /// A local I/O operation failed (binding a port, reading a file).
     Io(io::Error),
+    /// A relay's settings cannot work, or its listeners could not be bound.
+    #[cfg(feature = "relay")]
+    RelayConfig(crate::relay::ConfigError),
 }
 
 impl fmt::Display for Error {
@@ -119,11 +124,16 @@ impl fmt::Display for Error {
                     "the relay speaks another protocol version ({message}): upgrade the older side"
                 )
             }
-            Error::Refused { code, message } => write!(f, "the relay refused: {message} ({code})"),
+            Error::LimitReached { message } => {
+                write!(f, "the relay refused: a limit is reached ({message})")
+            }
+            Error::Refused { message } => write!(f, "the relay refused: {message}"),
             Error::Timeout { waiting_for } => write!(f, "timed out waiting for {waiting_for}"),
             Error::LinkClosed => f.write_str("the link to the relay is closed"),
             Error::Tls(e) => e.fmt(f),
             Error::Io(e) => e.fmt(f),
+            #[cfg(feature = "relay")]
+            Error::RelayConfig(e) => e.fmt(f),
         }
     }
 }
@@ -144,6 +154,13 @@ impl std::error::Error for Error {
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::Io(e)
+    }
+}
+
+#[cfg(feature = "relay")]
+impl From<crate::relay::ConfigError> for Error {
+    fn from(e: crate::relay::ConfigError) -> Self {
+        Error::RelayConfig(e)
     }
 }
 

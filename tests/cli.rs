@@ -833,3 +833,31 @@ async fn an_unreachable_local_service_is_logged_once_with_its_address() {
         warnings[0]
     );
 }
+
+#[test]
+fn a_relay_port_in_use_is_named() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let state = TempDir::new("cli");
+    let finished = run(portferry([
+        "relay".as_ref(),
+        "--state-dir".as_ref(),
+        state.path().as_os_str(),
+        "--agent-addr".as_ref(),
+        addr.as_ref(),
+        "--public-addr".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ]));
+    assert!(!finished.status.success());
+    assert!(
+        finished.stderr.contains(&addr) && finished.stderr.contains("in use"),
+        "{}",
+        finished.stderr
+    );
+    assert_eq!(
+        finished.stderr.matches("in use").count(),
+        1,
+        "{}",
+        finished.stderr
+    );
+}

@@ -26,8 +26,8 @@ use tokio_rustls::client::TlsStream;
 mod common;
 
 use common::{
-    drive_link, echo_service, free_port, http_get, http_service, portferry, unencrypted, Child,
-    Fixture, TempDir, HTTP1,
+    drive_link, echo_service, free_port, http_get, http_service, portferry, read_stream,
+    stream_service, unencrypted, Child, Fixture, TempDir, HTTP1,
 };
 
 /// Upper bound for any single test step: a hang fails the test instead of the CI job.
@@ -69,10 +69,7 @@ fn raw_addr(tunnel: &Tunnel) -> SocketAddr {
 
 /// Options that forward to `service`, whatever the tunnel's (inner) port is called.
 fn to(service: SocketAddr) -> ForwardOptions {
-    ForwardOptions {
-        local_addr: Some(service),
-        ..ForwardOptions::default()
-    }
+    ForwardOptions::new().local_addr(service)
 }
 
 /// A stream that writes one byte at a time with a pause before each, until `fast`.
@@ -417,8 +414,7 @@ async fn a_forward_beyond_max_tunnels_per_agent_is_refused() {
     let _second = agent.forward_with(1, to(service)).await.unwrap();
     let third = agent.forward_with(2, to(service)).await;
     match third {
-        Err(Error::Refused { code, message }) => {
-            assert_eq!(code, ErrorCode::LIMIT_REACHED);
+        Err(Error::LimitReached { message }) => {
             assert!(message.contains("max_tunnels_per_agent"), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -582,8 +578,7 @@ async fn an_agent_beyond_max_agent_sessions_is_refused() {
         .await
         .unwrap();
     match refused {
-        Err(Error::Refused { code, message }) => {
-            assert_eq!(code, ErrorCode::LIMIT_REACHED);
+        Err(Error::LimitReached { message }) => {
             assert!(message.contains("max_agent_sessions"), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
@@ -776,4 +771,156 @@ async fn the_relay_command_drains_on_sigterm_and_exits_on_the_second() {
     let status = relay.exit_status(STEP).await;
     assert!(status.success(), "{status}");
     assert!(until_closed(&mut pending).await.is_empty());
+}
+
+// ───────────────────────────── the public edge's handshake ─────────────────────────────
+
+/// Sends `host`'s ClientHello to the relay's public port and waits for the first byte
+/// of its answer (so the relay has acted on the hello); the connection, left silent.
+async fn hello_only(fx: &Fixture, host: &str) -> TcpStream {
+    let name = ServerName::try_from(host.to_owned()).unwrap();
+    let config = portferry::tls::client_config(fx.pki.roots(), HTTP1);
+    let mut client = rustls::ClientConnection::new(config, name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    let mut tcp = TcpStream::connect(fx.public).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    let mut first = [0u8; 1];
+    timeout(STEP, tcp.read_exact(&mut first))
+        .await
+        .expect("no answer to the ClientHello")
+        .unwrap();
+    tcp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_alone_opens_no_connection_to_the_service() {
+    let fx = Fixture::start_with(STEP, |config| {
+        config.handshake_timeout = Duration::from_secs(120);
+    })
+    .await;
+    let agent = fx.agent().await;
+    let service = stream_service(1024).await;
+    let tunnel = agent.forward(service.addr.port()).await.unwrap();
+    let host = tunnel.tls_socket().0.to_owned();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(hello_only(&fx, &host).await);
+    }
+    // A client that completes its handshake reaches the service; then its connection ends.
+    let mut tls = fx.tls_to(&tunnel).await.unwrap();
+    timeout(STEP, read_stream(&mut tls, 1024))
+        .await
+        .expect("the whole client got nothing")
+        .unwrap();
+    drop(tls);
+    fx.until_stats("no inner connection open", |s| s.stacks.flows == 0)
+        .await;
+    assert_eq!(
+        service.accepted(),
+        1,
+        "hello-only clients reached the service"
+    );
+    assert_eq!(fx.stats().pending_handshakes, 4, "{:?}", fx.stats());
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_or_closed_hostname_gets_an_unrecognized_name_alert() {
+    let fx = Fixture::start(STEP).await;
+    let agent = fx.agent().await;
+    let tunnel = agent.forward(http_service("h").await.port()).await.unwrap();
+    let closed = tunnel.tls_socket().0.to_owned();
+    assert_eq!(fx.get(&tunnel).await.unwrap(), "h");
+    tunnel.close().await.unwrap();
+    let unknown = format!("{}.{LOCAL_DOMAIN}", "a".repeat(26));
+    let alert = rustls::Error::AlertReceived(rustls::AlertDescription::UnrecognisedName);
+    for sni in [&unknown, &closed] {
+        // rustls, as a client program sees it.
+        let error = fx.tls(sni, HTTP1).await.unwrap_err();
+        let received = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert_eq!(received, Some(&alert), "{sni}: {error}");
+        // curl, with OpenSSL, names the alert.
+        let url = format!("https://{sni}:{}/", fx.public.port());
+        let curl = std::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "20", "--cacert"])
+            .arg(&fx.pki.ca_cert_path)
+            .args([
+                "--resolve",
+                &format!("{sni}:{}:127.0.0.1", fx.public.port()),
+                &url,
+            ])
+            .output()
+            .expect("curl runs");
+        let said = String::from_utf8_lossy(&curl.stderr).to_lowercase();
+        assert!(!curl.status.success(), "{sni}: curl succeeded");
+        assert!(
+            said.contains("unrecognized name"),
+            "{sni}: curl said {said:?}"
+        );
+    }
+    assert_eq!(fx.stats().unknown_sni, 4);
+}
+
+// ───────────────────────────── settings that cannot work ─────────────────────────────
+
+/// Runs `portferry relay` with `args` and `env` (and a state directory of its own);
+/// its exit status and what it wrote on stderr. Panics if it does not exit.
+async fn relay_exit(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitStatus, String) {
+    let state = TempDir::new("relay-config");
+    let mut command = portferry(["relay"]);
+    command
+        .args(args)
+        .arg("--state-dir")
+        .arg(state.path())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Child(command.spawn().unwrap());
+    let status = child.exit_status(STEP).await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    (status, stderr)
+}
+
+/// Free loopback ports for both listeners, then `more`.
+fn on_free_ports<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--public-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_with_settings_that_cannot_work_does_not_start_and_names_the_flag() {
+    for (args, env) in [
+        (&["--tokens", ""][..], &[][..]),
+        (&["--tokens", " "][..], &[][..]),
+        (&["--tokens", "good, "][..], &[][..]),
+        (&[][..], &[("PORTFERRY_TOKENS", " ")][..]),
+    ] {
+        let (status, stderr) = relay_exit(&on_free_ports(args), env).await;
+        assert_eq!(status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("--tokens"), "{args:?} {env:?}: {stderr}");
+    }
+    let (status, stderr) = relay_exit(&on_free_ports(&["--handshake-timeout", "0"]), &[]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--handshake-timeout"), "{stderr}");
+
+    // An address in use is named, with its flag.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let args = ["--public-addr", "127.0.0.1:0", "--agent-addr", &addr];
+    let (status, stderr) = relay_exit(&args, &[]).await;
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&addr) && stderr.contains("--agent-addr") && stderr.contains("in use"),
+        "{stderr}"
+    );
 }

@@ -26,7 +26,7 @@ async fn leases_are_bounded_per_token_refused_with_a_code_and_counted() {
     let _c = second.forward(1001).await.unwrap();
     let refused = second.forward(1002).await.unwrap_err();
     assert!(
-        matches!(&refused, Error::Refused { code, message } if *code == ErrorCode::LIMIT_REACHED && message.contains("max_leases_per_token")),
+        matches!(&refused, Error::LimitReached { message } if message.contains("max_leases_per_token")),
         "{refused:?}"
     );
     let stats = fx.stats();

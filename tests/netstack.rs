@@ -306,3 +306,53 @@ async fn direct_kernel_echo_baseline_sanity() {
     stream.read_to_end(&mut out).await.unwrap();
     assert_eq!(out, b"ping");
 }
+
+/// Carries packets from `from` to `to` like [`portferry::netstack::connect_in_memory`],
+/// but drops the first packet that carries TCP payload.
+async fn pump_dropping_first_payload(from: Stack, to: Stack) {
+    let mut batch = Vec::new();
+    let mut dropped = false;
+    while from.outbound().drain(&mut batch, 64).await > 0 {
+        for packet in batch.drain(..) {
+            let ip_header = usize::from(packet[0] & 0x0f) * 4;
+            let tcp_header = usize::from(packet[ip_header + 12] >> 4) * 4;
+            if !dropped && packet.len() > ip_header + tcp_header {
+                dropped = true;
+                continue;
+            }
+            let _ = to.ingress(packet);
+        }
+    }
+    to.close();
+}
+
+/// smoltcp's timers run on tokio's clock: on a paused clock a lost segment is
+/// retransmitted once the (virtual) retransmission timeout has passed. On the wall
+/// clock smoltcp would still see the segment as fresh and the read would time out.
+#[tokio::test(start_paused = true)]
+async fn a_lost_segment_is_retransmitted_on_the_paused_clock() {
+    let relay = Stack::new(StackConfig::relay());
+    let agent = Stack::new(StackConfig::agent());
+    tokio::spawn(pump_dropping_first_payload(relay.clone(), agent.clone()));
+    tokio::spawn(pump_dropping_first_payload(agent.clone(), relay.clone()));
+    let mut listener = agent.listen(8000).unwrap();
+    let server = tokio::spawn(async move {
+        let mut stream = listener.accept().await.unwrap();
+        let mut request = [0; 5];
+        stream.read_exact(&mut request).await.unwrap();
+        stream.write_all(b"world").await.unwrap();
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await.unwrap();
+        request
+    });
+    let mut client = connect(&relay, 8000).await;
+    client.write_all(b"hello").await.unwrap();
+    let mut answer = [0; 5];
+    timeout(Duration::from_secs(10), client.read_exact(&mut answer))
+        .await
+        .expect("the lost segments were never retransmitted")
+        .unwrap();
+    assert_eq!(&answer, b"world");
+    client.shutdown().await.unwrap();
+    assert_eq!(&server.await.unwrap(), b"hello");
+}

@@ -112,8 +112,8 @@ async fn fixture(lease_grace: Duration) -> Fixture {
 
     let mut config = relay.agent_config();
     config.relay = format!("localhost:{}", proxy.addr.port());
-    config.link.ping_interval = Duration::from_millis(200);
-    config.link.idle_timeout = Duration::from_secs(1);
+    config.ping_interval = Duration::from_millis(200);
+    config.idle_timeout = Duration::from_secs(1);
     Fixture {
         agent: timeout(STEP, Agent::connect(config))
             .await
@@ -256,4 +256,66 @@ async fn an_expired_lease_stops_routing_and_is_never_given_to_anyone_else() {
         !routes(&fixture, &tunnel).await,
         "an expired hostname was handed out again"
     );
+}
+
+/// A relay on `agent_port` (0: any) that accepts only `token`, with `pki`'s certificate;
+/// its handle, the task serving it, and the agent port it got.
+async fn relay_accepting(
+    pki: &portferry::tls::LocalPki,
+    token: portferry::Token,
+    agent_port: u16,
+) -> (
+    portferry::relay::RelayHandle,
+    tokio::task::JoinHandle<()>,
+    u16,
+) {
+    let mut config =
+        portferry::relay::RelayConfig::local(pki.identity.clone(), vec![token], agent_port, 0);
+    config.shutdown_grace = Duration::from_millis(100);
+    let relay = portferry::relay::Relay::bind(config).await.unwrap();
+    let port = relay.agent_addr().port();
+    (relay.handle(), tokio::spawn(relay.run()), port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_on_reconnect_says_it_gave_up() {
+    use portferry::{AgentConfig, Error, LinkState, Token};
+    let state = common::TempDir::new("gave-up");
+    let pki = portferry::tls::local_pki(state.path(), portferry::relay::LOCAL_DOMAIN).unwrap();
+    let token = Token::generate();
+    let (first, first_run, port) = relay_accepting(&pki, token.clone(), 0).await;
+    let config =
+        AgentConfig::new(format!("localhost:{port}"), token).with_relay_ca(&pki.ca_cert_path);
+    let agent = timeout(STEP, Agent::connect(config))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut states = agent.link_state();
+    assert!(matches!(*states.borrow(), LinkState::Connected));
+
+    // The relay goes away: the agent says it is reconnecting.
+    first.shutdown();
+    timeout(STEP, first_run).await.unwrap().unwrap();
+    timeout(
+        STEP,
+        states.wait_for(|s| matches!(s, LinkState::Reconnecting)),
+    )
+    .await
+    .expect("never reported reconnecting")
+    .unwrap();
+
+    // It comes back on the same port, refusing the agent's token: the agent gives up,
+    // and says why.
+    let (_second, _second_run, _) = relay_accepting(&pki, Token::generate(), port).await;
+    let reason = timeout(STEP, agent.gave_up())
+        .await
+        .expect("the agent never gave up");
+    assert!(matches!(*reason, Error::Unauthorized), "{reason:?}");
+    assert!(matches!(*agent.link_state().borrow(), LinkState::GaveUp(_)));
+    assert!(!agent.is_connected());
+    // Asking it for a tunnel now says why it cannot.
+    let refused = timeout(STEP, agent.forward(common::free_port()))
+        .await
+        .unwrap();
+    assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
 }

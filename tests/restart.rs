@@ -61,13 +61,10 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     let (first, first_run, ports) = start_relay(&pki, &token, state.path(), (0, 0)).await;
     let mut config = AgentConfig::new(format!("localhost:{}", ports.0), token.clone());
     config.relay_ca = Some(pki.ca_cert_path.clone());
-    config.link.ping_interval = Duration::from_millis(200);
-    config.link.idle_timeout = Duration::from_secs(1);
+    config.ping_interval = Duration::from_millis(200);
+    config.idle_timeout = Duration::from_secs(1);
     let agent = Agent::connect(config).await.unwrap();
-    let options = ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    };
+    let options = ForwardOptions::new().unencrypted(true);
     let tunnel = agent.forward_with(service.port(), options).await.unwrap();
     let (_, tcp_port) = tunnel.tcp_socket().unwrap();
     assert_eq!(

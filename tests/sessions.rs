@@ -40,10 +40,7 @@ const PORT: u16 = 8080;
 
 /// Options that forward to `service`, whatever the tunnel's (inner) port is called.
 fn to(service: SocketAddr) -> ForwardOptions {
-    ForwardOptions {
-        local_addr: Some(service),
-        ..ForwardOptions::default()
-    }
+    ForwardOptions::new().local_addr(service)
 }
 
 /// The addresses, ports and flags of an IPv4/TCP packet, as smoltcp reads them.

@@ -140,6 +140,8 @@ impl Run {
         config.lease_grace = LEASE_GRACE;
         config.min_takeover_interval = TAKEOVER_INTERVAL;
         config.tcp_ports = TCP_PORTS;
+        // Out of reach here: the unit tests cover the lease limits.
+        (config.max_leases, config.max_leases_per_token) = (usize::MAX, usize::MAX);
         Run {
             harness: Harness::new(config),
             links: Vec::new(),
@@ -396,6 +398,7 @@ impl Run {
         };
         assert_eq!(self.harness.route(&granted.hostname), Some(served));
         link.held.insert(request.port, granted.hostname);
+        assert!(link.held.len() <= MAX_TUNNELS, "over the tunnel limit");
     }
 
     fn close(&mut self, link: u8, port: u16) {

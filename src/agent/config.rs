@@ -20,8 +20,10 @@ pub const ENV_TOKEN: &str = "PORTFERRY_TOKEN";
 /// instead of the system's roots.
 pub const ENV_RELAY_CA: &str = "PORTFERRY_RELAY_CA";
 
-/// How to reach a relay.
+/// How to reach a relay. Made by [`new`](Self::new) or [`from_env`](Self::from_env);
+/// every field can then be changed.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AgentConfig {
     /// The relay's agent endpoint, `host:port`; `host` is also the TLS server name.
     pub relay: String,
@@ -29,27 +31,57 @@ pub struct AgentConfig {
     pub token: Token,
     /// CA certificates (PEM) to trust for the relay; the system's roots if `None`.
     pub relay_ca: Option<PathBuf>,
-    /// Limit for connecting, the TLS handshake and the relay's welcome, each.
+    /// Limit for connecting, the TLS handshake and the relay's welcome, each; also for
+    /// connecting to the local service.
     pub connect_timeout: Duration,
     /// Limit for the relay's answer to a request.
     pub request_timeout: Duration,
-    /// Heartbeats and batching of the link.
-    pub link: LinkConfig,
-    /// Settings of the agent's userspace stack.
-    pub stack: StackConfig,
+    /// How often the agent pings the relay (default 5 s).
+    pub ping_interval: Duration,
+    /// A link on which nothing arrives for this long is dead and replaced (default 15 s).
+    pub idle_timeout: Duration,
+    /// Bytes of each connection's receive window on the agent's userspace stack
+    /// (default 65,535; at most 4 MiB). Larger windows move more per round trip and
+    /// cost that much memory per connection.
+    pub socket_buffer: usize,
 }
 
 impl AgentConfig {
     /// A configuration with default timeouts.
     pub fn new(relay: impl Into<String>, token: Token) -> Self {
+        let link = LinkConfig::default();
         AgentConfig {
             relay: relay.into(),
             token,
             relay_ca: None,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
-            link: LinkConfig::default(),
-            stack: StackConfig::agent(),
+            ping_interval: link.ping_interval,
+            idle_timeout: link.idle_timeout,
+            socket_buffer: StackConfig::agent().socket_buffer,
+        }
+    }
+
+    /// The same, trusting the CA certificates in the PEM file at `path` for the relay.
+    pub fn with_relay_ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.relay_ca = Some(path.into());
+        self
+    }
+
+    /// The link settings these fields stand for.
+    pub(crate) fn link(&self) -> LinkConfig {
+        LinkConfig {
+            ping_interval: self.ping_interval,
+            idle_timeout: self.idle_timeout,
+            ..LinkConfig::default()
+        }
+    }
+
+    /// The settings of the agent's userspace stack.
+    pub(crate) fn stack(&self) -> StackConfig {
+        StackConfig {
+            socket_buffer: self.socket_buffer,
+            ..StackConfig::agent()
         }
     }
 
@@ -93,15 +125,53 @@ impl AgentConfig {
     }
 }
 
-/// What to forward and how.
+/// What to forward and how: [`ForwardOptions::new`] (or `default()`), then the
+/// builder methods.
+///
+/// ```
+/// let options = portferry::ForwardOptions::new().unencrypted(true);
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ForwardOptions {
+    pub(crate) unencrypted: bool,
+    pub(crate) h2: bool,
+    /// Where the service listens, tried in order; empty for the default.
+    pub(crate) local_addrs: Vec<SocketAddr>,
+}
+
+impl ForwardOptions {
+    /// HTTPS only, HTTP/1.1, to `127.0.0.1:<port>` (then `[::1]:<port>`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// Also expose the port as raw TCP on a relay port ([`Tunnel::tcp_socket`]).
-    pub unencrypted: bool,
+    ///
+    /// [`Tunnel::tcp_socket`]: crate::Tunnel::tcp_socket
+    pub fn unencrypted(mut self, unencrypted: bool) -> Self {
+        self.unencrypted = unencrypted;
+        self
+    }
+
     /// Offer HTTP/2 (ALPN `h2`) on the TLS side; needs TLS, so not with `unencrypted`.
-    pub h2: bool,
-    /// Where the service listens; `127.0.0.1:<port>` if `None`.
-    pub local_addr: Option<SocketAddr>,
+    pub fn h2(mut self, h2: bool) -> Self {
+        self.h2 = h2;
+        self
+    }
+
+    /// Where the service listens, instead of `127.0.0.1:<port>` (then `[::1]:<port>`).
+    pub fn local_addr(self, addr: SocketAddr) -> Self {
+        self.local_addrs([addr])
+    }
+
+    /// Where the service listens, tried in order for each connection (for example what
+    /// a host name resolves to).
+    pub fn local_addrs(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.local_addrs = addrs.into_iter().collect();
+        self
+    }
 }
 
 #[cfg(test)]

@@ -471,9 +471,11 @@ pub(crate) fn refusal_error(refusal: ErrorFrame) -> Error {
         ErrorCode::BAD_VERSION => Error::VersionMismatch {
             message: refusal.message,
         },
-        code => Error::Refused {
-            code,
+        ErrorCode::LIMIT_REACHED => Error::LimitReached {
             message: refusal.message,
+        },
+        code => Error::Refused {
+            message: format!("{} ({code})", refusal.message),
         },
     }
 }

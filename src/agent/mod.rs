@@ -5,9 +5,9 @@
 //! explicit [`AgentConfig`]. One agent holds one link to the relay, whatever the
 //! number of tunnels and connections.
 //!
-//! Layout: [`config`] (settings), [`control`] (the sans-IO request/close table),
-//! [`reconnect`] (the link and its upkeep), [`tunnel`] (the handles); this file ties
-//! them together.
+//! Layout: `config` (settings), `control` (the sans-IO request/close table),
+//! `reconnect` (the link and its upkeep), `tunnel` (the handles), `local` (serving a
+//! tunnel from the local service); this file ties them together.
 
 mod config;
 mod local;
@@ -101,7 +101,7 @@ impl Agent {
         let changed = Arc::new(Notify::new());
         let agent = Agent {
             shared: Arc::new(Shared {
-                stack: Stack::new(config.stack.clone()),
+                stack: Stack::new(config.stack()),
                 resume,
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),
@@ -125,7 +125,7 @@ impl Agent {
 
     /// Asks the relay for a tunnel to the local service on `port`: connections to the
     /// tunnel's URL (and TCP socket, if `unencrypted`) reach `127.0.0.1:<port>`, else
-    /// `[::1]:<port>` (as `localhost` means), or `options.local_addr`. A client of a
+    /// `[::1]:<port>` (as `localhost` means), or `options`' local addresses. A client of a
     /// service that is not listening sees its connection refused, and the agent logs a
     /// warning naming the addresses it tried (at most one per tunnel per 10 s).
     pub async fn forward_with(&self, port: u16, options: ForwardOptions) -> Result<Tunnel, Error> {
@@ -133,9 +133,10 @@ impl Agent {
             return Err(Error::InvalidPort { given: "0".into() });
         }
         let (forwarded, listener) = self.open(Some(port), &options).await?;
-        let targets = match options.local_addr {
-            Some(addr) => vec![addr],
-            None => local::default_targets(port),
+        let targets = if options.local_addrs.is_empty() {
+            local::default_targets(port)
+        } else {
+            options.local_addrs
         };
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
@@ -171,19 +172,39 @@ impl Agent {
             return Err(Error::H2RequiresTls);
         }
         let shared = &self.shared;
-        let (id, _inner, listener) = shared.update(|control| {
+        let opened = shared.update(|control| {
             control.open(local, options, now(), |port| {
                 shared.stack.listen(port).map_err(|e| match e {
                     ListenError::PortInUse(_) => BindError::Taken,
                     _ => BindError::Failed(Error::LinkClosed),
                 })
             })
-        })?;
+        });
+        let (id, _inner, listener) = match opened {
+            // An agent that gave up says why, rather than that its link is closed.
+            Err(Error::LinkClosed) => return Err(self.link_closed()),
+            opened => opened?,
+        };
         shared.changed.notify_waiters();
         let forwarded = shared
             .wait_for(|control| control.answer(id), |control| control.cancel(id))
             .await?;
         Ok((forwarded, listener))
+    }
+
+    /// The error for a request made while the link is down: why the agent gave up, if
+    /// it did.
+    fn link_closed(&self) -> Error {
+        match &*self.shared.state.borrow() {
+            LinkState::GaveUp(reason) => match &**reason {
+                Error::Unauthorized => Error::Unauthorized,
+                Error::VersionMismatch { message } => Error::VersionMismatch {
+                    message: message.clone(),
+                },
+                _ => Error::LinkClosed,
+            },
+            _ => Error::LinkClosed,
+        }
     }
 
     /// Whether the link to the relay is up.

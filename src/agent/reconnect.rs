@@ -15,7 +15,7 @@ use super::control::{refusal_error, Event};
 use super::{AgentConfig, LinkState, Shared, ENV_TOKEN};
 use crate::error::Error;
 use crate::link::{self, ControlSender, FrameReader, FrameWriter, CONTROL_QUEUE};
-use crate::wire::{Frame, Hello, Welcome, NEW_AGENT, PROTOCOL_VERSION};
+use crate::wire::{handshake, Welcome, NEW_AGENT};
 
 /// First delay before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -50,15 +50,12 @@ impl Resume {
 
 /// One attempt to connect, authenticate and be welcomed, resuming with `resume`.
 pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<LinkHalves, Error> {
-    let hello = Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        token: config.token.expose().to_owned(),
-        resume: resume.hello_field(),
-    });
-    // Encoding panics on a field too long for a frame: refuse such a token cleanly.
-    hello.validate().map_err(|_| Error::InvalidConfig {
-        name: ENV_TOKEN,
-        reason: "the token is longer than a hello frame can carry".into(),
+    let resume_field = resume.hello_field();
+    let hello = handshake::hello(config.token.expose(), &resume_field).map_err(|_| {
+        Error::InvalidConfig {
+            name: ENV_TOKEN,
+            reason: "the token is longer than a hello frame can carry".into(),
+        }
     })?;
     let server_name = config.server_name()?;
     let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
@@ -74,7 +71,7 @@ pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<L
     };
     tcp.set_nodelay(true)?;
     let connector = tokio_rustls::TlsConnector::from(tls);
-    let stream = match timeout(limit, connector.connect(server_name, tcp)).await {
+    let mut stream = match timeout(limit, connector.connect(server_name, tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(source)) => {
             return Err(Error::RelayTls {
@@ -88,26 +85,21 @@ pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<L
             })
         }
     };
-    let (read_half, write_half) = tokio::io::split(stream);
-    let (mut reader, mut writer) = (FrameReader::new(read_half), FrameWriter::new(write_half));
-    writer
-        .send(&hello)
+    handshake::send(&mut stream, &hello)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
-    match reader.read_frame_within(limit).await {
-        Ok(Some(Frame::Welcome(welcome))) => {
-            resume.welcomed(&welcome);
-            Ok((reader, writer))
+    match timeout(limit, handshake::read_answer(&mut stream)).await {
+        Ok(Ok(Ok(welcome))) => resume.welcomed(&welcome),
+        Ok(Ok(Err(refusal))) => return Err(refusal_error(refusal)),
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => {
+            return Err(Error::Timeout {
+                waiting_for: "the relay's welcome",
+            })
         }
-        Ok(Some(Frame::Error(refusal))) => Err(refusal_error(refusal)),
-        Ok(_) => Err(unreachable(
-            "the relay closed the link during the handshake".into(),
-        )),
-        Err(link::LinkError::Idle(_)) => Err(Error::Timeout {
-            waiting_for: "the relay's welcome",
-        }),
-        Err(e) => Err(unreachable(e.to_string())),
     }
+    let (read_half, write_half) = tokio::io::split(stream);
+    Ok((FrameReader::new(read_half), FrameWriter::new(write_half)))
 }
 
 /// Runs the agent's links for as long as the agent exists: when a link is lost, its
@@ -123,7 +115,7 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
             let Some(shared) = agent.upgrade() else {
                 return;
             };
-            (shared.stack.clone(), shared.config.link.clone())
+            (shared.stack.clone(), shared.config.link())
         };
         let dispatch = async {
             while let Some(frame) = inbound.recv().await {

@@ -1,6 +1,11 @@
 //! Tunnel handles: [`Tunnel`] (URL, sockets; closes when dropped) and
 //! [`TunnelListener`], whose connections the program accepts itself.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::task::JoinHandle;
 
 use super::Agent;
@@ -135,8 +140,45 @@ pub struct TunnelListener {
 }
 
 /// A connection accepted from a [`TunnelListener`]: `AsyncRead + AsyncWrite`, served
-/// straight from the userspace stack.
-pub type TunnelStream = InnerStream;
+/// straight from the userspace stack. Dropping it closes the connection (after what
+/// was written is delivered); shutting down its write side sends a FIN.
+#[derive(Debug)]
+pub struct TunnelStream(InnerStream);
+
+impl TunnelStream {
+    /// Resets the connection instead of closing it.
+    pub fn abort(self) {
+        self.0.abort()
+    }
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 impl TunnelListener {
     /// The tunnel (URL, sockets).
@@ -148,7 +190,7 @@ impl TunnelListener {
     pub async fn accept(&mut self) -> Result<TunnelStream, Error> {
         loop {
             match self.listener.accept().await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => return Ok(TunnelStream(stream)),
                 // One client that stalls its handshake is no reason to stop serving.
                 Err(crate::netstack::ConnectError::TimedOut) => continue,
                 Err(_) => return Err(Error::LinkClosed),

@@ -1,7 +1,7 @@
 //! One inner TCP connection: a smoltcp interface and a one-socket set of its own, so
 //! that polling a flow never scans any other flow's socket.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
@@ -10,8 +10,10 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, TcpPacket};
 
+use super::clock::Clock;
 use super::device::FlowDevice;
 use super::queue::PacketQueue;
+use super::window::{Budget, Sizes, Tuning};
 use super::{lock, StackConfig, MAX_SOCKET_BUFFER};
 
 /// What the stack needs to know of an inbound packet to dispatch it.
@@ -83,6 +85,10 @@ pub(crate) struct FlowState {
     sockets: SocketSet<'static>,
     handle: SocketHandle,
     mtu: usize,
+    /// The stack's clock, to turn smoltcp's deadlines into tokio ones.
+    pub(crate) clock: Clock,
+    /// Sizes the socket's buffers to what the connection moves.
+    tuning: Tuning,
     /// The peer reset the connection (as opposed to closing it).
     pub(crate) reset_by_peer: bool,
     reader: Option<Waker>,
@@ -99,23 +105,20 @@ impl Flow {
         config: &StackConfig,
         key: FlowKey,
         seed: u64,
-        now: Instant,
+        clock: Clock,
+        budget: &Arc<Budget>,
         outbound: &PacketQueue,
         open: impl FnOnce(&mut tcp::Socket, &mut Interface) -> Result<(), FlowOpenError>,
     ) -> Result<Flow, FlowOpenError> {
         let mut device = FlowDevice::new(None, outbound, config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = seed;
-        let mut iface = Interface::new(iface_config, &mut device, now);
+        let mut iface = Interface::new(iface_config, &mut device, clock.now());
         iface.update_ip_addrs(|addrs| {
             // One address fits in the interface's fixed-size list.
             let _ = addrs.push(IpCidr::new(config.local_addr.into(), 32));
         });
-        let buffer = config.socket_buffer.min(MAX_SOCKET_BUFFER);
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; buffer]),
-            tcp::SocketBuffer::new(vec![0; 2 * buffer]),
-        );
+        let (mut socket, tuning) = Tuning::socket(budget.clone(), sizes(config), clock.now());
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
         open(&mut socket, &mut iface)?;
@@ -128,6 +131,8 @@ impl Flow {
                 sockets,
                 handle,
                 mtu: config.mtu,
+                clock,
+                tuning,
                 reset_by_peer: false,
                 reader: None,
                 writer: None,
@@ -205,10 +210,29 @@ impl FlowState {
         self.retry_registered = false;
     }
 
-    /// When smoltcp next wants to be polled for its timers, if ever.
+    /// Resizes the socket's buffers to what the connection moves (see [`Tuning`]).
+    pub(crate) fn tune(&mut self, now: Instant) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        self.tuning.tune(socket, now);
+    }
+
+    /// When the flow next wants to be polled for its timers (smoltcp's, or shrinking
+    /// idle buffers), if ever.
     pub(crate) fn poll_at(&mut self, now: Instant) -> Option<Instant> {
-        let FlowState { iface, sockets, .. } = self;
-        iface.poll_at(now, sockets)
+        let FlowState {
+            iface,
+            sockets,
+            handle,
+            tuning,
+            ..
+        } = self;
+        // A shrink deadline that has passed (the buffers were not empty) must not hide
+        // smoltcp's own, later one.
+        let shrink_at = tuning
+            .poll_at(sockets.get::<tcp::Socket>(*handle))
+            .filter(|&at| at > now);
+        let smoltcp_at = iface.poll_at(now, sockets);
+        smoltcp_at.into_iter().chain(shrink_at).min()
     }
 
     /// Wakes whoever waits on this flow.
@@ -238,6 +262,20 @@ impl FlowState {
                 self.socket().state(),
                 tcp::State::Closed | tcp::State::TimeWait
             )
+    }
+}
+
+/// The buffer sizes `config` gives a flow: the receive buffer starts at
+/// `socket_buffer` and may grow to `max_socket_buffer`; the send buffer starts at half
+/// that and may grow to twice the largest receive buffer.
+fn sizes(config: &StackConfig) -> Sizes {
+    let rx = config.socket_buffer.clamp(1, MAX_SOCKET_BUFFER);
+    let max_rx = config.max_socket_buffer.clamp(rx, MAX_SOCKET_BUFFER);
+    Sizes {
+        rx,
+        tx: rx.div_ceil(2),
+        max_rx,
+        max_tx: 2 * max_rx,
     }
 }
 

@@ -18,15 +18,20 @@
 //! full outbound queue makes flows wait (see [`queue`]).
 //!
 //! # Bounds
-//! Each flow holds `3 × socket_buffer` bytes of buffers (see [`StackConfig::socket_buffer`]);
-//! the outbound queue holds about
-//! `outbound_queue_bytes`; each listener queues at most `accept_backlog` connections
-//! not yet accepted, and SYNs beyond that are refused with a RST.
+//! A flow's buffers start small and follow what it moves (see [`window`]): each flow
+//! holds at least `1.5 × socket_buffer` bytes and at most `3 × max_socket_buffer`, and
+//! all flows of a stack together grow only within `buffer_budget`. The outbound queue
+//! holds about `outbound_queue_bytes`; each listener queues at most `accept_backlog`
+//! connections not yet accepted, and SYNs beyond that are refused with a RST.
 
+mod clock;
 mod device;
+mod error;
 mod flow;
+mod memory;
 pub mod queue;
 mod stream;
+pub mod window;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,48 +46,60 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpCidr};
 use tokio::sync::mpsc;
 
+pub use error::{ConnectError, Dropped, ListenError};
 pub(crate) use flow::FlowState;
+pub use memory::{connect_in_memory, connect_in_memory_delayed};
 pub use queue::PacketQueue;
 pub use smoltcp::wire::Ipv4Address;
 pub(crate) use stream::FlowTimer;
 pub use stream::{InnerStream, Listener, ListenerStopper, PendingConnection};
 
+use clock::Clock;
 use device::FlowDevice;
 use flow::{Flow, FlowKey, FlowOpenError, PacketInfo, Unclassified};
+use window::Budget;
 
 /// The relay's address on the inner link.
 pub const RELAY_ADDR: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
 /// The agent's address on the inner link.
 pub const AGENT_ADDR: Ipv4Address = Ipv4Address::new(100, 64, 0, 2);
 
-/// The default socket buffer of a flow ([`StackConfig::socket_buffer`]): 65,535 bytes,
-/// the largest window TCP advertises without scaling.
-///
-/// A flow's buffers are allocated whole when it opens (smoltcp's are fixed rings), so
-/// this size is paid by every connection, idle or not. Larger buffers (up to
-/// [`MAX_SOCKET_BUFFER`]) let a bulk transfer keep several segments in flight: on the
-/// reference machine 256 KiB moved about 1.5× as many bytes per second through one
-/// connection, but doubled the memory of an idle connection and the time to open one.
-pub const DEFAULT_SOCKET_BUFFER: usize = 65_535;
+/// The default initial receive buffer of a flow ([`StackConfig::socket_buffer`]):
+/// 16 KiB, with an 8 KiB send buffer. An idle connection costs that on both ends of the
+/// link (48 KiB together); windows grow from it as the connection moves data.
+pub const DEFAULT_SOCKET_BUFFER: usize = 16 * 1024;
+
+/// The default largest receive window of a flow ([`StackConfig::max_socket_buffer`]):
+/// 16 MiB, the bandwidth-delay product of 1 Gbit/s at 134 ms.
+pub const DEFAULT_MAX_SOCKET_BUFFER: usize = 16 * 1024 * 1024;
+
+/// The default buffer budget of a stack ([`StackConfig::buffer_budget`]): 256 MiB, five
+/// connections at full window in both directions.
+pub const DEFAULT_BUFFER_BUDGET: usize = 256 * 1024 * 1024;
 
 /// The largest socket buffer a flow may be given.
-pub const MAX_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+pub const MAX_SOCKET_BUFFER: usize = 256 * 1024 * 1024;
 
 /// Settings of one [`Stack`].
 #[derive(Debug, Clone)]
 pub struct StackConfig {
     /// This stack's address on the inner link.
-    pub local_addr: Ipv4Address,
+    pub(crate) local_addr: Ipv4Address,
     /// The peer stack's address; packets from any other source are dropped.
-    pub peer_addr: Ipv4Address,
+    pub(crate) peer_addr: Ipv4Address,
     /// Largest IP packet either side sends (at most 65535).
     pub mtu: usize,
-    /// Size of each flow's receive buffer, so of the window it offers, in bytes; at most
-    /// [`MAX_SOCKET_BUFFER`] (larger values are capped). The send buffer is twice as
-    /// large: a window's worth of bytes in flight, and as many read from the source and
-    /// ready to go the moment the peer's window opens, so reading the source is not a
-    /// step the transfer waits on.
+    /// Initial (and idle) size of each flow's receive buffer, so of the window it first
+    /// offers, in bytes; at most [`MAX_SOCKET_BUFFER`] (larger values are capped). The
+    /// send buffer starts at half of it.
     pub socket_buffer: usize,
+    /// Largest receive buffer (window) a flow grows to, in bytes, at least
+    /// `socket_buffer` and at most [`MAX_SOCKET_BUFFER`]. The send buffer grows to twice
+    /// the peer's window: a window in flight and as much read ahead from the source.
+    pub max_socket_buffer: usize,
+    /// Bytes of socket buffers all flows of the stack may hold together before windows
+    /// stop growing. New flows still get their initial buffers beyond it.
+    pub buffer_budget: usize,
     /// Soft bound on the bytes waiting in the outbound queue.
     pub outbound_queue_bytes: usize,
     /// Connections a listener holds before they are accepted; SYNs beyond it get a RST.
@@ -101,6 +118,8 @@ impl StackConfig {
             peer_addr,
             mtu: 65_535,
             socket_buffer: DEFAULT_SOCKET_BUFFER,
+            max_socket_buffer: DEFAULT_MAX_SOCKET_BUFFER,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
             outbound_queue_bytes: 1024 * 1024,
             accept_backlog: 1024,
             handshake_timeout: Duration::from_secs(10),
@@ -118,94 +137,6 @@ impl StackConfig {
         Self::new(AGENT_ADDR, RELAY_ADDR)
     }
 }
-
-/// Why [`Stack::ingress`] did not deliver a packet. Every case is also counted in
-/// [`StackStats`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Dropped {
-    /// Not a well-formed IPv4 packet with a TCP header.
-    Malformed,
-    /// An IPv4 packet of another protocol than TCP.
-    NotTcp,
-    /// Source or destination is not this link's pair of addresses.
-    WrongAddress,
-    /// Not part of any open connection.
-    UnknownFlow,
-    /// A SYN to a port nobody listens on: answered with a RST.
-    NoListener,
-    /// A SYN to a listener whose backlog is full: answered with a RST.
-    BacklogFull,
-    /// The stack is closed.
-    Closed,
-}
-
-impl fmt::Display for Dropped {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Dropped::Malformed => "malformed IPv4/TCP packet",
-            Dropped::NotTcp => "not a TCP packet",
-            Dropped::WrongAddress => "packet addressed outside this link",
-            Dropped::UnknownFlow => "packet for no open connection",
-            Dropped::NoListener => "connection to a port nobody listens on",
-            Dropped::BacklogFull => "connection refused: accept backlog full",
-            Dropped::Closed => "stack is closed",
-        })
-    }
-}
-
-impl std::error::Error for Dropped {}
-
-/// Why [`Stack::connect`] failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ConnectError {
-    /// The peer answered with a RST: nothing accepts connections on that port.
-    Refused,
-    /// The handshake did not complete within the configured timeout.
-    TimedOut,
-    /// Every local port towards that remote port is in use.
-    NoFreePort,
-    /// The stack is closed.
-    Closed,
-}
-
-impl fmt::Display for ConnectError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ConnectError::Refused => "connection refused by the peer",
-            ConnectError::TimedOut => "connection handshake timed out",
-            ConnectError::NoFreePort => "no free local port for another connection",
-            ConnectError::Closed => "the userspace stack is closed",
-        })
-    }
-}
-
-impl std::error::Error for ConnectError {}
-
-/// Why [`Stack::listen`] failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ListenError {
-    /// Another listener holds this port.
-    PortInUse(u16),
-    /// Port 0 cannot be listened on.
-    InvalidPort,
-    /// The stack is closed.
-    Closed,
-}
-
-impl fmt::Display for ListenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenError::PortInUse(port) => write!(f, "inner port {port} already has a listener"),
-            ListenError::InvalidPort => f.write_str("inner port 0 cannot be listened on"),
-            ListenError::Closed => f.write_str("the userspace stack is closed"),
-        }
-    }
-}
-
-impl std::error::Error for ListenError {}
 
 /// Counters of a [`Stack`], for monitoring and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,6 +157,12 @@ pub struct StackStats {
     pub refused_syns: u64,
     /// Bytes waiting in the outbound queue.
     pub queued_bytes: usize,
+    /// Bytes of socket buffers the flows hold now.
+    pub buffer_bytes: usize,
+    /// The most bytes of socket buffers ever held at once.
+    pub buffer_bytes_peak: usize,
+    /// Window growths refused (or cut short) because the buffer budget was reached.
+    pub buffer_budget_refusals: u64,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +188,8 @@ struct Shared {
     /// Answers SYNs that no listener takes with a RST; holds no sockets.
     refuser: Mutex<Interface>,
     counters: Counters,
+    clock: Clock,
+    budget: Arc<Budget>,
 }
 
 struct FlowTable {
@@ -273,13 +212,11 @@ impl fmt::Debug for Stack {
 impl Stack {
     /// Creates a stack with the given settings.
     pub fn new(config: StackConfig) -> Stack {
+        let clock = Clock::new();
         let outbound = PacketQueue::new(config.outbound_queue_bytes);
         let mut device = FlowDevice::new(None, &outbound, config.mtu);
-        let mut refuser = Interface::new(
-            Config::new(HardwareAddress::Ip),
-            &mut device,
-            Instant::now(),
-        );
+        let mut refuser =
+            Interface::new(Config::new(HardwareAddress::Ip), &mut device, clock.now());
         refuser.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(config.local_addr.into(), 32));
         });
@@ -294,6 +231,8 @@ impl Stack {
                 outbound,
                 refuser: Mutex::new(refuser),
                 counters: Counters::default(),
+                clock,
+                budget: Arc::new(Budget::new(config.buffer_budget)),
                 config,
             }),
         }
@@ -302,6 +241,11 @@ impl Stack {
     /// This stack's settings.
     pub fn config(&self) -> &StackConfig {
         &self.shared.config
+    }
+
+    /// The stack's current time on its clock (see [`clock`]).
+    pub(crate) fn now(&self) -> Instant {
+        self.shared.clock.now()
     }
 
     /// The queue of packets this stack sends to its peer; the link writer drains it.
@@ -330,7 +274,7 @@ impl Stack {
                 .fetch_add(1, Ordering::Relaxed);
             return Err(Dropped::WrongAddress);
         }
-        let now = Instant::now();
+        let now = self.now();
         let flow = {
             let table = lock(&self.shared.flows);
             if table.closed {
@@ -369,7 +313,8 @@ impl Stack {
             &self.shared.config,
             info.key,
             rand::random(),
-            now,
+            self.shared.clock,
+            &self.shared.budget,
             &self.shared.outbound,
             |socket, _| {
                 socket.listen(port).map_err(|_| FlowOpenError)?;
@@ -404,6 +349,7 @@ impl Stack {
     /// Sends what a flow has to send (the caller holds its lock); if the outbound queue
     /// refuses, the flow is polled again when there is room, whoever owns it.
     fn egress(&self, flow: &Arc<Flow>, state: &mut FlowState, now: Instant) {
+        state.tune(now);
         while state.egress(now, &self.shared.outbound) {
             let retry = EgressRetry {
                 flow: Arc::downgrade(flow),
@@ -436,7 +382,7 @@ impl Stack {
 
     /// Opens a connection to `port` on the peer stack and waits for the handshake.
     pub async fn connect(&self, port: u16) -> Result<InnerStream, ConnectError> {
-        let now = Instant::now();
+        let now = self.now();
         let flow = {
             let mut table = lock(&self.shared.flows);
             if table.closed {
@@ -452,7 +398,8 @@ impl Stack {
                 &self.shared.config,
                 key,
                 rand::random(),
-                now,
+                self.shared.clock,
+                &self.shared.budget,
                 &self.shared.outbound,
                 |socket, iface| {
                     socket
@@ -538,6 +485,9 @@ impl Stack {
             dropped_unknown_flow: c.dropped_unknown_flow.load(Ordering::Relaxed),
             refused_syns: c.refused_syns.load(Ordering::Relaxed),
             queued_bytes: self.shared.outbound.queued_bytes(),
+            buffer_bytes: self.shared.budget.used(),
+            buffer_bytes_peak: self.shared.budget.peak(),
+            buffer_budget_refusals: self.shared.budget.refused(),
         }
     }
 
@@ -608,28 +558,11 @@ impl Wake for EgressRetry {
         let stack = Stack { shared };
         let mut state = flow.lock();
         state.retry_fired();
-        stack.egress(&flow, &mut state, Instant::now());
+        let now = stack.now();
+        stack.egress(&flow, &mut state, now);
         // Whoever drives the flow may be waiting for its packets to leave.
         state.wake_all();
     }
-}
-
-/// Moves packets both ways between two stacks in the same process until either is
-/// closed: an in-memory link, for tests, benchmarks and fuzzing.
-pub async fn connect_in_memory(a: Stack, b: Stack) {
-    tokio::join!(pump(a.clone(), b.clone()), pump(b, a));
-}
-
-/// Drains `from`'s outbound queue into `to`'s ingress; closes `to` when `from` closes.
-async fn pump(from: Stack, to: Stack) {
-    let mut batch = Vec::with_capacity(64);
-    while from.outbound().drain(&mut batch, 64).await > 0 {
-        for packet in batch.drain(..) {
-            // Drops are counted by the receiving stack.
-            let _ = to.ingress(packet);
-        }
-    }
-    to.close();
 }
 
 /// Locks a mutex, ignoring poisoning: every critical section leaves its data

@@ -6,7 +6,6 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -40,8 +39,7 @@ impl FlowTimer {
         let Some(at) = state.poll_at(now).filter(|&at| at > now) else {
             return;
         };
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_micros((at - now).total_micros());
+        let deadline = state.clock.deadline(at);
         let sleep = self
             .0
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -221,7 +219,7 @@ fn with_flow<R>(
     stack: &Stack,
     f: impl FnOnce(&mut FlowState, Instant) -> R,
 ) -> R {
-    let now = Instant::now();
+    let now = stack.now();
     let mut state = flow.lock();
     let result = f(&mut state, now);
     stack.egress(flow, &mut state, now);

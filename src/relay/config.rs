@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
+use crate::splice::SpliceOptions;
 use crate::tls::ServerIdentity;
 use crate::token::Token;
 
@@ -18,8 +19,9 @@ use super::RelayHandle;
 /// `*.portferry.localhost` is fine, and clients resolve every `*.localhost` to loopback.
 pub const LOCAL_DOMAIN: &str = "portferry.localhost";
 
-/// Settings of a relay.
+/// Settings of a relay: [`RelayConfig::local`], then change any field.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Where agents connect (TLS).
     pub agent_addr: SocketAddr,
@@ -72,6 +74,10 @@ pub struct RelayConfig {
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
     pub shutdown_grace: Duration,
+    /// A public connection (TLS or raw TCP) on which no byte has moved either way for
+    /// this long is reset on both sides, so that a client that sent and left cannot hold
+    /// a connection its service never reads. `None`: connections may idle forever.
+    pub idle_timeout: Option<Duration>,
     /// Tunnel leases the agents of one token may hold at once, here or away (a lease
     /// lasts [`lease_grace`](Self::lease_grace) after its agent's link is lost); a
     /// `Forward` that would need one more is refused with `LIMIT_REACHED`.
@@ -123,6 +129,8 @@ impl RelayConfig {
     pub const DEFAULT_MIN_TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Default of [`idle_timeout`](Self::idle_timeout): 10 minutes.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
     /// Default of [`lease_grace`](Self::lease_grace): 60 s.
     pub const DEFAULT_LEASE_GRACE: Duration = Duration::from_secs(60);
 
@@ -157,11 +165,66 @@ impl RelayConfig {
             max_leases: Self::DEFAULT_MAX_LEASES,
             min_takeover_interval: Self::DEFAULT_MIN_TAKEOVER_INTERVAL,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
+            idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
+    }
+
+    /// Checks that the settings can work: at least one token and no blank one, a raw
+    /// TCP port range with a port in it, and every limit and timeout above zero.
+    /// [`Relay::bind`](super::Relay::bind) checks this first.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tokens.is_empty() {
+            return Err(ConfigError::NoTokens);
+        }
+        if let Some(index) = self
+            .tokens
+            .iter()
+            .position(|token| token.expose().trim().is_empty())
+        {
+            return Err(ConfigError::BlankToken { index });
+        }
+        if self.tcp_ports.is_empty() {
+            return Err(ConfigError::EmptyRange {
+                setting: "tcp_ports",
+            });
+        }
+        let durations = [
+            ("handshake_timeout", self.handshake_timeout),
+            ("link.ping_interval", self.link.ping_interval),
+            ("link.idle_timeout", self.link.idle_timeout),
+        ];
+        if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return Err(ConfigError::Zero { setting });
+        }
+        let limits = [
+            ("max_tunnels_per_agent", self.max_tunnels_per_agent),
+            (
+                "max_connections_per_tunnel",
+                self.max_connections_per_tunnel,
+            ),
+            ("max_connections_per_agent", self.max_connections_per_agent),
+            ("max_pending_handshakes", self.max_pending_handshakes),
+            (
+                "max_pending_agent_handshakes",
+                self.max_pending_agent_handshakes,
+            ),
+            ("max_agent_sessions", self.max_agent_sessions),
+            ("max_leases", self.max_leases),
+            ("max_leases_per_token", self.max_leases_per_token),
+        ];
+        if let Some((setting, _)) = limits.iter().find(|(_, n)| *n == 0) {
+            return Err(ConfigError::Zero { setting });
+        }
+        Ok(())
+    }
+
+    /// How the edge splices its public connections.
+    pub(super) fn splice_options(&self) -> SpliceOptions {
+        SpliceOptions::idle_timeout(self.idle_timeout)
     }
 
     /// The domain under which this node's tunnels are named.
@@ -202,3 +265,96 @@ pub struct RelayStats {
     /// counts leave the sum when it ends).
     pub stacks: StackStats,
 }
+
+/// Why a relay's settings cannot work ([`RelayConfig::validate`]), or its listeners
+/// could not be bound. Each message names the setting, the `portferry relay` flag, and
+/// for a bind the address.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// No agent token is configured: no agent could connect.
+    NoTokens,
+    /// The token at `index` is empty or blank: no agent can present it.
+    BlankToken {
+        /// Its place in [`RelayConfig::tokens`].
+        index: usize,
+    },
+    /// A range has nothing in it.
+    EmptyRange {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// A limit or timeout that must be above zero is zero.
+    Zero {
+        /// The setting.
+        setting: &'static str,
+    },
+    /// A listener could not be bound (the address is in use, say).
+    Bind {
+        /// The setting holding the address.
+        setting: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The `portferry relay` flag that sets `setting`.
+fn flag(setting: &str) -> &'static str {
+    match setting {
+        "agent_addr" => "--agent-addr",
+        "public_tls_addr" => "--public-addr",
+        "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
+        "tcp_ports" => "--tcp-ports",
+        "handshake_timeout" => "--handshake-timeout",
+        "max_tunnels_per_agent" => "--max-tunnels-per-agent",
+        "max_connections_per_tunnel" => "--max-connections-per-tunnel",
+        "max_connections_per_agent" => "--max-connections-per-agent",
+        "max_pending_handshakes" | "max_pending_agent_handshakes" => "--max-pending-handshakes",
+        "max_agent_sessions" => "--max-agent-sessions",
+        "max_leases" => "--max-leases",
+        "max_leases_per_token" => "--max-leases-per-token",
+        _ => "no flag",
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoTokens => write!(
+                f,
+                "no agent token is configured (tokens: {}), so no agent could connect",
+                flag("tokens")
+            ),
+            Self::BlankToken { index } => write!(
+                f,
+                "agent token {} of the configured ones is empty or blank (tokens: {}); \
+                 no agent can present it",
+                index + 1,
+                flag("tokens")
+            ),
+            Self::EmptyRange { setting } => {
+                write!(
+                    f,
+                    "{setting} ({}) holds no port: FIRST-LAST with FIRST <= LAST",
+                    flag(setting)
+                )
+            }
+            Self::Zero { setting } => {
+                write!(f, "{setting} ({}) must be more than 0", flag(setting))
+            }
+            Self::Bind {
+                setting,
+                addr,
+                source,
+            } => write!(
+                f,
+                "cannot listen on {addr} ({setting}, {}): {source}",
+                flag(setting)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
@@ -15,7 +16,7 @@ use super::budget::HandshakePermit;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
-use crate::splice::{splice_tls, SharedTcp, SpliceOptions};
+use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 
 /// Tries at binding a random free raw TCP port before giving up.
 const BIND_TRIES: usize = 64;
@@ -64,20 +65,13 @@ impl Route {
     }
 }
 
-/// Why a public connection did not get going.
-enum PublicFailure {
-    /// The TLS handshake failed or timed out.
-    Tls,
-    /// The agent refused the inner connection (nothing listens on the port).
-    Inner,
-}
-
-/// One public TLS connection: route by SNI, terminate TLS, splice to the agent.
+/// One public TLS connection: route by SNI, finish the TLS handshake, and only then
+/// open the inner connection and splice the two.
 pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
     let tcp = SharedTcp::new(tcp);
-    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp.clone());
     let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
         counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
         return;
@@ -87,10 +81,13 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         .server_name()
         .and_then(|sni| shared.route(sni))
     else {
-        // Unknown or missing SNI: close without an answer, the same way every time.
+        // Unknown or missing SNI: the same alert every time, before any certificate.
         counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
+        drop(start);
+        let _ = timeout_at(deadline, refuse_unknown_name(tcp)).await;
         return;
     };
+    drop(tcp);
     // Counted by `admit`; the client sees the connection closed.
     let Some(_permit) = route.admit(&shared) else {
         return;
@@ -100,31 +97,38 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     } else {
         &shared.http1
     };
-    let tls = async {
-        match timeout_at(deadline, start.into_stream(tls_config.clone())).await {
-            Ok(Ok(tls)) => Ok(tls),
-            _ => Err(PublicFailure::Tls),
-        }
+    let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(tls_config.clone())).await else {
+        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
+        return;
     };
-    let inner = async {
-        route
-            .stack
-            .connect(route.port)
-            .await
-            .map_err(|_| PublicFailure::Inner)
-    };
-    let (tls, inner) = match tokio::try_join!(tls, inner) {
-        Ok(both) => both,
-        Err(PublicFailure::Tls) => {
-            counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Err(PublicFailure::Inner) => return,
+    // Nothing reaches the agent before the client has finished its handshake.
+    let Ok(inner) = route.stack.connect(route.port).await else {
+        // Refused by the agent (nothing listens on the port).
+        return;
     };
     drop(handshake);
-    // Ends with close_notify only after the service's clean end; a reset ends with a
-    // RST, so the client never takes a cut response as whole.
-    let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
+    // Ends with close_notify only after the service's clean end; a reset or an idle
+    // connection ends with a RST, so the client never takes a cut response as whole.
+    let _ = splice_tls(&inner, tls, shared.config.splice_options()).await;
+}
+
+/// Answers a ClientHello for no tunnel with a fatal TLS `unrecognized_name` alert, in
+/// the clear as alerts before a ServerHello are, and closes.
+async fn refuse_unknown_name(mut tcp: SharedTcp) -> std::io::Result<()> {
+    /// The `fatal` alert level (RFC 8446, 6).
+    const FATAL: u8 = 2;
+    let [major, minor] = u16::from(rustls::ProtocolVersion::TLSv1_2).to_be_bytes();
+    let alert = [
+        u8::from(rustls::ContentType::Alert),
+        major,
+        minor,
+        0,
+        2,
+        FATAL,
+        u8::from(rustls::AlertDescription::UnrecognisedName),
+    ];
+    tcp.write_all(&alert).await?;
+    tcp.shutdown().await
 }
 
 /// Binds a random free port of the configured range for the tunnel `hostname` and
@@ -184,11 +188,12 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let options = shared.config.splice_options();
         shared.tasks.spawn(async move {
             let _permit = permit;
             match route.stack.connect(route.port).await {
                 Ok(inner) => {
-                    let _ = crate::splice::splice_tcp(&inner, stream).await;
+                    let _ = splice_tcp_with(&inner, stream, options).await;
                 }
                 // Refused by the agent: the client sees a reset, as from a closed port.
                 Err(_) => drop(stream.set_zero_linger()),

@@ -1,8 +1,9 @@
 //! The relay's control plane on a virtual clock, with no sockets, after quinn's `Pair`:
 //! the real [`Registry`] and [`Session`] cores, a relay-side and an agent-side
 //! [`Stack`] per agent link, and time that moves only when [`Harness::advance`] says so.
-//! Unit tests and the `relay_session` fuzz target drive it; loopback and TLS tests keep
-//! the sockets.
+//! Unit tests and the `relay_session` fuzz target drive it, with the agent's own
+//! sans-IO control table on the other end of a link ([`Harness::exchange`]); loopback
+//! and TLS tests keep the sockets.
 //!
 //! Raw TCP ports are numbers handed out from [`HarnessConfig::tcp_ports`] without
 //! binding anything, each at most once, so that a run can use them up. The lease file
@@ -299,6 +300,20 @@ impl Harness {
             self.file.records().eq(held.iter()),
             "the lease file differs"
         );
+    }
+}
+
+#[cfg(feature = "agent")]
+impl Harness {
+    /// Carries an agent's control plane (the product's sans-IO
+    /// [`Control`](crate::agent::control::Control)) over `link`: its frames to the
+    /// relay and the relay's answers back, until it has nothing left to send.
+    pub fn exchange(&mut self, link: LinkId, agent: &mut crate::agent::control::Control) {
+        while let Some(frame) = agent.poll_transmit() {
+            if let Some(answer) = self.send(link, frame) {
+                agent.handle_frame(answer);
+            }
+        }
     }
 }
 

@@ -13,8 +13,9 @@
 //! - The **tunnel registry** maps hostnames (`<label>.<domain>`, with a label of 128
 //!   random bits from the OS) to a session and an inner port.
 //! - The **public TLS edge** reads the ClientHello, routes by SNI, offers ALPN `h2` only
-//!   to tunnels that asked for HTTP/2, terminates TLS and splices the plaintext into an
-//!   inner connection to the agent. An unknown or missing SNI is dropped the same way
+//!   to tunnels that asked for HTTP/2, terminates TLS and only then opens an inner
+//!   connection to the agent and splices the plaintext into it. An unknown, closed or
+//!   missing SNI gets a fatal `unrecognized_name` alert and the close, the same way
 //!   every time, before any certificate is shown. Routing follows the SNI only: an
 //!   HTTP `Host` header is never looked at.
 //! - **Raw TCP** tunnels get a port of their own from a configured range.
@@ -86,7 +87,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
-pub use config::{RelayConfig, RelayStats, LOCAL_DOMAIN};
+pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
 use crate::netstack::{lock, StackStats};
@@ -181,9 +182,22 @@ impl std::fmt::Debug for RelayHandle {
 
 impl Relay {
     /// Binds the agent endpoint and the public TLS port.
+    ///
+    /// Fails with [`ConfigError`] (as [`Error::RelayConfig`]) for settings that cannot
+    /// work ([`RelayConfig::validate`]) or an address that cannot be listened on.
     pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
-        let agents = TcpListener::bind(config.agent_addr).await?;
-        let public = TcpListener::bind(config.public_tls_addr).await?;
+        config.validate()?;
+        let listen = |setting: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ConfigError::Bind {
+                    setting,
+                    addr,
+                    source,
+                })
+        };
+        let agents = listen("agent_addr", config.agent_addr).await?;
+        let public = listen("public_tls_addr", config.public_tls_addr).await?;
         let public_tls_port = config
             .public_tls_port
             .unwrap_or(public.local_addr()?.port());
@@ -518,6 +532,9 @@ impl Shared {
             sum.dropped_unknown_flow += s.dropped_unknown_flow;
             sum.refused_syns += s.refused_syns;
             sum.queued_bytes += s.queued_bytes;
+            sum.buffer_bytes += s.buffer_bytes;
+            sum.buffer_bytes_peak = sum.buffer_bytes_peak.max(s.buffer_bytes_peak);
+            sum.buffer_budget_refusals += s.buffer_budget_refusals;
         }
         RelayStats {
             agent_sessions: stacks.len(),

@@ -235,14 +235,7 @@ impl Session {
                 format!("port {port} is already forwarded"),
             );
         }
-        if let Some((agent, _)) = self.agent {
-            if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
-                return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
-            }
-        }
-        if !registry.accepting() {
-            return Step::Answer(Answer::shutting_down(id));
-        }
+        // A tunnel taken back counts against the limit like a new one.
         if registry.at_tunnel_limit(self.id) {
             let max = registry.max_tunnels_per_agent();
             let mut answer = Answer::error(
@@ -252,6 +245,14 @@ impl Session {
             );
             answer.refused = Some("max_tunnels_per_agent");
             return Step::Answer(answer);
+        }
+        if let Some((agent, _)) = self.agent {
+            if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
+                return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
+            }
+        }
+        if !registry.accepting() {
+            return Step::Answer(Answer::shutting_down(id));
         }
         if let Some(refusal) = self.over_lease_limit(registry, id) {
             return Step::Answer(refusal);

@@ -417,6 +417,76 @@ fn a_replaced_link_that_forwards_after_its_agent_went_away_still_leases_the_tunn
     h.check();
 }
 
+#[test]
+fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
+    let mut h = harness();
+    let old = h.connect(&new_agent(TOKEN)).unwrap();
+    open(&mut h, old, 1, false).unwrap();
+    h.advance(Duration::from_secs(1));
+    let new = h.connect(&again(&h, TOKEN, old)).unwrap();
+    for port in 2..=5 {
+        open(&mut h, new, port, false).unwrap();
+    }
+    // At its limit, the new link cannot take the old link's tunnel too.
+    assert_eq!(open(&mut h, new, 1, false), Err(ErrorCode::LIMIT_REACHED));
+    h.check();
+}
+
+/// The agent's control table and the relay's session core, over links lost and
+/// opened again: the tunnel comes back with its URL inside the grace period, and
+/// moves to a new one after it.
+#[cfg(feature = "agent")]
+#[test]
+fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
+    use crate::agent::control::{Control, Event};
+    use crate::agent::ForwardOptions;
+    let mut h = harness();
+    let mut agent = Control::new(Duration::from_secs(10));
+    let link = h.connect(&new_agent(TOKEN)).unwrap();
+    let now = h.now().into_std();
+    let bind = |port: u16| Ok::<_, crate::agent::control::BindError>(port);
+    let (id, inner, _) = agent
+        .open(Some(8000), &ForwardOptions::default(), now, bind)
+        .unwrap();
+    h.exchange(link, &mut agent);
+    let granted = agent.answer(id).unwrap().unwrap();
+    assert_eq!(h.route(&granted.hostname).unwrap().link, Some(link));
+    assert_eq!(granted.port, inner);
+
+    // Lost and back within the grace period: the same URL, on the new link.
+    agent.link_lost();
+    h.disconnect(link);
+    h.advance(Duration::from_secs(20));
+    let back = h.connect(&again(&h, TOKEN, link)).unwrap();
+    agent.link_up(h.now().into_std());
+    h.exchange(back, &mut agent);
+    assert_eq!(agent.poll_event(), Some(Event::Restored { port: inner }));
+    assert_eq!(h.route(&granted.hostname).unwrap().link, Some(back));
+
+    // Away past the grace period: a new URL, and the old one routes nowhere.
+    agent.link_lost();
+    h.disconnect(back);
+    h.advance(Duration::from_secs(30));
+    let late = h.connect(&again(&h, TOKEN, back)).unwrap();
+    agent.link_up(h.now().into_std());
+    h.exchange(late, &mut agent);
+    match agent.poll_event() {
+        Some(Event::Moved { port, old, new }) => {
+            assert_eq!((port, &old), (inner, &granted.hostname));
+            assert_eq!(h.route(&new).unwrap().link, Some(late));
+        }
+        other => panic!("expected the tunnel to move, got {other:?}"),
+    }
+    assert_eq!(h.route(&granted.hostname), None);
+
+    // A close from the agent ends the tunnel at the relay.
+    assert!(agent.close(inner, h.now().into_std()));
+    h.exchange(late, &mut agent);
+    assert_eq!(agent.close_outcome(inner).map(|r| r.is_ok()), Some(true));
+    assert_eq!(h.tunnel_count(), 0);
+    h.check();
+}
+
 #[tokio::test]
 async fn a_connection_to_a_tunnel_reaches_the_agents_listener_through_the_two_stacks() {
     let mut h = harness();

@@ -16,8 +16,9 @@ use super::{splice_watching, SpliceError, SpliceOptions, SpliceStats};
 use crate::netstack::{InnerStream, Listener};
 
 /// A kernel TCP stream that a TLS stream can run over while [`splice_tls`] still reaches
-/// the socket underneath, to watch it for a reset and to reset it.
-#[derive(Debug)]
+/// the socket underneath, to watch it for a reset and to reset it. A clone is another
+/// handle on the same socket.
+#[derive(Debug, Clone)]
 pub struct SharedTcp(Arc<TcpStream>);
 
 impl SharedTcp {

@@ -156,6 +156,7 @@ impl std::error::Error for TlsError {
     }
 }
 
+#[cfg(feature = "relay")]
 impl From<rcgen::Error> for TlsError {
     fn from(e: rcgen::Error) -> Self {
         TlsError::Generate {

@@ -27,13 +27,16 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 mod error;
+#[cfg(feature = "relay")]
 mod issue;
+#[cfg(feature = "relay")]
 mod local;
 mod pem;
 #[cfg(test)]
 mod testing;
 
 pub use error::TlsError;
+#[cfg(feature = "relay")]
 pub use local::{local_pki, LocalPki};
 pub use pem::{load_ca_roots, load_identity};
 

@@ -269,10 +269,7 @@ impl Fixture {
 
 /// Forwarding options for a tunnel that also serves raw TCP.
 pub fn unencrypted() -> ForwardOptions {
-    ForwardOptions {
-        unencrypted: true,
-        ..ForwardOptions::default()
-    }
+    ForwardOptions::new().unencrypted(true)
 }
 
 // ───────────────────────────── clients ─────────────────────────────

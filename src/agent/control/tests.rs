@@ -167,7 +167,7 @@ fn a_refusal_is_a_typed_error() {
     }));
     assert!(matches!(
         t.control.answer(id),
-        Some(Err(Error::Refused { .. }))
+        Some(Err(Error::LimitReached { .. }))
     ));
     // Answers to requests that do not exist change nothing.
     t.control.handle_frame(Frame::Close { port: 9 });
