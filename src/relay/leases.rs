@@ -7,7 +7,8 @@
 //! (the leases as the file should hold them, as many as the relay's lease limits
 //! allow); the thread writes the whole book through the [`StateDir`] (atomically,
 //! fsynced, mode 0600) whenever it changed. Changes made while a write is under way are
-//! coalesced into the next write, so a burst of changes costs one or two writes.
+//! coalesced into the next write, and the thread waits [`BATCH`] after a change for
+//! more, so a burst of changes costs a write or two.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -104,10 +105,11 @@ impl LeaseRecord {
     }
 }
 
-/// The leases as the file should hold them: the registry's changes applied in order.
+/// The leases as the file should hold them: the registry's changes applied in order,
+/// each with its line made once (so that the writer only joins lines).
 #[derive(Debug, Default)]
 pub(crate) struct Book {
-    records: BTreeMap<LeaseKey, LeaseRecord>,
+    records: BTreeMap<LeaseKey, (LeaseRecord, String)>,
 }
 
 impl Book {
@@ -115,7 +117,8 @@ impl Book {
     pub(crate) fn apply(&mut self, change: LeaseChange) {
         match change {
             LeaseChange::Put(record) => {
-                self.records.insert(record.key(), record);
+                let line = record.to_line();
+                self.records.insert(record.key(), (record, line));
             }
             LeaseChange::Remove(key) => {
                 self.records.remove(&key);
@@ -124,13 +127,17 @@ impl Book {
     }
 
     /// The leases, in the order of their keys.
+    #[cfg(any(test, feature = "harness"))]
     pub(crate) fn records(&self) -> impl Iterator<Item = &LeaseRecord> {
-        self.records.values()
+        self.records.values().map(|(record, _)| record)
     }
 
     /// The file's text.
     pub(crate) fn text(&self) -> String {
-        self.records().map(LeaseRecord::to_line).collect()
+        self.records
+            .values()
+            .map(|(_, line)| line.as_str())
+            .collect()
     }
 }
 
@@ -151,6 +158,9 @@ pub(crate) fn load(dir: &StateDir, name: &OsStr) -> Result<Vec<LeaseRecord>, Sta
     let text = String::from_utf8_lossy(&bytes);
     Ok(text.lines().filter_map(LeaseRecord::from_line).collect())
 }
+
+/// How long the writing thread waits after a change for more, before it writes.
+const BATCH: Duration = Duration::from_millis(10);
 
 /// What the writing thread and the relay share.
 struct Pending {
@@ -245,6 +255,12 @@ fn write_while_open(pending: &(Mutex<Pending>, Condvar), dir: &StateDir, name: &
             }
             if !guard.dirty {
                 return;
+            }
+            if !guard.closing {
+                // Let the rest of a burst of changes in, so it costs one write.
+                drop(guard);
+                std::thread::sleep(BATCH);
+                guard = lock(pending);
             }
             guard.dirty = false;
             guard.book.text()
