@@ -293,6 +293,9 @@ async fn the_production_command_keeps_leases_privately_across_a_kill() {
     let (agent_port, public_port) = (free_port(), free_port());
     let (relay, _) =
         start_printing(&state, agent_port, public_port, &flags, "PORTFERRY_RELAY").await;
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    // Made private at start, before anything is saved in it.
+    assert_eq!(mode(&state), 0o700);
 
     let mut config = AgentConfig::new(format!("localhost:{agent_port}"), token.clone());
     config.relay_ca = Some(pki.ca_cert_path.clone());
@@ -309,7 +312,6 @@ async fn the_production_command_keeps_leases_privately_across_a_kill() {
         std::fs::read_to_string(&leases).is_ok_and(|text| text.contains(&host))
     })
     .await;
-    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&leases), 0o600);
 

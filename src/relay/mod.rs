@@ -70,8 +70,6 @@ mod leases;
 mod registry;
 mod session;
 mod tasks;
-#[cfg(test)]
-mod tests;
 mod ticket;
 
 use std::future::Future;
