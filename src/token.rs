@@ -32,15 +32,20 @@ impl Token {
 
     /// Whether `presented` is this token, in time that depends only on the lengths.
     pub fn matches(&self, presented: &str) -> bool {
-        let (ours, theirs) = (self.0.as_bytes(), presented.as_bytes());
-        if ours.len() != theirs.len() {
-            return false;
-        }
-        ours.iter()
-            .zip(theirs)
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
+        same_bytes(self.0.as_bytes(), presented.as_bytes())
     }
+}
+
+/// Whether `ours` and `theirs` are equal, in time that depends only on their lengths
+/// (for secrets: where they differ is not told).
+pub(crate) fn same_bytes(ours: &[u8], theirs: &[u8]) -> bool {
+    if ours.len() != theirs.len() {
+        return false;
+    }
+    ours.iter()
+        .zip(theirs)
+        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+        == 0
 }
 
 impl fmt::Debug for Token {

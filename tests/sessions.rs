@@ -1,8 +1,8 @@
 //! Agent sessions over real loopback sockets and real TLS: who owns a tunnel when links
-//! share an identity or a token, what the relay does with packets an agent has no
+//! share a ticket or a token, what the relay does with packets an agent has no
 //! business sending, and a client that stops reading on a busy tunnel.
 //!
-//! Several tests drive an agent link by hand ([`RawAgent`]) to present any identity and
+//! Several tests drive an agent link by hand ([`RawAgent`]) to present any ticket and
 //! token and to see the raw IP packets the relay sends down the link.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,7 +13,7 @@ use portferry::agent::{ForwardOptions, Tunnel};
 use portferry::link::FrameWriter;
 use portferry::netstack::{Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR};
 use portferry::token::Token;
-use portferry::wire::Frame;
+use portferry::wire::{Frame, NEW_AGENT};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
@@ -173,20 +173,21 @@ fn public_connection(
     })
 }
 
-// ───────────────────────────── one identity, two links ─────────────────────────────
+// ───────────────────────────── one agent, two links ─────────────────────────────
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_link_with_the_same_identity_takes_the_tunnel_over_and_the_first_is_closed() {
-    let fx = Fixture::start(STEP).await;
-    let identity: [u8; 16] = rand::random();
-    let mut first = RawAgent::connect(&fx, &fx.token, identity).await;
+async fn a_second_link_with_the_same_ticket_takes_the_tunnel_over_and_the_first_is_closed() {
+    // Takeovers at once (their rate limit is tested in the harness and tests/leases.rs).
+    let fx =
+        Fixture::start_with(STEP, |config| config.min_takeover_interval = Duration::ZERO).await;
+    let mut first = RawAgent::connect(&fx, &fx.token, NEW_AGENT).await;
     let hostname = first.forward(PORT, false).await.hostname;
 
     // The same agent again (as after a link loss it has not noticed yet): it asks for
     // its tunnel at once, as a reconnecting agent does, and gets the same hostname.
-    let mut second = RawAgent::connect(&fx, &fx.token, identity).await;
+    let mut second = RawAgent::connect(&fx, &fx.token, &first.ticket).await;
     assert_eq!(second.forward(PORT, false).await.hostname, hostname);
-    // The relay closes the older link: one session per identity, the newest.
+    // The relay closes the older link: one session per agent, the newest.
     first.until_closed(Duration::from_secs(5)).await;
     fx.until_stats("one session", |s| s.agent_sessions == 1)
         .await;
@@ -254,10 +255,11 @@ async fn an_old_link_that_is_slow_to_go_cannot_take_the_tunnels_back_from_the_ne
     let fx = Fixture::start_with(STEP, |config| {
         config.link.idle_timeout = Duration::from_secs(8);
         config.link.ping_interval = Duration::from_secs(1);
+        config.min_takeover_interval = Duration::ZERO;
     })
     .await;
-    let identity: [u8; 16] = rand::random();
-    let mut first = RawAgent::connect(&fx, &fx.token, identity).await;
+    let mut first = RawAgent::connect(&fx, &fx.token, NEW_AGENT).await;
+    let ticket = first.ticket.clone();
     // One tunnel the old link will give up too late, one it will simply leave behind.
     let (closed_late, left) = (PORT, PORT + 1);
     let hostnames = [
@@ -271,7 +273,7 @@ async fn an_old_link_that_is_slow_to_go_cannot_take_the_tunnels_back_from_the_ne
     stall_the_relays_writes(&fx, &mut first_writer).await;
 
     // The agent is back on a new link and takes its tunnels over.
-    let mut second = RawAgent::connect(&fx, &fx.token, identity).await;
+    let mut second = RawAgent::connect(&fx, &fx.token, &ticket).await;
     assert_eq!(
         second.forward(closed_late, false).await.hostname,
         hostnames[0]
@@ -358,15 +360,18 @@ async fn agents_sharing_a_token_each_keep_their_own_urls_and_neither_kicks_the_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_agents_identity_with_a_different_token_gets_neither_its_url_nor_its_session() {
+async fn another_agents_ticket_with_a_different_token_gets_neither_its_url_nor_its_session() {
     let other_token = Token::generate();
-    let fx = Fixture::start_with(STEP, |config| config.tokens.push(other_token.clone())).await;
-    let identity: [u8; 16] = rand::random();
-    let mut owner = RawAgent::connect(&fx, &fx.token, identity).await;
+    let fx = Fixture::start_with(STEP, |config| {
+        config.tokens.push(other_token.clone());
+        config.min_takeover_interval = Duration::ZERO;
+    })
+    .await;
+    let mut owner = RawAgent::connect(&fx, &fx.token, NEW_AGENT).await;
     let owned = owner.forward(PORT, false).await.hostname;
 
-    // Someone else with a valid token of their own claims the owner's identity.
-    let mut claimant = RawAgent::connect(&fx, &other_token, identity).await;
+    // Someone else with a valid token of their own presents the owner's ticket.
+    let mut claimant = RawAgent::connect(&fx, &other_token, &owner.ticket).await;
     let claimed = claimant.forward(PORT, false).await.hostname;
     assert_ne!(claimed, owned, "a lease was handed over to another token");
 
@@ -418,7 +423,7 @@ async fn packets_outside_the_agents_own_flows_are_dropped_and_counted_and_distur
     let tls = fx.connector(HTTP1);
     assert_eq!(echo_via_url(&tls, &good, b"a", STEP).await.unwrap(), b"a");
 
-    let mut raw = RawAgent::connect(&fx, &fx.token, rand::random()).await;
+    let mut raw = RawAgent::connect(&fx, &fx.token, NEW_AGENT).await;
     let hostname = raw.forward(PORT, false).await.hostname;
     let client = {
         let (connector, public) = (tls.clone(), fx.public);

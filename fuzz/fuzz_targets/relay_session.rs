@@ -8,7 +8,8 @@
 //! The input is a script of ops; `tag & 7` picks the op and `m = tag >> 3` modifies it:
 //!
 //! ```text
-//! 0 connect   a hello: m & 3 picks the identity (none, A, B, or len:u8 bytes[len] of
+//! 0 connect   a hello: m & 3 picks the resume (none, agent A's or B's ticket for the
+//!             hello's token once it has one, else NEW_AGENT, or len:u8 bytes[len] of
 //!             any length); m & 4: the second token; m & 8: a wrong token; m & 16: the
 //!             version from the input (version:u16le)
 //! 1 forward   link:u8 request_id:u32le port:u16le; m bit 0: unencrypted, bit 1: h2,
@@ -26,7 +27,10 @@
 //! Checked after every op, against the protocol's promises rather than a model of the
 //! session: the registry's tables agree with each other; a hello is refused with
 //! `BAD_VERSION` for another version, `UNAUTHORIZED` for a token the relay does not
-//! know, `INTERNAL` once the relay shuts down, and welcomed otherwise; a forward is
+//! know, `INTERNAL` once the relay shuts down, `TOO_SOON` exactly for the ticket of an
+//! agent whose newest link is open and came less than the takeover interval ago, and
+//! welcomed otherwise, with no ticket for an empty resume, else the presented ticket or
+//! a fresh one never issued before; a forward is
 //! answered with its request id, refused as `INVALID_REQUEST` exactly for port 0 or h2
 //! with unencrypted, as `PORT_IN_USE` exactly when the link holds the port, with
 //! `LIMIT_REACHED` only at the tunnel limit or for a raw TCP port, and `INTERNAL` only
@@ -53,7 +57,7 @@ use portferry::relay::{LOCAL_DOMAIN, MAX_HELLO_LEN};
 use portferry::token::Token;
 use portferry::wire::{
     handshake, ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, Welcome, HEADER_LEN,
-    PROTOCOL_VERSION,
+    NEW_AGENT, PROTOCOL_VERSION, TICKET_LEN,
 };
 use shared::Input;
 use tokio::runtime::Runtime;
@@ -64,7 +68,9 @@ const TOKENS: [&str; 2] = ["relay-session-fuzz-token", "relay-session-other-toke
 const MAX_TUNNELS: usize = 4;
 /// Raw TCP port numbers the relay hands out, few so that they run out.
 const TCP_PORTS: std::ops::RangeInclusive<u16> = 31_990..=31_995;
-/// How long the tunnels of an agent with an identity outlive its link.
+/// The least time between takeovers of an agent's session.
+const TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
+/// How long the tunnels of an agent with a ticket outlive its link.
 const LEASE_GRACE: Duration = Duration::from_secs(30);
 /// Links one input may open.
 const MAX_LINKS: usize = 16;
@@ -89,8 +95,9 @@ fn runtime() -> &'static Runtime {
     })
 }
 
-/// What an agent presented in its hello: its identity (if 16 bytes) and token index.
-type Agent = Option<([u8; 16], usize)>;
+/// Who a link's agent is: the ticket its welcome carried (if its tunnels are leased)
+/// and its token index.
+type Agent = Option<(Bytes, usize)>;
 
 /// A hostname granted once, and to whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +117,8 @@ struct Link {
     /// hostnames.
     held: HashMap<u16, String>,
     lost: bool,
+    /// When it was welcomed, in virtual time.
+    connected: tokio::time::Instant,
 }
 
 /// The harness and what the answers so far promised.
@@ -118,6 +127,8 @@ struct Run {
     links: Vec<Link>,
     granted: HashMap<String, Grant>,
     tcp_ports: HashSet<u16>,
+    /// The tickets of agents A and B, by token.
+    tickets: HashMap<(u8, usize), Bytes>,
     shut_down: bool,
 }
 
@@ -127,6 +138,7 @@ impl Run {
         config.tokens.push(Token::new(TOKENS[1]));
         config.max_tunnels_per_agent = MAX_TUNNELS;
         config.lease_grace = LEASE_GRACE;
+        config.min_takeover_interval = TAKEOVER_INTERVAL;
         config.tcp_ports = TCP_PORTS;
         // Out of reach here: the unit tests cover the lease limits.
         (config.max_leases, config.max_leases_per_token) = (usize::MAX, usize::MAX);
@@ -135,6 +147,7 @@ impl Run {
             links: Vec::new(),
             granted: HashMap::new(),
             tcp_ports: HashSet::new(),
+            tickets: HashMap::new(),
             shut_down: false,
         }
     }
@@ -143,8 +156,18 @@ impl Run {
         let m = tag >> 3;
         match tag & 7 {
             0 => {
-                let hello = hello(m, input);
-                self.connect(&hello);
+                let mut hello = hello(m, input);
+                let named = (m & 3, usize::from(m & 4 != 0));
+                if matches!(named.0, 1 | 2) {
+                    if let Some(ticket) = self.tickets.get(&named) {
+                        hello.resume = ticket.clone();
+                    }
+                }
+                if let Some((ticket, _)) = self.connect(&hello) {
+                    if matches!(named.0, 1 | 2) && m & 8 == 0 {
+                        self.tickets.insert(named, ticket);
+                    }
+                }
             }
             1 => {
                 let link = input.byte().unwrap_or(0);
@@ -186,9 +209,10 @@ impl Run {
         (!self.links.is_empty()).then(|| usize::from(link) % self.links.len())
     }
 
-    fn connect(&mut self, hello: &Hello) {
+    /// Opens a link with `hello`; its agent, if welcomed with a ticket.
+    fn connect(&mut self, hello: &Hello) -> Agent {
         if self.links.len() >= MAX_LINKS {
-            return;
+            return None;
         }
         let token = TOKENS
             .iter()
@@ -199,15 +223,33 @@ impl Run {
             Err(ErrorCode::UNAUTHORIZED)
         } else if self.shut_down {
             Err(ErrorCode::INTERNAL)
+        } else if self.held_too_recently(&hello.resume, token) {
+            Err(ErrorCode::TOO_SOON)
         } else {
             Ok(())
         };
         let id = match (self.harness.connect(hello), expected) {
             (Ok(id), Ok(())) => id,
-            (Err(refusal), Err(code)) if (refusal.request_id, refusal.code) == (0, code) => return,
+            (Err(refusal), Err(code)) if (refusal.request_id, refusal.code) == (0, code) => {
+                return None
+            }
             (answer, expected) => panic!("{hello:?} answered {answer:?}, expected {expected:?}"),
         };
-        let agent = <[u8; 16]>::try_from(&hello.resume[..]).ok().zip(token);
+        let ticket = self.harness.ticket(id).expect("a welcomed link's ticket");
+        let fresh = !self
+            .links
+            .iter()
+            .any(|l| l.agent.as_ref().is_some_and(|a| a.0 == ticket));
+        if hello.resume.is_empty() {
+            assert!(ticket.is_empty(), "a ticket for an empty resume");
+        } else {
+            assert_eq!(ticket.len(), TICKET_LEN);
+            assert!(
+                fresh || ticket == hello.resume,
+                "a ticket issued before, not the one presented"
+            );
+        }
+        let agent = (!ticket.is_empty()).then(|| (ticket, token.expect("a known token")));
         if agent.is_some() {
             // The newest link of an agent wins: an older one is closed.
             for older in self.links.iter().filter(|l| !l.lost && l.agent == agent) {
@@ -220,10 +262,20 @@ impl Run {
         assert!(self.harness.is_open(id));
         self.links.push(Link {
             id,
-            agent,
+            agent: agent.clone(),
             held: HashMap::new(),
             lost: false,
+            connected: self.harness.now(),
         });
+        agent
+    }
+
+    /// Whether `resume` is the ticket of an agent (with `token`) whose newest link is
+    /// open and came less than the takeover interval ago.
+    fn held_too_recently(&self, resume: &Bytes, token: Option<usize>) -> bool {
+        let agent = Some((resume.clone(), token.unwrap_or(usize::MAX)));
+        let newest = self.links.iter().rev().find(|l| l.agent == agent);
+        newest.is_some_and(|l| !l.lost && self.harness.now() < l.connected + TAKEOVER_INTERVAL)
     }
 
     fn raw_hello(&mut self, bytes: &[u8]) {
@@ -304,7 +356,7 @@ impl Run {
             "{granted:?} for {request:?}"
         );
         let grant = Grant {
-            agent: link.agent,
+            agent: link.agent.clone(),
             port: request.port,
             unencrypted: request.unencrypted,
             h2: request.h2,
@@ -433,7 +485,7 @@ impl Run {
         link.lost = true;
         assert!(!self.harness.is_open(link.id));
         for (hostname, before) in served {
-            let expected = link.agent.map(|_| Served {
+            let expected = link.agent.as_ref().map(|_| Served {
                 link: None,
                 ..before
             });
@@ -479,8 +531,7 @@ impl Run {
 fn hello(m: u8, input: &mut Input<'_>) -> Hello {
     let resume = match m & 3 {
         0 => Bytes::new(),
-        1 => Bytes::from_static(&[0xa1; 16]),
-        2 => Bytes::from_static(&[0xb2; 16]),
+        1 | 2 => Bytes::from_static(NEW_AGENT),
         _ => {
             let len = input.byte().unwrap_or(0);
             Bytes::copy_from_slice(input.take(len.into()))

@@ -55,9 +55,9 @@ pub struct Agent {
 /// while holding `control`).
 pub(crate) struct Shared {
     config: AgentConfig,
-    /// Random identity presented on every link, so that the relay gives a reconnecting
-    /// agent back the hostnames and ports it leased.
-    identity: [u8; 16],
+    /// The resume ticket presented on every link after the first, so that the relay
+    /// gives a reconnecting agent back the hostnames and ports it leased.
+    resume: reconnect::Resume,
     /// One stack for the agent's whole life: listeners survive a lost link, connections
     /// do not.
     stack: Stack,
@@ -96,13 +96,13 @@ impl Agent {
     /// Connects to the relay, authenticates, and starts the link. The agent keeps the
     /// link up from then on, reconnecting when it is lost.
     pub async fn connect(config: AgentConfig) -> Result<Agent, Error> {
-        let identity: [u8; 16] = rand::random();
-        let halves = reconnect::open_link(&config, &identity).await?;
+        let resume = reconnect::Resume::default();
+        let halves = reconnect::open_link(&config, &resume).await?;
         let changed = Arc::new(Notify::new());
         let agent = Agent {
             shared: Arc::new(Shared {
                 stack: Stack::new(config.stack()),
-                identity,
+                resume,
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),
                 state: watch::Sender::new(LinkState::Connected),

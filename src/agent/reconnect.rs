@@ -15,7 +15,7 @@ use super::control::{refusal_error, Event};
 use super::{AgentConfig, LinkState, Shared, ENV_TOKEN};
 use crate::error::Error;
 use crate::link::{self, ControlSender, FrameReader, FrameWriter, CONTROL_QUEUE};
-use crate::wire::handshake;
+use crate::wire::{handshake, Welcome, NEW_AGENT};
 
 /// First delay before reconnecting; doubles per failed attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -28,16 +28,35 @@ pub(crate) type LinkHalves = (
     FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
 );
 
-/// One attempt to connect, authenticate and be welcomed.
-pub(crate) async fn open_link(
-    config: &AgentConfig,
-    identity: &[u8; 16],
-) -> Result<LinkHalves, Error> {
-    let hello =
-        handshake::hello(config.token.expose(), identity).map_err(|_| Error::InvalidConfig {
+/// What the agent resumes its leases with: the ticket of its last welcome, kept in
+/// memory only (a restarted agent is a new agent), never logged.
+#[derive(Default)]
+pub(crate) struct Resume(std::sync::Mutex<Option<bytes::Bytes>>);
+
+impl Resume {
+    /// What the hello carries: the ticket, or [`NEW_AGENT`] before the first welcome.
+    fn hello_field(&self) -> bytes::Bytes {
+        let ticket = crate::netstack::lock(&self.0).clone();
+        ticket.unwrap_or(bytes::Bytes::from_static(NEW_AGENT))
+    }
+
+    /// Keeps the ticket of `welcome`.
+    fn welcomed(&self, welcome: &Welcome) {
+        if !welcome.ticket.is_empty() {
+            *crate::netstack::lock(&self.0) = Some(welcome.ticket.clone());
+        }
+    }
+}
+
+/// One attempt to connect, authenticate and be welcomed, resuming with `resume`.
+pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<LinkHalves, Error> {
+    let resume_field = resume.hello_field();
+    let hello = handshake::hello(config.token.expose(), &resume_field).map_err(|_| {
+        Error::InvalidConfig {
             name: ENV_TOKEN,
             reason: "the token is longer than a hello frame can carry".into(),
-        })?;
+        }
+    })?;
     let server_name = config.server_name()?;
     let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
     let limit = config.connect_timeout;
@@ -70,7 +89,7 @@ pub(crate) async fn open_link(
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     match timeout(limit, handshake::read_answer(&mut stream)).await {
-        Ok(Ok(Ok(_welcome))) => {}
+        Ok(Ok(Ok(welcome))) => resume.welcomed(&welcome),
         Ok(Ok(Err(refusal))) => return Err(refusal_error(refusal)),
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => {
@@ -140,7 +159,7 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
             let Some(shared) = agent.upgrade() else {
                 return;
             };
-            match open_link(&shared.config, &shared.identity).await {
+            match open_link(&shared.config, &shared.resume).await {
                 Ok(halves) => {
                     shared.update(|control| control.link_up(super::now()));
                     shared.state.send_replace(LinkState::Connected);

@@ -84,9 +84,14 @@ pub struct RelayConfig {
     pub max_leases_per_token: usize,
     /// Tunnel leases the relay holds at once, all tokens together; the same.
     pub max_leases: usize,
+    /// The least time between two takeovers of an agent's session: a hello presenting
+    /// the agent's resume ticket while a link of it admitted less than this ago still
+    /// holds the session (or is being admitted) is refused with `TOO_SOON`. A link that
+    /// comes back after its old one has ended is never refused.
+    pub min_takeover_interval: Duration,
     /// How long the hostnames and TCP ports of an agent whose link was lost stay
-    /// reserved for it: an agent that reconnects within it (presenting the same
-    /// identity and token) gets the same URLs back.
+    /// reserved for it: an agent that reconnects within it (presenting the resume ticket
+    /// the relay gave it, and the same token) gets the same URLs back.
     pub lease_grace: Duration,
     /// Where leases are kept across restarts: a relay started on the same file gives
     /// reconnecting agents their hostnames and TCP ports back (each lease is honoured for
@@ -120,6 +125,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_LEASES_PER_TOKEN: usize = 4096;
     /// Default of [`max_leases`](Self::max_leases).
     pub const DEFAULT_MAX_LEASES: usize = 16_384;
+    /// Default of [`min_takeover_interval`](Self::min_takeover_interval): 1 s.
+    pub const DEFAULT_MIN_TAKEOVER_INTERVAL: Duration = Duration::from_secs(1);
     /// Default of [`shutdown_grace`](Self::shutdown_grace): 10 s.
     pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
     /// Default of [`idle_timeout`](Self::idle_timeout): 10 minutes.
@@ -156,6 +163,7 @@ impl RelayConfig {
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
             max_leases_per_token: Self::DEFAULT_MAX_LEASES_PER_TOKEN,
             max_leases: Self::DEFAULT_MAX_LEASES,
+            min_takeover_interval: Self::DEFAULT_MIN_TAKEOVER_INTERVAL,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,

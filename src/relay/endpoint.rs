@@ -11,8 +11,7 @@ use tokio::time::{timeout_at, Instant};
 
 use super::budget::HandshakePermit;
 use super::edge::bind_tunnel_port;
-use super::registry::AgentKey;
-use super::session::{admit, Counted, Session, Step};
+use super::session::{admit, Admission, Counted, Session, Step};
 use super::tasks::AbortOnDrop;
 use super::Shared;
 use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
@@ -40,7 +39,8 @@ pub(super) async fn serve_agent_link<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (stream, slot, agent) = match timeout_at(deadline, authenticate(&shared, stream)).await {
+    let (stream, slot, admission) = match timeout_at(deadline, authenticate(&shared, stream)).await
+    {
         Ok(Some(admitted)) => admitted,
         // Counted where it failed.
         Ok(None) => return,
@@ -64,7 +64,8 @@ pub(super) async fn serve_agent_link<S>(
         shared.config.link.clone(),
     )));
     let session = Live {
-        session: shared.update(|registry| Session::start(registry, stack, agent)),
+        session: shared
+            .update(|registry| Session::start(registry, stack, &admission, Instant::now())),
         shared: shared.clone(),
         _slot: slot,
     };
@@ -111,7 +112,7 @@ impl Drop for Live {
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     mut stream: S,
-) -> Option<(S, OwnedSemaphorePermit, Option<AgentKey>)> {
+) -> Option<(S, OwnedSemaphorePermit, Admission)> {
     let hello = match handshake::read_hello(&mut stream).await {
         Ok(hello) => hello,
         Err(error) => {
@@ -120,14 +121,18 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
-    let agent = match admit(&hello, &shared.config.tokens, shared.is_running()) {
-        Ok(agent) => agent,
+    let (tokens, running) = (&shared.config.tokens, shared.is_running());
+    let now = Instant::now();
+    let admitted = shared.update(|registry| admit(&hello, tokens, running, registry, now));
+    let admission = match admitted {
+        Ok(admission) => admission,
         Err(refusal) => {
             match refusal.counted {
                 Counted::FailedHandshake => shared.count_failed_handshake(),
                 Counted::Unauthorized => {
                     shared.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
                 }
+                Counted::Limit(limit) => shared.count_refusal(limit),
                 Counted::Uncounted => {}
             }
             refuse(&mut stream, refusal.code, refusal.message).await;
@@ -145,10 +150,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let welcome = Frame::Welcome(Welcome {
         version: PROTOCOL_VERSION,
-        ticket: bytes::Bytes::new(),
+        ticket: admission.ticket(),
     });
     handshake::send(&mut stream, &welcome).await.ok()?;
-    Some((stream, slot, agent))
+    Some((stream, slot, admission))
 }
 
 /// Tells an agent why it is turned away, and closes the link.

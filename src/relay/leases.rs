@@ -7,7 +7,8 @@
 //! (the leases as the file should hold them, as many as the relay's lease limits
 //! allow); the thread writes the whole book through the [`StateDir`] (atomically,
 //! fsynced, mode 0600) whenever it changed. Changes made while a write is under way are
-//! coalesced into the next write, so a burst of changes costs one or two writes.
+//! coalesced into the next write, and the thread waits [`BATCH`] after a change for
+//! more, so a burst of changes costs a write or two.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -18,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::registry::AgentKey;
+use super::ticket::{from_hex, Verifier};
 use crate::netstack::lock;
 use crate::state_dir::{StateDir, StateError};
 
@@ -29,6 +31,8 @@ pub(crate) type LeaseKey = (AgentKey, u16);
 pub(crate) struct LeaseRecord {
     /// The agent it is leased to.
     pub(crate) agent: AgentKey,
+    /// What verifies the agent's resume ticket (never the ticket itself).
+    pub(crate) verifier: Verifier,
     /// The agent's (inner) port.
     pub(crate) port: u16,
     /// The tunnel's hostname.
@@ -54,16 +58,18 @@ impl LeaseRecord {
         (self.agent, self.port)
     }
 
-    /// One line of the lease file: identity (hex), token index, port, hostname, TCP port
-    /// (`-` if none), h2 (0/1), unencrypted (0/1).
+    /// One line of the lease file: the agent's ticket selector (32 hex digits), its
+    /// ticket's SHA-256 (64 hex digits), token index, port, hostname, TCP port (`-` if
+    /// none), h2 (0/1), unencrypted (0/1).
     pub(crate) fn to_line(&self) -> String {
-        let (identity, token) = &self.agent;
-        let identity: String = identity.iter().map(|b| format!("{b:02x}")).collect();
+        let (selector, token) = &self.agent;
+        let selector: String = selector.iter().map(|b| format!("{b:02x}")).collect();
+        let verifier = self.verifier.to_hex();
         let tcp_port = self
             .tcp_port
             .map_or("-".to_string(), |port| port.to_string());
         format!(
-            "{identity} {token} {} {} {tcp_port} {} {}\n",
+            "{selector} {verifier} {token} {} {} {tcp_port} {} {}\n",
             self.port,
             self.hostname,
             u8::from(self.h2),
@@ -74,16 +80,10 @@ impl LeaseRecord {
     /// Reads a line written by [`to_line`](Self::to_line); `None` if it is damaged.
     pub(crate) fn from_line(line: &str) -> Option<LeaseRecord> {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [identity, token, port, hostname, tcp_port, h2, unencrypted] = fields[..] else {
+        let [selector, verifier, token, port, hostname, tcp_port, h2, unencrypted] = fields[..]
+        else {
             return None;
         };
-        if identity.len() != 32 {
-            return None;
-        }
-        let mut id = [0u8; 16];
-        for (i, byte) in id.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(identity.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
         let flag = |text: &str| match text {
             "0" => Some(false),
             "1" => Some(true),
@@ -94,7 +94,8 @@ impl LeaseRecord {
             port => Some(port.parse().ok()?),
         };
         Some(LeaseRecord {
-            agent: (id, token.parse().ok()?),
+            agent: (from_hex(selector)?, token.parse().ok()?),
+            verifier: Verifier::from_hex(verifier)?,
             port: port.parse().ok()?,
             hostname: hostname.to_ascii_lowercase(),
             tcp_port,
@@ -104,10 +105,11 @@ impl LeaseRecord {
     }
 }
 
-/// The leases as the file should hold them: the registry's changes applied in order.
+/// The leases as the file should hold them: the registry's changes applied in order,
+/// each with its line made once (so that the writer only joins lines).
 #[derive(Debug, Default)]
 pub(crate) struct Book {
-    records: BTreeMap<LeaseKey, LeaseRecord>,
+    records: BTreeMap<LeaseKey, (LeaseRecord, String)>,
 }
 
 impl Book {
@@ -115,7 +117,8 @@ impl Book {
     pub(crate) fn apply(&mut self, change: LeaseChange) {
         match change {
             LeaseChange::Put(record) => {
-                self.records.insert(record.key(), record);
+                let line = record.to_line();
+                self.records.insert(record.key(), (record, line));
             }
             LeaseChange::Remove(key) => {
                 self.records.remove(&key);
@@ -124,13 +127,17 @@ impl Book {
     }
 
     /// The leases, in the order of their keys.
+    #[cfg(any(test, feature = "harness"))]
     pub(crate) fn records(&self) -> impl Iterator<Item = &LeaseRecord> {
-        self.records.values()
+        self.records.values().map(|(record, _)| record)
     }
 
     /// The file's text.
-    fn text(&self) -> String {
-        self.records().map(LeaseRecord::to_line).collect()
+    pub(crate) fn text(&self) -> String {
+        self.records
+            .values()
+            .map(|(_, line)| line.as_str())
+            .collect()
     }
 }
 
@@ -151,6 +158,9 @@ pub(crate) fn load(dir: &StateDir, name: &OsStr) -> Result<Vec<LeaseRecord>, Sta
     let text = String::from_utf8_lossy(&bytes);
     Ok(text.lines().filter_map(LeaseRecord::from_line).collect())
 }
+
+/// How long the writing thread waits after a change for more, before it writes.
+const BATCH: Duration = Duration::from_millis(10);
 
 /// What the writing thread and the relay share.
 struct Pending {
@@ -246,6 +256,12 @@ fn write_while_open(pending: &(Mutex<Pending>, Condvar), dir: &StateDir, name: &
             if !guard.dirty {
                 return;
             }
+            if !guard.closing {
+                // Let the rest of a burst of changes in, so it costs one write.
+                drop(guard);
+                std::thread::sleep(BATCH);
+                guard = lock(pending);
+            }
             guard.dirty = false;
             guard.book.text()
         };
@@ -258,10 +274,12 @@ fn write_while_open(pending: &(Mutex<Pending>, Condvar), dir: &StateDir, name: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::ticket::Ticket;
 
     fn record(identity: u8, port: u16) -> LeaseRecord {
         LeaseRecord {
             agent: ([identity; 16], 2),
+            verifier: Ticket::generate().verifier(),
             port,
             hostname: format!("h{identity}p{port}.portferry.localhost"),
             tcp_port: Some(20_001),
@@ -272,8 +290,10 @@ mod tests {
 
     #[test]
     fn leases_are_saved_and_read_back_exactly() {
+        let verifier = Ticket::generate().verifier();
         let lease = LeaseRecord {
             agent: ([0xa5; 16], 2),
+            verifier,
             port: 8000,
             hostname: "abc.portferry.localhost".into(),
             tcp_port: Some(20_001),
@@ -283,6 +303,7 @@ mod tests {
         let line = lease.to_line();
         let read = LeaseRecord::from_line(line.trim_end()).unwrap();
         assert_eq!((read.agent, read.port), (([0xa5; 16], 2), 8000));
+        assert_eq!(read.verifier, verifier);
         assert_eq!(
             (read.hostname.as_str(), read.tcp_port),
             ("abc.portferry.localhost", Some(20_001))
@@ -292,6 +313,8 @@ mod tests {
         for damaged in [
             "",
             "zz 0 1 a - 0 0",
+            // A line of the format before tickets (an identity, no verifier).
+            &line.replacen(&format!(" {}", verifier.to_hex()), "", 1),
             &line[..line.len() - 3],
             &line.replace(" 1\n", " 2"),
         ] {

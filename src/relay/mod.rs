@@ -59,6 +59,7 @@
 //! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
 //! connection.
 
+mod agents;
 mod budget;
 mod config;
 mod edge;
@@ -69,6 +70,7 @@ mod leases;
 mod registry;
 mod session;
 mod tasks;
+mod ticket;
 
 use std::future::Future;
 use std::net::SocketAddr;

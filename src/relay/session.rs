@@ -9,7 +9,9 @@
 
 use tokio::time::Instant;
 
+use super::agents::Claim;
 use super::registry::{AgentKey, Registry, SessionId, TcpPort};
+use super::ticket::Verifier;
 use crate::netstack::Stack;
 use crate::token::Token;
 use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, PROTOCOL_VERSION};
@@ -21,6 +23,9 @@ pub(crate) enum Counted {
     FailedHandshake,
     /// In [`RelayStats::unauthorized`](super::RelayStats::unauthorized).
     Unauthorized,
+    /// In [`RelayStats::refused_by_limit`](super::RelayStats::refused_by_limit), at the
+    /// limit of this name.
+    Limit(&'static str),
     /// Nowhere.
     Uncounted,
 }
@@ -33,14 +38,31 @@ pub(crate) struct Refusal {
     pub(crate) counted: Counted,
 }
 
-/// Decides on an agent's hello: the agent key its tunnels are leased under (`None`
-/// if it presents no 16-byte identity), or why it is turned away. `running` is
-/// whether the relay still takes new sessions.
+/// A welcomed hello: the agent its tunnels are leased to, if they are.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    claim: Option<Claim>,
+}
+
+impl Admission {
+    /// The ticket the welcome carries: the agent's, or empty if its tunnels are not
+    /// leased.
+    pub(crate) fn ticket(&self) -> bytes::Bytes {
+        self.claim.as_ref().map(Claim::ticket).unwrap_or_default()
+    }
+}
+
+/// Decides on an agent's hello at `now`: whom it is admitted as (see
+/// [`Hello::resume`]: a known agent by its ticket, a new agent, or one whose tunnels are
+/// not leased), or why it is turned away. `running` is whether the relay still takes
+/// new sessions.
 pub(crate) fn admit(
     hello: &Hello,
     tokens: &[Token],
     running: bool,
-) -> Result<Option<AgentKey>, Refusal> {
+    registry: &mut Registry,
+    now: Instant,
+) -> Result<Admission, Refusal> {
     if hello.version != PROTOCOL_VERSION {
         return Err(Refusal {
             code: ErrorCode::BAD_VERSION,
@@ -68,10 +90,21 @@ pub(crate) fn admit(
             counted: Counted::Uncounted,
         });
     }
-    // An agent that presents a 16-byte identity gets its leases back on reconnect.
-    Ok(<[u8; 16]>::try_from(&hello.resume[..])
-        .ok()
-        .map(|identity| (identity, token_index)))
+    if hello.resume.is_empty() {
+        return Ok(Admission { claim: None });
+    }
+    match registry.claim(token_index, &hello.resume, now) {
+        Ok(claim) => Ok(Admission { claim: Some(claim) }),
+        Err(too_soon) => Err(Refusal {
+            code: ErrorCode::TOO_SOON,
+            message: format!(
+                "another link of this agent was admitted less than {:?} ago and still holds \
+                 its session; try again later (min_takeover_interval)",
+                too_soon.interval
+            ),
+            counted: Counted::Limit("min_takeover_interval"),
+        }),
+    }
 }
 
 /// One answer to a control frame.
@@ -137,16 +170,24 @@ pub(crate) enum Unbound {
 #[derive(Debug)]
 pub(crate) struct Session {
     id: SessionId,
-    /// The agent's identity, if it presented one: its tunnels are leased.
-    agent: Option<AgentKey>,
+    /// The agent its tunnels are leased to, if they are, and its ticket's verifier.
+    agent: Option<(AgentKey, Verifier)>,
 }
 
 impl Session {
-    /// Admits a session serving `stack` for `agent` (from [`admit`]).
-    pub(crate) fn start(registry: &mut Registry, stack: Stack, agent: Option<AgentKey>) -> Session {
+    /// Starts the session of `admission` (from [`admit`]) serving `stack`, at `now`.
+    pub(crate) fn start(
+        registry: &mut Registry,
+        stack: Stack,
+        admission: &Admission,
+        now: Instant,
+    ) -> Session {
         Session {
-            id: registry.start_session(stack, agent),
-            agent,
+            id: registry.start_session(stack, admission.claim.as_ref(), now),
+            agent: admission
+                .claim
+                .as_ref()
+                .map(|claim| (claim.agent, claim.verifier())),
         }
     }
 
@@ -205,7 +246,7 @@ impl Session {
             answer.refused = Some("max_tunnels_per_agent");
             return Step::Answer(answer);
         }
-        if let Some(agent) = self.agent {
+        if let Some((agent, _)) = self.agent {
             if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
                 return Step::Answer(Answer::frame(Frame::Forwarded(forwarded)));
             }
@@ -258,7 +299,7 @@ impl Session {
 
     /// The refusal of a new leased tunnel if this session's agent is at a lease limit.
     fn over_lease_limit(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
-        let (limit, max) = registry.lease_limit(self.agent?)?;
+        let (limit, max) = registry.lease_limit(self.agent?.0)?;
         let holder = match limit {
             "max_leases_per_token" => "the agents of this token hold their",
             _ => "the relay holds its",
@@ -274,6 +315,6 @@ impl Session {
 
     /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].
     pub(crate) fn end(&self, registry: &mut Registry, now: Instant) {
-        registry.end_session(self.id, self.agent, now);
+        registry.end_session(self.id, self.agent.map(|(agent, _)| agent), now);
     }
 }

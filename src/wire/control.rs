@@ -11,9 +11,18 @@ use bytes::{BufMut, Bytes};
 use super::field::{check16, len16, put_bytes16, Reader};
 use super::{FrameError, FrameKind};
 
+/// Length of a resume ticket ([`Welcome::ticket`]), in bytes: a 16-byte selector and a
+/// 32-byte secret, all from the relay's CSPRNG.
+pub const TICKET_LEN: usize = 48;
+
+/// What an agent that wants its tunnels leased sends as [`Hello::resume`] before it has
+/// a ticket: one zero byte (any `resume` that is neither empty nor a ticket the relay
+/// holds means the same).
+pub const NEW_AGENT: &[u8] = &[0];
+
 /// First frame on a link: the agent introduces and authenticates itself.
 ///
-/// `Debug` prints the token as `<redacted>`.
+/// `Debug` prints the token and the resume ticket as `<redacted>`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Hello {
     /// Frame format version the agent speaks, normally
@@ -21,9 +30,14 @@ pub struct Hello {
     pub version: u16,
     /// Secret that authorizes the agent at the relay.
     pub token: String,
-    /// The agent's identity: 16 random bytes it keeps for its life, by which the relay
-    /// gives a reconnecting agent (with the same token) back the tunnels it leased.
-    /// Empty, or any other length, for an agent whose tunnels are not leased.
+    /// Whether and how the agent's tunnels are leased (kept for it across links):
+    /// - empty: not leased; they end with the link, and the welcome carries no ticket;
+    /// - the [`Welcome::ticket`] of one of the agent's earlier links to this relay (with
+    ///   the same token): the agent gets its leases back, and the welcome carries the
+    ///   same ticket;
+    /// - anything else ([`NEW_AGENT`] by convention), or a ticket the relay does not hold
+    ///   (forged, expired, or for another token): a new agent, whose welcome carries a
+    ///   fresh ticket.
     pub resume: Bytes,
 }
 
@@ -32,7 +46,7 @@ impl Hello {
         Ok(Self {
             version: r.u16("version")?,
             token: r.str16("token")?,
-            // Copied rather than sliced from the read buffer: the identity is small and may
+            // Copied rather than sliced from the read buffer: the ticket is small and may
             // be kept for the whole session, and a slice would pin the buffer.
             resume: Bytes::copy_from_slice(r.bytes16("resume")?),
         })
@@ -59,18 +73,37 @@ impl fmt::Debug for Hello {
         f.debug_struct("Hello")
             .field("version", &self.version)
             .field("token", &format_args!("<redacted>"))
-            .field("resume", &self.resume)
+            .field(
+                "resume",
+                &format_args!("<redacted {} bytes>", self.resume.len()),
+            )
             .finish()
     }
 }
 
 /// The relay's answer to a [`Hello`] it accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` prints the ticket as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Welcome {
     /// Frame format version the relay speaks on this link.
     pub version: u16,
-    /// Reserved for a resume ticket; the relay sends it empty and the agent ignores it.
+    /// The agent's resume ticket ([`TICKET_LEN`] bytes) if its tunnels are leased, else
+    /// empty. A secret: the agent keeps it (in memory) and sends it as [`Hello::resume`]
+    /// on its next links to get its leases back; anyone who has it can take them over.
     pub ticket: Bytes,
+}
+
+impl fmt::Debug for Welcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Welcome")
+            .field("version", &self.version)
+            .field(
+                "ticket",
+                &format_args!("<redacted {} bytes>", self.ticket.len()),
+            )
+            .finish()
+    }
 }
 
 impl Welcome {
@@ -253,6 +286,10 @@ impl ErrorCode {
     pub const INTERNAL: Self = Self(6);
     /// The peer broke the protocol, for example sent a malformed frame.
     pub const PROTOCOL: Self = Self(7);
+    /// A hello presented the ticket of an agent whose session another link took over
+    /// too recently ([`min_takeover_interval`](crate::relay::RelayConfig::min_takeover_interval)):
+    /// try again later.
+    pub const TOO_SOON: Self = Self(8);
 
     /// Name of the constant for a known code.
     fn name(self) -> Option<&'static str> {
@@ -264,6 +301,7 @@ impl ErrorCode {
             Self::LIMIT_REACHED => "LIMIT_REACHED",
             Self::INTERNAL => "INTERNAL",
             Self::PROTOCOL => "PROTOCOL",
+            Self::TOO_SOON => "TOO_SOON",
             _ => return None,
         })
     }

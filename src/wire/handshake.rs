@@ -77,13 +77,14 @@ impl std::error::Error for HandshakeError {
     }
 }
 
-/// The hello an agent opens its link with: its `token`, and the `identity` by which the
-/// relay knows it across links. Fails if the token is too long for a frame.
-pub fn hello(token: &str, identity: &[u8; 16]) -> Result<Frame, FrameError> {
+/// The hello an agent opens its link with: its `token`, and `resume` (its resume
+/// ticket, [`NEW_AGENT`](super::NEW_AGENT) before it has one, or empty for no leases;
+/// see [`Hello::resume`]). Fails if a field is too long for a frame.
+pub fn hello(token: &str, resume: &[u8]) -> Result<Frame, FrameError> {
     let hello = Frame::Hello(Hello {
         version: PROTOCOL_VERSION,
         token: token.to_owned(),
-        resume: bytes::Bytes::copy_from_slice(identity),
+        resume: bytes::Bytes::copy_from_slice(resume),
     });
     hello.validate()?;
     Ok(hello)

@@ -22,8 +22,8 @@
 //!
 //! | kind   | frame              | direction     | payload fields                                                                                 |
 //! |--------|--------------------|---------------|------------------------------------------------------------------------------------------------|
-//! | `0x01` | [`Hello`]          | agent → relay | `version: u16`, `token: str16`, `resume: bytes16` (the agent's identity, may be empty)         |
-//! | `0x02` | [`Welcome`]        | relay → agent | `version: u16`, `ticket: bytes16` (reserved: sent empty)                                       |
+//! | `0x01` | [`Hello`]          | agent → relay | `version: u16`, `token: str16`, `resume: bytes16` (empty, a resume ticket, or `NEW_AGENT`)     |
+//! | `0x02` | [`Welcome`]        | relay → agent | `version: u16`, `ticket: bytes16` (the agent's resume ticket, or empty)                        |
 //! | `0x03` | [`ForwardRequest`] | agent → relay | `request_id: u32`, `port: u16`, `flags: u8` (bit 0 unencrypted, bit 1 h2, others 0)            |
 //! | `0x04` | [`Forwarded`]      | relay → agent | `request_id: u32`, `port: u16`, `hostname: str16`, `tls_port: u16`, `tcp_port: u16` (0 = none) |
 //! | `0x05` | [`Frame::Close`]   | both          | `port: u16`                                                                                    |
@@ -41,11 +41,30 @@
 //! A link opens with the agent's [`Hello`], answered by a [`Welcome`] or by an
 //! [`ErrorFrame`] after which the relay closes the link. Both ends read these frames
 //! with [`handshake`], under a bound of their own ([`MAX_HELLO_LEN`],
-//! [`handshake::MAX_ANSWER_LEN`]). `Hello::resume` carries the agent's identity: 16
-//! random bytes the agent keeps for its life, by which the relay gives a reconnecting
-//! agent back the hostnames and ports it leased (with the same token); the relay keeps
-//! no leases for an agent that sends anything but 16 bytes. `Welcome::ticket` is
-//! reserved and sent empty.
+//! [`handshake::MAX_ANSWER_LEN`]).
+//!
+//! Leases are resumed with a ticket the relay issued, never with anything the agent
+//! makes up or the relay's files hold:
+//! - An agent whose tunnels should be kept for it across links sends [`NEW_AGENT`] (one
+//!   zero byte) as `Hello::resume` on its first link. The relay answers with a fresh
+//!   `Welcome::ticket` of [`TICKET_LEN`] (48) random bytes: a 16-byte selector naming
+//!   the agent, and a 32-byte secret. The relay keeps only the selector and the ticket's
+//!   SHA-256 (in memory and in its lease file).
+//! - On every later link the agent sends that ticket as `Hello::resume`. If the relay
+//!   holds the selector for the hello's token and the ticket's SHA-256 matches (compared
+//!   in constant time), the link is that agent: its leased hostnames and ports come back,
+//!   and the welcome carries the same ticket. Any other `resume` that is not empty (a
+//!   forged, expired or foreign ticket) makes a new agent with a fresh ticket: it never
+//!   gets another agent's leases.
+//! - A valid ticket while another link holds the agent's session takes the session over
+//!   (the older link is closed), but not sooner than `min_takeover_interval` after the
+//!   session's link was admitted: earlier, the hello is refused with
+//!   [`ErrorCode::TOO_SOON`].
+//! - An empty `resume`: the agent's tunnels are not leased (they end with the link), and
+//!   the welcome's ticket is empty.
+//!
+//! The ticket is a secret: the agent keeps it in memory only, and `Debug` of [`Hello`]
+//! and [`Welcome`] does not show it.
 //!
 //! # Bounds
 //!
@@ -80,7 +99,9 @@ pub mod handshake;
 #[cfg(test)]
 mod tests;
 
-pub use control::{ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Hello, Welcome};
+pub use control::{
+    ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Hello, Welcome, NEW_AGENT, TICKET_LEN,
+};
 pub use error::FrameError;
 pub use frame::{packet_header, Frame, FrameKind};
 pub use handshake::MAX_HELLO_LEN;

@@ -529,6 +529,27 @@ fn debug_redacts_token() {
 }
 
 #[test]
+fn debug_redacts_resume_tickets() {
+    let ticket = Bytes::from_static(&[0xab; crate::wire::TICKET_LEN]);
+    let frames = [
+        Frame::Hello(Hello {
+            version: 1,
+            token: String::new(),
+            resume: ticket.clone(),
+        }),
+        Frame::Welcome(Welcome {
+            version: 1,
+            ticket: ticket.clone(),
+        }),
+    ];
+    for frame in frames {
+        let debug = format!("{frame:?}");
+        assert!(!debug.contains("171") && !debug.contains("ab"), "{debug}");
+        assert!(debug.contains("<redacted 48 bytes>"), "{debug}");
+    }
+}
+
+#[test]
 fn error_code_names() {
     assert_eq!(format!("{:?}", ErrorCode::PROTOCOL), "ErrorCode::PROTOCOL");
     assert_eq!(format!("{:?}", ErrorCode(42)), "ErrorCode(42)");

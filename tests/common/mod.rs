@@ -586,6 +586,8 @@ type RawHalves = (
 /// written and read one by one, so a test can present any identity and token, and see
 /// (and answer) the raw IP packets the relay sends.
 pub struct RawAgent {
+    /// The resume ticket the relay's welcome carried (empty: tunnels not leased).
+    pub ticket: bytes::Bytes,
     reader: FrameReader<ReadHalf<TlsStream<TcpStream>>>,
     writer: FrameWriter<WriteHalf<TlsStream<TcpStream>>>,
     step: Duration,
@@ -594,10 +596,23 @@ pub struct RawAgent {
 }
 
 impl RawAgent {
-    /// Opens a link to `fx`'s relay with a hello carrying `token` and `identity` (the
-    /// `resume` field, by which the relay knows an agent across its links); panics
-    /// unless the relay welcomes it within [`Fixture::step`].
-    pub async fn connect(fx: &Fixture, token: &Token, identity: [u8; 16]) -> RawAgent {
+    /// Opens a link to `fx`'s relay with a hello carrying `token` and `resume` (a resume
+    /// ticket, by which the relay knows an agent across its links, or `NEW_AGENT`, or
+    /// anything a test presents); panics unless the relay welcomes it within
+    /// [`Fixture::step`].
+    pub async fn connect(fx: &Fixture, token: &Token, resume: &[u8]) -> RawAgent {
+        match RawAgent::try_connect(fx, token, resume).await {
+            Ok(agent) => agent,
+            Err(refusal) => panic!("expected a welcome, got {refusal:?}"),
+        }
+    }
+
+    /// [`connect`](Self::connect), or the relay's refusal of the hello.
+    pub async fn try_connect(
+        fx: &Fixture,
+        token: &Token,
+        resume: &[u8],
+    ) -> Result<RawAgent, portferry::wire::ErrorFrame> {
         let connector = fx.connector(&[]);
         let mut tls = timeout(
             fx.step,
@@ -606,24 +621,23 @@ impl RawAgent {
         .await
         .expect("TLS to the agent port hung")
         .expect("TLS to the agent port failed");
-        let hello = handshake::hello(token.expose(), &identity).unwrap();
+        let hello = handshake::hello(token.expose(), resume).unwrap();
         let answer = timeout(fx.step, async {
             handshake::send(&mut tls, &hello).await.unwrap();
             handshake::read_answer(&mut tls).await
         })
         .await
         .expect("the relay did not answer the hello");
-        if let Err(refusal) = answer.expect("the relay's answer is unreadable") {
-            panic!("expected a welcome, got {refusal:?}");
-        }
+        let ticket = answer.expect("the relay's answer is unreadable")?.ticket;
         let (reader, writer) = tokio::io::split(tls);
-        RawAgent {
+        Ok(RawAgent {
+            ticket,
             reader: FrameReader::new(reader),
             writer: FrameWriter::new(writer),
             step: fx.step,
             next_request: 1,
             next_nonce: 1,
-        }
+        })
     }
 
     /// Sends one frame; panics if the link is closed or the write hangs.

@@ -37,6 +37,8 @@ pub struct HarnessConfig {
     pub max_leases_per_token: usize,
     /// Leases the relay may hold.
     pub max_leases: usize,
+    /// The least time between two takeovers of an agent's session.
+    pub min_takeover_interval: Duration,
     /// How long an away agent's tunnels stay leased.
     pub lease_grace: Duration,
     /// Raw TCP port numbers to hand out, each once.
@@ -45,7 +47,7 @@ pub struct HarnessConfig {
 
 impl HarnessConfig {
     /// One token, the local domain, 4 tunnels per agent, 8 leases per token and 16 in
-    /// all, a 30 s grace, 8 TCP ports.
+    /// all, takeovers 1 s apart, a 30 s grace, 8 TCP ports.
     pub fn new(token: Token) -> HarnessConfig {
         HarnessConfig {
             tokens: vec![token],
@@ -54,6 +56,7 @@ impl HarnessConfig {
             max_tunnels_per_agent: 4,
             max_leases_per_token: 8,
             max_leases: 16,
+            min_takeover_interval: Duration::from_secs(1),
             lease_grace: Duration::from_secs(30),
             tcp_ports: 20_000..=20_007,
         }
@@ -78,6 +81,8 @@ pub struct Served {
 /// One link: the session and its two stacks.
 struct Link {
     session: Session,
+    /// The ticket its welcome carried.
+    ticket: bytes::Bytes,
     relay: Stack,
     agent: Stack,
     /// The link is gone ([`Harness::disconnect`]).
@@ -107,6 +112,7 @@ impl Harness {
             max_connections_per_agent: 64,
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
+            min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: StackConfig::relay(),
         };
@@ -126,18 +132,23 @@ impl Harness {
         self.now
     }
 
-    /// An agent opens a link with `hello`: its new link, or the relay's refusal.
+    /// An agent opens a link with `hello`: its new link (whose welcome carried
+    /// [`ticket`](Self::ticket)), or the relay's refusal.
     pub fn connect(&mut self, hello: &Hello) -> Result<LinkId, ErrorFrame> {
-        let agent =
-            admit(hello, &self.tokens, self.registry.accepting()).map_err(|r| ErrorFrame {
-                request_id: 0,
-                code: r.code,
-                message: r.message,
+        let running = self.registry.accepting();
+        let admission =
+            admit(hello, &self.tokens, running, &mut self.registry, self.now).map_err(|r| {
+                ErrorFrame {
+                    request_id: 0,
+                    code: r.code,
+                    message: r.message,
+                }
             })?;
         let relay = Stack::new(StackConfig::relay());
-        let session = Session::start(&mut self.registry, relay.clone(), agent);
+        let session = Session::start(&mut self.registry, relay.clone(), &admission, self.now);
         self.links.push(Link {
             session,
+            ticket: admission.ticket(),
             relay,
             agent: Stack::new(StackConfig::agent()),
             ended: false,
@@ -171,6 +182,12 @@ impl Harness {
             live.session.end(&mut self.registry, now);
         }
         self.save();
+    }
+
+    /// The resume ticket the welcome of `link` carried (empty: its tunnels are not
+    /// leased).
+    pub fn ticket(&self, link: LinkId) -> Option<bytes::Bytes> {
+        Some(self.links.get(link.0)?.ticket.clone())
     }
 
     /// Whether the relay keeps `link` open: not disconnected, and not replaced by a
@@ -208,6 +225,11 @@ impl Harness {
     /// Leases in the lease file.
     pub fn saved_leases(&self) -> usize {
         self.file.records().count()
+    }
+
+    /// The lease file's text.
+    pub fn lease_file(&self) -> String {
+        self.file.text()
     }
 
     /// Applies the registry's lease changes to the lease file.

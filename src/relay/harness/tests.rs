@@ -1,7 +1,12 @@
-//! Unit tests of the relay's control plane, driven through the harness.
+//! Unit tests of the relay's control plane, driven through the harness: hellos,
+//! tickets and takeovers, tunnels and their limits, leases, their expiry and the lease
+//! file across a restart.
 
 use super::*;
+use crate::token::Token;
 use crate::wire::{ErrorCode, ForwardRequest, Forwarded, PROTOCOL_VERSION};
+use crate::wire::{Frame, Hello};
+use std::time::Duration;
 
 const TOKEN: &str = "harness-token";
 
@@ -9,12 +14,24 @@ fn harness() -> Harness {
     Harness::new(HarnessConfig::new(Token::new(TOKEN)))
 }
 
-fn hello(token: &str, identity: &[u8]) -> Hello {
+fn hello(token: &str, resume: &[u8]) -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
         token: token.into(),
-        resume: bytes::Bytes::copy_from_slice(identity),
+        resume: bytes::Bytes::copy_from_slice(resume),
     }
+}
+
+/// The hello of a new agent that wants its tunnels leased.
+fn new_agent(token: &str) -> Hello {
+    hello(token, crate::wire::NEW_AGENT)
+}
+
+/// The hello of `link`'s agent on a new link: its ticket.
+fn again(h: &Harness, token: &str, link: LinkId) -> Hello {
+    let ticket = h.ticket(link).unwrap();
+    assert_eq!(ticket.len(), crate::wire::TICKET_LEN);
+    hello(token, &ticket)
 }
 
 fn forward(port: u16, unencrypted: bool, h2: bool) -> Frame {
@@ -73,7 +90,8 @@ fn a_tunnel_routes_to_its_link_until_closed_and_a_port_is_forwarded_once() {
     let again = open(&mut h, link, 80, false).unwrap();
     assert_ne!(again.hostname, granted.hostname, "a hostname was reissued");
     h.check();
-    // Without an identity, nothing is kept once the link is gone.
+    // Without a ticket, nothing is kept once the link is gone.
+    assert_eq!(h.ticket(link).unwrap(), bytes::Bytes::new());
     h.disconnect(link);
     assert_eq!((h.tunnel_count(), h.session_count()), (0, 0));
     assert_eq!(h.send(link, forward(81, false, false)), None);
@@ -138,8 +156,7 @@ fn hellos_are_refused_for_a_bad_version_a_bad_token_and_a_relay_shutting_down() 
 #[test]
 fn an_agent_that_comes_back_within_the_grace_period_gets_its_tunnels_back() {
     let mut h = harness();
-    let identity = [7u8; 16];
-    let first = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let first = h.connect(&new_agent(TOKEN)).unwrap();
     let granted = open(&mut h, first, 80, true).unwrap();
     h.disconnect(first);
     // Kept for the agent, routed to nobody.
@@ -151,7 +168,8 @@ fn an_agent_that_comes_back_within_the_grace_period_gets_its_tunnels_back() {
     assert_eq!(h.route(&granted.hostname), Some(away));
     assert_eq!(h.next_timeout(), Some(h.now() + Duration::from_secs(30)));
     h.advance(Duration::from_secs(29));
-    let second = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let second = h.connect(&again(&h, TOKEN, first)).unwrap();
+    assert_eq!(h.ticket(second), h.ticket(first));
     let back = open(&mut h, second, 80, true).unwrap();
     assert_eq!(
         (&back.hostname, back.tcp_port),
@@ -171,11 +189,10 @@ fn an_agent_that_comes_back_within_the_grace_period_gets_its_tunnels_back() {
 #[test]
 fn a_lease_asked_for_with_other_options_ends_and_a_new_tunnel_opens() {
     let mut h = harness();
-    let identity = [8u8; 16];
-    let first = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let first = h.connect(&new_agent(TOKEN)).unwrap();
     let granted = open(&mut h, first, 80, false).unwrap();
     h.disconnect(first);
-    let second = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let second = h.connect(&again(&h, TOKEN, first)).unwrap();
     let other = open(&mut h, second, 80, true).unwrap();
     assert_ne!(other.hostname, granted.hostname);
     assert_eq!(h.route(&granted.hostname), None);
@@ -186,10 +203,10 @@ fn a_lease_asked_for_with_other_options_ends_and_a_new_tunnel_opens() {
 #[test]
 fn the_newest_link_of_an_agent_takes_its_tunnels_and_the_older_cannot_close_them() {
     let mut h = harness();
-    let identity = [9u8; 16];
-    let first = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let first = h.connect(&new_agent(TOKEN)).unwrap();
     let granted = open(&mut h, first, 80, false).unwrap();
-    let second = h.connect(&hello(TOKEN, &identity)).unwrap();
+    h.advance(Duration::from_secs(1));
+    let second = h.connect(&again(&h, TOKEN, first)).unwrap();
     assert!(
         !h.is_open(first) && h.is_open(second),
         "the older link is not closed"
@@ -208,13 +225,15 @@ fn the_newest_link_of_an_agent_takes_its_tunnels_and_the_older_cannot_close_them
     h.disconnect(first);
     assert_eq!(h.route(&granted.hostname).unwrap().link, Some(second));
     h.check();
-    // Another token with the same identity is another agent.
+    // The same ticket with another token is another agent.
     let mut config = HarnessConfig::new(Token::new(TOKEN));
     config.tokens.push(Token::new("other"));
     let mut h = Harness::new(config);
-    let owner = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let owner = h.connect(&new_agent(TOKEN)).unwrap();
     let owned = open(&mut h, owner, 80, false).unwrap();
-    let claimant = h.connect(&hello("other", &identity)).unwrap();
+    h.advance(Duration::from_secs(1));
+    let claimant = h.connect(&again(&h, "other", owner)).unwrap();
+    assert_ne!(h.ticket(claimant), h.ticket(owner));
     assert_ne!(
         open(&mut h, claimant, 80, false).unwrap().hostname,
         owned.hostname
@@ -231,8 +250,8 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     (config.max_leases_per_token, config.max_leases) = (3, 5);
     let mut h = Harness::new(config);
     // Two agents of one token: three leases between them, then no more.
-    let first = h.connect(&hello(TOKEN, &[1; 16])).unwrap();
-    let second = h.connect(&hello(TOKEN, &[2; 16])).unwrap();
+    let first = h.connect(&new_agent(TOKEN)).unwrap();
+    let second = h.connect(&new_agent(TOKEN)).unwrap();
     let kept = open(&mut h, first, 1, false).unwrap();
     open(&mut h, first, 2, true).unwrap();
     open(&mut h, second, 1, false).unwrap();
@@ -241,20 +260,20 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
         Err(ErrorCode::LIMIT_REACHED)
     );
     assert_eq!(open(&mut h, second, 3, true), Err(ErrorCode::LIMIT_REACHED));
-    // An agent without an identity holds no lease: it is not limited by them.
+    // An agent without a ticket holds no lease: it is not limited by them.
     let unleased = h.connect(&hello(TOKEN, &[])).unwrap();
     open(&mut h, unleased, 2, false).unwrap();
     // Another token has its own three, until the relay's five are taken.
-    let other = h.connect(&hello("other", &[1; 16])).unwrap();
+    let other = h.connect(&new_agent("other")).unwrap();
     open(&mut h, other, 1, false).unwrap();
     open(&mut h, other, 2, false).unwrap();
-    let third = h.connect(&hello("third", &[1; 16])).unwrap();
+    let third = h.connect(&new_agent("third")).unwrap();
     assert_eq!(open(&mut h, third, 1, false), Err(ErrorCode::LIMIT_REACHED));
     assert_eq!(h.saved_leases(), 5);
     h.check();
     // An agent at the limit gets its own leases back.
     h.disconnect(first);
-    let back = h.connect(&hello(TOKEN, &[1; 16])).unwrap();
+    let back = h.connect(&again(&h, TOKEN, first)).unwrap();
     assert_eq!(
         open(&mut h, back, 1, false).unwrap().hostname,
         kept.hostname
@@ -282,8 +301,7 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
 #[test]
 fn a_restarted_relay_holds_the_saved_leases_for_their_agents() {
     let mut h = harness();
-    let identity = [3u8; 16];
-    let link = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let link = h.connect(&new_agent(TOKEN)).unwrap();
     let tls = open(&mut h, link, 80, false).unwrap();
     let tcp = open(&mut h, link, 81, true).unwrap();
     let gone = open(&mut h, link, 82, false).unwrap();
@@ -295,7 +313,7 @@ fn a_restarted_relay_holds_the_saved_leases_for_their_agents() {
     assert_eq!(h.route(&tls.hostname).unwrap().link, None);
     assert_eq!(h.route(&gone.hostname), None);
     h.check();
-    let back = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let back = h.connect(&again(&h, TOKEN, link)).unwrap();
     assert_eq!(open(&mut h, back, 80, false).unwrap(), tls);
     assert_eq!(open(&mut h, back, 81, true).unwrap(), tcp);
     assert_eq!(h.route(&tcp.hostname).unwrap().link, Some(back));
@@ -303,12 +321,109 @@ fn a_restarted_relay_holds_the_saved_leases_for_their_agents() {
 }
 
 #[test]
+fn an_impostor_with_the_token_and_the_lease_file_but_not_the_ticket_gets_a_new_agent() {
+    let mut h = harness();
+    let victim = h.connect(&new_agent(TOKEN)).unwrap();
+    let url = open(&mut h, victim, 80, false).unwrap();
+    let ticket = h.ticket(victim).unwrap();
+    // What the lease file shows: the selector (the ticket's first 16 bytes) and the
+    // ticket's SHA-256; neither, nor the two together, nor a near miss, is the ticket.
+    let file = h.lease_file();
+    let line = file.lines().next().unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let selector = crate::relay::ticket::from_hex::<16>(fields[0]).unwrap();
+    let verifier = crate::relay::ticket::from_hex::<32>(fields[1]).unwrap();
+    assert_eq!(selector, ticket[..16]);
+    let mut near_miss = ticket.to_vec();
+    near_miss[47] ^= 0x80;
+    let attempts = [
+        selector.to_vec(),
+        [&selector[..], &verifier[..]].concat(),
+        [&selector[..], &verifier[..16]].concat(),
+        near_miss,
+    ];
+    h.advance(Duration::from_secs(5));
+    for (i, resume) in attempts.iter().enumerate() {
+        let impostor = h.connect(&hello(TOKEN, resume)).unwrap();
+        assert!(h.is_open(victim), "attempt {i} closed the victim's link");
+        let taken = open(&mut h, impostor, 80, false).unwrap();
+        assert_ne!(
+            taken.hostname, url.hostname,
+            "attempt {i} got the victim's URL"
+        );
+        assert_ne!(h.ticket(impostor), Some(ticket.clone()));
+        assert_eq!(h.route(&url.hostname).unwrap().link, Some(victim));
+        h.disconnect(impostor);
+    }
+    // Also while the victim is away: its URL waits for it alone.
+    h.disconnect(victim);
+    let impostor = h.connect(&hello(TOKEN, &attempts[1])).unwrap();
+    assert_ne!(
+        open(&mut h, impostor, 80, false).unwrap().hostname,
+        url.hostname
+    );
+    assert_eq!(h.route(&url.hostname).unwrap().link, None);
+    let back = h.connect(&again(&h, TOKEN, victim)).unwrap();
+    assert_eq!(open(&mut h, back, 80, false).unwrap(), url);
+    h.check();
+}
+
+#[test]
+fn a_takeover_with_a_valid_ticket_comes_no_sooner_than_the_interval() {
+    let mut h = harness();
+    let holder = h.connect(&new_agent(TOKEN)).unwrap();
+    let url = open(&mut h, holder, 80, false).unwrap();
+    h.advance(Duration::from_millis(999));
+    let refused = h.connect(&again(&h, TOKEN, holder)).unwrap_err();
+    assert_eq!(refused.code, ErrorCode::TOO_SOON);
+    assert!(
+        refused.message.contains("min_takeover_interval"),
+        "{}",
+        refused.message
+    );
+    assert!(h.is_open(holder));
+    h.advance(Duration::from_millis(1));
+    let taker = h.connect(&again(&h, TOKEN, holder)).unwrap();
+    assert!(!h.is_open(holder));
+    assert_eq!(open(&mut h, taker, 80, false).unwrap(), url);
+    // The taken-over link cannot take it back at once either.
+    h.advance(Duration::from_millis(500));
+    assert_eq!(
+        h.connect(&again(&h, TOKEN, holder)).unwrap_err().code,
+        ErrorCode::TOO_SOON
+    );
+    // A link that comes back after its old one ended is no takeover: never refused.
+    h.disconnect(holder);
+    h.disconnect(taker);
+    let back = h.connect(&again(&h, TOKEN, holder)).unwrap();
+    assert_eq!(open(&mut h, back, 80, false).unwrap(), url);
+    h.check();
+}
+
+#[test]
+fn a_replaced_link_that_forwards_after_its_agent_went_away_still_leases_the_tunnel() {
+    let mut h = harness();
+    let first = h.connect(&new_agent(TOKEN)).unwrap();
+    h.advance(Duration::from_secs(1));
+    let second = h.connect(&again(&h, TOKEN, first)).unwrap();
+    // The newest link goes, holding nothing: the relay forgets the agent.
+    h.disconnect(second);
+    // The replaced link, still read, asks late; its tunnel is the agent's lease.
+    let late = open(&mut h, first, 80, false).unwrap();
+    h.disconnect(first);
+    assert_eq!(h.route(&late.hostname).unwrap().link, None);
+    let back = h.connect(&again(&h, TOKEN, first)).unwrap();
+    assert_eq!(open(&mut h, back, 80, false).unwrap(), late);
+    h.check();
+}
+
+#[test]
 fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
     let mut h = harness();
-    let identity = [6u8; 16];
-    let old = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let old = h.connect(&new_agent(TOKEN)).unwrap();
     open(&mut h, old, 1, false).unwrap();
-    let new = h.connect(&hello(TOKEN, &identity)).unwrap();
+    h.advance(Duration::from_secs(1));
+    let new = h.connect(&again(&h, TOKEN, old)).unwrap();
     for port in 2..=5 {
         open(&mut h, new, port, false).unwrap();
     }
@@ -320,14 +435,14 @@ fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
 /// The agent's control table and the relay's session core, over links lost and
 /// opened again: the tunnel comes back with its URL inside the grace period, and
 /// moves to a new one after it.
+#[cfg(feature = "agent")]
 #[test]
 fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
     use crate::agent::control::{Control, Event};
     use crate::agent::ForwardOptions;
     let mut h = harness();
-    let identity = [5u8; 16];
     let mut agent = Control::new(Duration::from_secs(10));
-    let link = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let link = h.connect(&new_agent(TOKEN)).unwrap();
     let now = h.now().into_std();
     let bind = |port: u16| Ok::<_, crate::agent::control::BindError>(port);
     let (id, inner, _) = agent
@@ -342,7 +457,7 @@ fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
     agent.link_lost();
     h.disconnect(link);
     h.advance(Duration::from_secs(20));
-    let back = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let back = h.connect(&again(&h, TOKEN, link)).unwrap();
     agent.link_up(h.now().into_std());
     h.exchange(back, &mut agent);
     assert_eq!(agent.poll_event(), Some(Event::Restored { port: inner }));
@@ -352,7 +467,7 @@ fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
     agent.link_lost();
     h.disconnect(back);
     h.advance(Duration::from_secs(30));
-    let late = h.connect(&hello(TOKEN, &identity)).unwrap();
+    let late = h.connect(&again(&h, TOKEN, back)).unwrap();
     agent.link_up(h.now().into_std());
     h.exchange(late, &mut agent);
     match agent.poll_event() {

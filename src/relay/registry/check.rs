@@ -1,16 +1,15 @@
-//! The registry's self-check and views for the sans-IO harness: its tables agree and
-//! keep their bounds.
+//! What the harness and the fuzz target see of a [`Registry`] beyond what the relay
+//! uses: the invariants its tables keep at every step, and views for checking them.
 
 use std::collections::HashMap;
 
-use super::{Owner, Registry};
+use super::{AgentKey, Owner, Registry};
 use crate::relay::leases::LeaseRecord;
 
 impl Registry {
-    /// Panics unless the tables agree and keep their bounds: every index points at the
-    /// tunnel it names, every tunnel a session serves is in that session's ports, a
-    /// tunnel nobody serves is leased, the lease counts are right and within their
-    /// limits, and no session holds more tunnels than allowed.
+    /// Panics unless the tables agree: every index points at the tunnel it names, every
+    /// tunnel a session serves is in that session's ports, and a tunnel nobody serves is
+    /// leased.
     pub(crate) fn check(&self) {
         for (hostname, tunnel) in &self.tunnels {
             match tunnel.owner {
@@ -45,15 +44,21 @@ impl Registry {
             per_token.values().all(|&n| n <= self.max_leases_per_token),
             "a token holds more leases than allowed"
         );
-        for id in self.identities.values() {
-            assert!(
-                self.sessions.contains_key(id),
-                "an identity's session is live"
-            );
+        let mut per_agent: HashMap<AgentKey, usize> = HashMap::new();
+        for (agent, _) in self.leases.keys() {
+            *per_agent.entry(*agent).or_default() += 1;
         }
-        for (id, entry) in &self.sessions {
-            assert!(entry.ports.len() <= self.max_tunnels_per_agent, "{id:?}");
+        for (agent, session, leases) in self.agents.summary() {
+            if let Some(id) = session {
+                assert!(
+                    self.sessions.contains_key(&id),
+                    "an agent's session is live"
+                );
+            }
+            assert!(session.is_some() || leases > 0, "an idle agent is kept");
+            assert_eq!(per_agent.remove(&agent).unwrap_or(0), leases, "{agent:?}");
         }
+        assert!(per_agent.is_empty(), "leases of unknown agents");
     }
 
     /// Who serves `hostname` (any case) now.
@@ -74,6 +79,7 @@ impl Registry {
                 let tunnel = self.tunnels.get(hostname)?;
                 Some(LeaseRecord {
                     agent,
+                    verifier: self.agents.verifier(agent)?,
                     port,
                     hostname: hostname.clone(),
                     tcp_port: tunnel.tcp.as_ref().map(|tcp| tcp.port),

@@ -3,8 +3,8 @@
 //! A [`Tunnel`] is stored once, under its hostname, and says who serves it
 //! ([`Owner`]): a live session, or nobody while its agent is away (a lost link inside
 //! the lease grace period, or a lease restored from the lease file). The other maps
-//! are indexes into it: a session's open ports, an agent's leased ports, the newest
-//! session of each agent identity. No I/O and no clock: time comes in as `now`, and the
+//! are indexes into it: a session's open ports, an agent's leased ports, and the
+//! [`Agents`] known by their resume tickets (each one's newest session). No I/O and no clock: time comes in as `now`, and the
 //! next lease expiry goes out of [`Registry::next_expiry`].
 
 use std::collections::HashMap;
@@ -18,14 +18,14 @@ use tokio::time::Instant;
 #[cfg(any(test, feature = "harness"))]
 mod check;
 
+use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use super::ticket::Verifier;
 use crate::netstack::Stack;
 use crate::wire::{ForwardRequest, Forwarded};
 
-/// Who an agent is across its links: the identity it presents and the index of the
-/// token it used.
-pub(crate) type AgentKey = ([u8; 16], usize);
+pub(crate) use super::agents::AgentKey;
 
 /// A session of the relay, numbered in the order they were admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,7 +78,7 @@ pub(crate) struct Tunnel {
     h2: bool,
     unencrypted: bool,
     tcp: Option<TcpPort>,
-    /// The agent it is leased to, if it presented an identity.
+    /// The agent it is leased to, if its tunnels are leased.
     lease: Option<AgentKey>,
     owner: Owner,
     /// Places for this tunnel's public connections.
@@ -119,8 +119,8 @@ pub(crate) struct Registry {
     /// How many leases each token's agents hold (no entry: none).
     leases_per_token: HashMap<usize, usize>,
     sessions: HashMap<SessionId, SessionEntry>,
-    /// The newest session of each agent identity.
-    identities: HashMap<AgentKey, SessionId>,
+    /// The agents known by their tickets: their newest sessions and verifiers.
+    agents: Agents,
     next_session: u64,
     /// What routes of tunnels nobody serves lead to: connections fail at once.
     away: (Stack, Arc<Semaphore>),
@@ -151,6 +151,7 @@ pub(crate) struct Settings {
     pub(crate) max_connections_per_agent: usize,
     pub(crate) max_leases_per_token: usize,
     pub(crate) max_leases: usize,
+    pub(crate) min_takeover_interval: std::time::Duration,
     pub(crate) lease_grace: std::time::Duration,
     /// Settings of the closed stack that routes of away agents lead to.
     pub(crate) stack: crate::netstack::StackConfig,
@@ -167,6 +168,7 @@ impl Settings {
             max_connections_per_agent: config.max_connections_per_agent,
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
+            min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: config.stack.clone(),
         }
@@ -188,7 +190,7 @@ impl Registry {
             leases: HashMap::new(),
             leases_per_token: HashMap::new(),
             sessions: HashMap::new(),
-            identities: HashMap::new(),
+            agents: Agents::new(settings.min_takeover_interval),
             next_session: 1,
             away: (nobody, semaphore(settings.max_connections_per_agent)),
             accepting: true,
@@ -204,9 +206,26 @@ impl Registry {
         }
     }
 
-    /// Admits a session serving `stack` for `agent`. The newest session of an agent
-    /// wins: an older one still open has its stack closed (its link then ends).
-    pub(crate) fn start_session(&mut self, stack: Stack, agent: Option<AgentKey>) -> SessionId {
+    /// Decides who a hello with token `token` and a non-empty `resume` is at `now`; see
+    /// [`Agents::claim`].
+    pub(crate) fn claim(
+        &mut self,
+        token: usize,
+        resume: &[u8],
+        now: Instant,
+    ) -> Result<Claim, TooSoon> {
+        self.agents.claim(token, resume, now)
+    }
+
+    /// Admits a session serving `stack` at `now`, for the agent of `claim` if its
+    /// tunnels are leased. The newest session of an agent wins: an older one still open
+    /// has its stack closed (its link then ends).
+    pub(crate) fn start_session(
+        &mut self,
+        stack: Stack,
+        claim: Option<&Claim>,
+        now: Instant,
+    ) -> SessionId {
         let id = SessionId(self.next_session);
         self.next_session += 1;
         let entry = SessionEntry {
@@ -215,8 +234,8 @@ impl Registry {
             ports: HashMap::new(),
         };
         self.sessions.insert(id, entry);
-        if let Some(key) = agent {
-            if let Some(older) = self.identities.insert(key, id) {
+        if let Some(claim) = claim {
+            if let Some(older) = self.agents.start(claim, id, now) {
                 if let Some(older) = self.sessions.get(&older) {
                     older.stack.close();
                 }
@@ -247,10 +266,8 @@ impl Registry {
             }
         }
         entry.stack.close();
-        if let Some(key) = agent {
-            if self.identities.get(&key) == Some(&id) {
-                self.identities.remove(&key);
-            }
+        if let Some(agent) = agent {
+            self.agents.end(agent, id);
         }
     }
 
@@ -292,6 +309,10 @@ impl Registry {
         agent: AgentKey,
         request: &ForwardRequest,
     ) -> Option<Forwarded> {
+        if !self.agents.is_newest(agent, id) {
+            // A late request of a link the agent has replaced.
+            return None;
+        }
         let key = (agent, request.port);
         let hostname = self.leases.get(&key)?.clone();
         let tunnel = self.tunnels.get_mut(&hostname)?;
@@ -325,12 +346,12 @@ impl Registry {
     }
 
     /// Opens a new tunnel of session `id` under `hostname` (from
-    /// [`fresh_hostname`](Self::fresh_hostname)), leased to `agent` if it has an
-    /// identity (a stale lease of the same port ends).
+    /// [`fresh_hostname`](Self::fresh_hostname)), leased to `agent` (whose ticket the
+    /// verifier verifies) if its tunnels are leased (a stale lease of the same port ends).
     pub(crate) fn open(
         &mut self,
         id: SessionId,
-        agent: Option<AgentKey>,
+        agent: Option<(AgentKey, Verifier)>,
         request: &ForwardRequest,
         hostname: String,
         tcp: Option<TcpPort>,
@@ -347,20 +368,21 @@ impl Registry {
             h2: request.h2,
             unencrypted: request.unencrypted,
             tcp,
-            lease: agent,
+            lease: agent.map(|(agent, _)| agent),
             owner: Owner::Session(id),
             connections: semaphore(self.max_connections_per_tunnel),
         };
-        if let Some(agent) = agent {
+        if let Some((agent, verifier)) = agent {
             self.lease_changes.push(LeaseChange::Put(LeaseRecord {
                 agent,
+                verifier,
                 port: request.port,
                 hostname: hostname.clone(),
                 tcp_port: forwarded.tcp_port,
                 h2: request.h2,
                 unencrypted: request.unencrypted,
             }));
-            if let Some(stale) = self.add_lease((agent, request.port), hostname.clone()) {
+            if let Some(stale) = self.add_lease((agent, request.port), hostname.clone(), verifier) {
                 self.tunnels.remove(&stale);
             }
         }
@@ -404,11 +426,13 @@ impl Registry {
         }
     }
 
-    /// Records the lease `key` of `hostname`; the hostname it replaces, if any.
-    fn add_lease(&mut self, key: LeaseKey, hostname: String) -> Option<String> {
+    /// Records the lease `key` of `hostname`, for the agent whose ticket `verifier`
+    /// verifies; the hostname it replaces, if any.
+    fn add_lease(&mut self, key: LeaseKey, hostname: String, verifier: Verifier) -> Option<String> {
         let stale = self.leases.insert(key, hostname);
         if stale.is_none() {
             *self.leases_per_token.entry(key.0 .1).or_default() += 1;
+            self.agents.add_lease(key.0, verifier);
         }
         stale
     }
@@ -418,6 +442,7 @@ impl Registry {
         if self.leases.remove(&key).is_none() {
             return;
         }
+        self.agents.remove_lease(key.0);
         let token = key.0 .1;
         if let Some(count) = self.leases_per_token.get_mut(&token) {
             *count -= 1;
@@ -472,7 +497,8 @@ impl Registry {
 
     /// Takes over a lease a previous run saved: its hostname routes to nobody and its
     /// TCP port stays held until its agent comes back, or until `until`. Refused (the
-    /// limit's name) beyond the lease limits, or for a hostname or lease already here.
+    /// limit's name) beyond the lease limits, or for a hostname or lease already here, or
+    /// for an agent known here by another ticket.
     pub(crate) fn restore(
         &mut self,
         record: LeaseRecord,
@@ -485,9 +511,17 @@ impl Registry {
         if self.tunnels.contains_key(&record.hostname) || self.leases.contains_key(&record.key()) {
             return Err("a duplicate");
         }
+        if self
+            .agents
+            .verifier(record.agent)
+            .is_some_and(|known| known != record.verifier)
+        {
+            return Err("another ticket's agent");
+        }
         self.lease_changes.push(LeaseChange::Put(record.clone()));
         let LeaseRecord {
             agent,
+            verifier,
             port,
             hostname,
             h2,
@@ -504,7 +538,7 @@ impl Registry {
             connections: semaphore(self.max_connections_per_tunnel),
         };
         self.tunnels.insert(hostname.clone(), tunnel);
-        self.add_lease((agent, port), hostname);
+        self.add_lease((agent, port), hostname, verifier);
         Ok(())
     }
 
@@ -514,6 +548,7 @@ impl Registry {
         self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
         self.leases.clear();
         self.leases_per_token.clear();
+        self.agents.clear_leases();
     }
 
     /// How the leases changed since the last call, in order.
