@@ -490,6 +490,19 @@ impl Running {
     fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
+
+    /// The stderr read so far, once `ready` holds for it or [`STEP`] has passed (it is
+    /// read on a thread of its own, so it can lag behind stdout).
+    fn stderr_when(&self, ready: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let stderr = self.stderr();
+            if ready(&stderr) || Instant::now() >= deadline {
+                return stderr;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// A TCP proxy to `target` that can be frozen: it then stops moving bytes but keeps
@@ -750,10 +763,12 @@ async fn logs_to_a_pipe_have_no_colour_codes() {
     let service = http_service("plain").await;
     let mut forward = relay.forward(None, &[&service.port().to_string(), "-v"]);
     forward.lines_starting_with(&["url:"]);
-    let relay_log = relay.process.stderr();
+    let relay_log = relay
+        .process
+        .stderr_when(|log| log.contains("relay listening"));
     assert!(relay_log.contains("relay listening"), "{relay_log}");
     assert!(!relay_log.contains('\u{1b}'), "{relay_log:?}");
-    let forward_log = forward.stderr();
+    let forward_log = forward.stderr_when(|log| log.ends_with('\n'));
     assert!(!forward_log.is_empty());
     assert!(!forward_log.contains('\u{1b}'), "{forward_log:?}");
 }

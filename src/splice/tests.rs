@@ -162,12 +162,18 @@ fn tls_configs() -> (TlsAcceptor, TlsConnector) {
     )
 }
 
-/// The agent side sends `len` bytes, then ends with `end`; returns what a TLS client of
+/// How the service's side of a [`tls_download`] ends.
+#[derive(Clone, Copy)]
+enum End {
+    /// Aborted (reset) while the client still has data to read.
+    Cut,
+    /// Closed after the last byte.
+    Close,
+}
+
+/// The agent side sends up to `len` bytes and ends as `end` says; returns what a TLS client of
 /// the splice read and how its read ended.
-async fn tls_download(
-    len: usize,
-    end: impl FnOnce(InnerStream) + Send + 'static,
-) -> (usize, io::Result<usize>) {
+async fn tls_download(len: usize, end: End) -> (usize, io::Result<usize>) {
     let (acceptor, connector) = tls_configs();
     let (inner, mut agent_end) = inner_pair().await;
     let (client, accepted) = tcp_pair().await;
@@ -175,12 +181,28 @@ async fn tls_download(
         let tls = acceptor.accept(SharedTcp::new(accepted)).await.unwrap();
         let _ = splice_tls(&inner, tls, SpliceOptions::default()).await;
     });
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        agent_end.write_all(&vec![7; len]).await.unwrap();
-        end(agent_end);
+        match end {
+            End::Close => {
+                agent_end.write_all(&vec![7; len]).await.unwrap();
+                drop(agent_end);
+            }
+            End::Cut => {
+                // The client reads nothing yet, so the writes stop once every buffer on
+                // the way is full; the cut then drops data still unsent.
+                let data = vec![7; len];
+                let _ = timeout(Duration::from_millis(500), agent_end.write_all(&data)).await;
+                agent_end.abort();
+            }
+        }
+        let _ = ended_tx.send(());
     });
     let name = ServerName::try_from("localhost").unwrap();
     let mut tls = connector.connect(name, client).await.unwrap();
+    if matches!(end, End::Cut) {
+        timeout(STEP, ended_rx).await.unwrap().unwrap();
+    }
     let mut read = 0;
     let mut buf = vec![0; 64 * 1024];
     let ended = timeout(STEP, async {
@@ -199,16 +221,17 @@ async fn tls_download(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_inner_connection_is_an_error_for_the_tls_client_never_a_clean_end() {
-    let len = 4 << 20;
     // The service's side is cut with data still unsent (an agent that died does the same).
-    let (read, ended) = tls_download(len, InnerStream::abort).await;
+    let len = 64 << 20;
+    let (read, ended) = tls_download(len, End::Cut).await;
     assert!(read < len, "nothing was cut");
     assert!(
         ended.is_err(),
         "a transfer cut after {read} of {len} bytes ended cleanly"
     );
     // A clean end is still a clean end: every byte, then close_notify.
-    let (read, ended) = tls_download(len, drop).await;
+    let len = 4 << 20;
+    let (read, ended) = tls_download(len, End::Close).await;
     assert_eq!(read, len);
     assert_eq!(ended.unwrap(), 0);
 }
