@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use portferry::netstack::{ConnectError, InnerStream, Stack, StackConfig};
 use portferry::splice::forward_to;
+use smoltcp::wire::{Ipv4Packet, TcpPacket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -314,9 +315,9 @@ async fn pump_dropping_first_payload(from: Stack, to: Stack) {
     let mut dropped = false;
     while from.outbound().drain(&mut batch, 64).await > 0 {
         for packet in batch.drain(..) {
-            let ip_header = usize::from(packet[0] & 0x0f) * 4;
-            let tcp_header = usize::from(packet[ip_header + 12] >> 4) * 4;
-            if !dropped && packet.len() > ip_header + tcp_header {
+            let ip = Ipv4Packet::new_checked(&packet[..]).expect("not an IPv4 packet");
+            let tcp = TcpPacket::new_checked(ip.payload()).expect("not a TCP segment");
+            if !dropped && !tcp.payload().is_empty() {
                 dropped = true;
                 continue;
             }

@@ -61,6 +61,8 @@ use portferry::netstack::{
     InnerStream, Listener, Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR,
 };
 use shared::Input;
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, TcpPacket, TcpSeqNumber};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -412,17 +414,11 @@ async fn settle(link: &mut Link) {
 /// The ports (sender, receiver) and the numbers (sequence after the segment, ack) of a
 /// well-formed IPv4/TCP packet.
 fn tcp_numbers(packet: &[u8]) -> Option<((u16, u16), (u32, u32))> {
-    let ip_len = usize::from(*packet.first()? & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
-    let tcp = packet.get(ip_len..total)?;
-    let be16 = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
-    let be32 = |at: usize| u32::from_be_bytes([tcp[at], tcp[at + 1], tcp[at + 2], tcp[at + 3]]);
-    let tcp_len = usize::from(*tcp.get(12)? >> 4) * 4;
-    let flags = *tcp.get(13)?;
-    let payload = tcp.len().checked_sub(tcp_len)?;
-    let syn_fin = u32::from(flags & 0x02 != 0) + u32::from(flags & 0x01 != 0);
-    let seq_end = be32(4).wrapping_add(payload as u32).wrapping_add(syn_fin);
-    Some(((be16(0), be16(2)), (seq_end, be32(8))))
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    let seq_end = (tcp.seq_number() + tcp.segment_len()).0 as u32;
+    let ports = (tcp.src_port(), tcp.dst_port());
+    Some((ports, (seq_end, tcp.ack_number().0 as u32)))
 }
 
 /// Builds a template packet (see the crate docs) towards the relay or the agent.
@@ -472,52 +468,59 @@ fn forge(
     let payload_len = payload_len.min(MTU - ip_len - tcp_len);
     let total = ip_len + tcp_len + payload_len;
 
-    let mut packet = Vec::with_capacity(total + 4);
-    // IPv4 header.
-    packet.push(0x40 | (ip_len / 4) as u8);
-    packet.push(0);
-    let total_field = if mutate & 0x40 != 0 {
-        total.saturating_sub(usize::from(sel & 0x0f))
-    } else {
-        total
+    let mut packet = vec![0; total];
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: total - HEADER_LEN,
+        hop_limit: if mutate & 0x08 != 0 { 0 } else { 64 },
     };
-    packet.extend_from_slice(&(total_field as u16).to_be_bytes());
-    packet.extend_from_slice(&[0, 1]);
-    let mut fragment: u16 = 0x4000; // Don't fragment.
+    let mut header = Ipv4Packet::new_unchecked(&mut packet[..]);
+    ip.emit(&mut header, &ChecksumCapabilities::ignored());
+    header.set_header_len(ip_len as u8);
+    header.set_ident(1);
+    if mutate & 0x40 != 0 {
+        header.set_total_len(total.saturating_sub(usize::from(sel & 0x0f)) as u16);
+    }
     if mutate & 0x02 != 0 {
-        fragment = 0x2000; // More fragments.
+        header.set_dont_frag(false);
+        header.set_more_frags(true);
     }
     if mutate & 0x04 != 0 {
-        fragment |= u16::from(sel) + 1;
+        header.set_frag_offset((u16::from(sel) + 1) * 8);
     }
-    packet.extend_from_slice(&fragment.to_be_bytes());
-    packet.push(if mutate & 0x08 != 0 { 0 } else { 64 });
-    packet.push(6);
-    packet.extend_from_slice(&[0, 0]);
-    packet.extend_from_slice(&src.octets());
-    packet.extend_from_slice(&dst.octets());
-    packet.extend_from_slice(ip_options);
-    // TCP header.
-    packet.extend_from_slice(&src_port.to_be_bytes());
-    packet.extend_from_slice(&dst_port.to_be_bytes());
-    packet.extend_from_slice(&seq.wrapping_add(seq_delta).to_be_bytes());
-    packet.extend_from_slice(&ack.wrapping_add(ack_delta).to_be_bytes());
-    let data_offset = if mutate & 0x10 != 0 {
-        sel >> 4
-    } else {
-        (tcp_len / 4) as u8
-    };
-    packet.push(data_offset << 4);
-    packet.push(flags);
-    packet.extend_from_slice(&window.to_be_bytes());
-    packet.extend_from_slice(&[0, 0]);
-    let urgent = if mutate & 0x80 != 0 { window } else { 0 };
-    packet.extend_from_slice(&urgent.to_be_bytes());
+    packet[HEADER_LEN..ip_len].copy_from_slice(ip_options);
+
+    let mut segment = TcpPacket::new_unchecked(&mut packet[ip_len..]);
+    segment.set_src_port(src_port);
+    segment.set_dst_port(dst_port);
+    segment.set_seq_number(TcpSeqNumber(seq.wrapping_add(seq_delta) as i32));
+    segment.set_ack_number(TcpSeqNumber(ack.wrapping_add(ack_delta) as i32));
+    segment.set_header_len(tcp_len as u8);
+    // The flags byte, FIN first.
+    let setters = [
+        TcpPacket::set_fin,
+        TcpPacket::set_syn,
+        TcpPacket::set_rst,
+        TcpPacket::set_psh,
+        TcpPacket::set_ack,
+        TcpPacket::set_urg,
+        TcpPacket::set_ece,
+        TcpPacket::set_cwr,
+    ];
+    for (bit, set) in setters.iter().enumerate() {
+        set(&mut segment, flags >> bit & 1 != 0);
+    }
+    segment.set_window_len(window);
+    segment.set_urgent_at(if mutate & 0x80 != 0 { window } else { 0 });
     let options = input.take(4 * option_words);
-    packet.extend_from_slice(options);
-    packet.resize(ip_len + tcp_len, 0);
-    packet.extend_from_slice(input.take(payload_len));
-    packet.resize(total, 0);
+    segment.options_mut()[..options.len()].copy_from_slice(options);
+    let payload = input.take(payload_len);
+    segment.payload_mut()[..payload.len()].copy_from_slice(payload);
+    if mutate & 0x10 != 0 {
+        segment.set_header_len((sel >> 4) * 4);
+    }
     if mutate & 0x20 != 0 {
         packet.extend_from_slice(&[0xff; 4]);
     }
