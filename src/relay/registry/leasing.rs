@@ -1,0 +1,145 @@
+//! The leases of a [`Registry`]: counting them against the limits, restoring them from
+//! the lease file, expiring them, and the changes the lease writer saves.
+
+use tokio::time::Instant;
+
+use super::{semaphore, AgentKey, Owner, Registry, TcpPort, Tunnel};
+use crate::relay::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use crate::relay::ticket::Verifier;
+
+impl Registry {
+    /// Records the lease `key` of `hostname`, for the agent whose ticket `verifier`
+    /// verifies; the hostname it replaces, if any.
+    pub(super) fn add_lease(
+        &mut self,
+        key: LeaseKey,
+        hostname: String,
+        verifier: Verifier,
+    ) -> Option<String> {
+        let stale = self.leases.insert(key, hostname);
+        if stale.is_none() {
+            *self.leases_per_token.entry(key.0 .1).or_default() += 1;
+            self.agents.add_lease(key.0, verifier);
+        }
+        stale
+    }
+
+    /// Forgets the lease `key`.
+    pub(super) fn remove_lease(&mut self, key: LeaseKey) {
+        if self.leases.remove(&key).is_none() {
+            return;
+        }
+        self.agents.remove_lease(key.0);
+        let token = key.0 .1;
+        if let Some(count) = self.leases_per_token.get_mut(&token) {
+            *count -= 1;
+            if *count == 0 {
+                self.leases_per_token.remove(&token);
+            }
+        }
+    }
+
+    /// The lease limit a new lease of `agent` would go beyond: its setting's name and
+    /// value; `None` if it may have one more.
+    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(&'static str, usize)> {
+        let of_token = self.leases_per_token.get(&agent.1).copied().unwrap_or(0);
+        if of_token >= self.max_leases_per_token {
+            Some(("max_leases_per_token", self.max_leases_per_token))
+        } else if self.leases.len() >= self.max_leases {
+            Some(("max_leases", self.max_leases))
+        } else {
+            None
+        }
+    }
+
+    /// Leases held now, by agents here or away.
+    pub(crate) fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Ends the leases of agents that stayed away past their grace period.
+    pub(crate) fn expire(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .tunnels
+            .iter()
+            .filter(|(_, t)| matches!(t.owner, Owner::Away { until } if until <= now))
+            .map(|(hostname, _)| hostname.clone())
+            .collect();
+        for hostname in expired {
+            self.end_tunnel(&hostname);
+        }
+    }
+
+    /// When the next lease ends unless its agent is back: the moment to call
+    /// [`expire`](Self::expire) at.
+    pub(crate) fn next_expiry(&self) -> Option<Instant> {
+        self.tunnels
+            .values()
+            .filter_map(|t| match t.owner {
+                Owner::Away { until } => Some(until),
+                Owner::Session(_) => None,
+            })
+            .min()
+    }
+
+    /// Takes over a lease a previous run saved: its hostname routes to nobody and its
+    /// TCP port stays held until its agent comes back, or until `until`. Refused (the
+    /// limit's name) beyond the lease limits, or for a hostname or lease already here, or
+    /// for an agent known here by another ticket.
+    pub(crate) fn restore(
+        &mut self,
+        record: LeaseRecord,
+        tcp: Option<TcpPort>,
+        until: Instant,
+    ) -> Result<(), &'static str> {
+        if let Some((limit, _)) = self.lease_limit(record.agent) {
+            return Err(limit);
+        }
+        if self.tunnels.contains_key(&record.hostname) || self.leases.contains_key(&record.key()) {
+            return Err("a duplicate");
+        }
+        if self
+            .agents
+            .verifier(record.agent)
+            .is_some_and(|known| known != record.verifier)
+        {
+            return Err("another ticket's agent");
+        }
+        self.lease_changes.push(LeaseChange::Put(record.clone()));
+        let LeaseRecord {
+            agent,
+            verifier,
+            port,
+            hostname,
+            h2,
+            unencrypted,
+            ..
+        } = record;
+        let tunnel = Tunnel {
+            port,
+            h2,
+            unencrypted,
+            tcp,
+            lease: Some(agent),
+            owner: Owner::Away { until },
+            connections: semaphore(self.max_connections_per_tunnel),
+        };
+        self.tunnels.insert(hostname.clone(), tunnel);
+        self.add_lease((agent, port), hostname, verifier);
+        Ok(())
+    }
+
+    /// Ends every lease (a stopped relay holds nothing for agents that may come back),
+    /// without marking the leases changed: the lease file keeps them for the next run.
+    pub(crate) fn drop_leases(&mut self) {
+        self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
+        self.leases.clear();
+        self.leases_per_token.clear();
+        self.agents.clear_leases();
+    }
+
+    /// How the leases changed since the last call, in order.
+    pub(crate) fn take_lease_changes(&mut self) -> Vec<LeaseChange> {
+        std::mem::take(&mut self.lease_changes)
+    }
+}
