@@ -3,8 +3,9 @@
 //! One file per job: [`config`] (settings and stats), `endpoint` (the agent endpoint's
 //! driver: TLS, hello, link), `session` (one session's control plane, sans-IO),
 //! `registry` (every tunnel, lease and session behind one lock), `leases` (the lease
-//! file), `edge` (public TLS and raw TCP), `tasks` (supervision), and this file (binding,
-//! serving and shutting down).
+//! file), `edge` (public TLS and raw TCP), `tasks` (supervision), `accept` (the accept
+//! loops), `shutdown` (the relay's phases and its graceful stop), and this file (binding
+//! and serving).
 //!
 //! - The **agent endpoint** takes TLS connections from agents, checks their token, and
 //!   gives each session its own userspace [`Stack`]: a session can only ever reach its
@@ -59,6 +60,7 @@
 //! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
 //! connection.
 
+mod accept;
 mod agents;
 mod budget;
 mod config;
@@ -69,6 +71,7 @@ pub mod harness;
 mod leases;
 mod registry;
 mod session;
+mod shutdown;
 mod tasks;
 mod ticket;
 
@@ -79,7 +82,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
@@ -89,15 +92,14 @@ pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
 use crate::netstack::{lock, StackStats};
-use budget::{HandshakeBudget, HandshakePermit};
+use accept::{accept_loop, Pool};
+use budget::HandshakeBudget;
 use registry::{semaphore, Registry, Route};
+use shutdown::{Phase, StopOnDrop};
 use tasks::TaskSet;
 
 /// How long [`Relay::run_until`] waits, after the grace period, for its tasks to end.
 const STOP_WAIT: Duration = Duration::from_secs(1);
-/// How often a draining relay looks whether its connections have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
-
 /// A bound relay; [`run`](Relay::run) or [`run_until`](Relay::run_until) serves it.
 pub struct Relay {
     shared: Arc<Shared>,
@@ -110,17 +112,6 @@ pub struct Relay {
 #[derive(Clone)]
 pub struct RelayHandle {
     shared: Arc<Shared>,
-}
-
-/// Where a relay is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Accepting and serving.
-    Running,
-    /// Listeners closed, open connections finishing.
-    Draining,
-    /// Everything ended.
-    Stopped,
 }
 
 /// What the relay's tasks share.
@@ -378,57 +369,6 @@ impl RelayHandle {
     }
 }
 
-/// Ends everything when [`Relay::run_until`] returns or is dropped.
-struct StopOnDrop(Arc<Shared>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.stop();
-    }
-}
-
-/// Which handshake places a listener's connections take.
-#[derive(Debug, Clone, Copy)]
-enum Pool {
-    /// [`RelayConfig::max_pending_agent_handshakes`].
-    Agents,
-    /// [`RelayConfig::max_pending_handshakes`].
-    Public,
-}
-
-/// Accepts connections until the relay drains, each served by its own task once it
-/// has a handshake place in `pool`; a connection beyond the pool, or beyond its source
-/// address's share of it, is closed at once.
-async fn accept_loop<F, Fut>(listener: TcpListener, shared: Arc<Shared>, pool: Pool, serve: F)
-where
-    F: Fn(Arc<Shared>, TcpStream, HandshakePermit) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let mut phase = shared.phase.subscribe();
-    let (budget, limit) = match pool {
-        Pool::Agents => (&shared.agent_handshakes, "max_pending_agent_handshakes"),
-        Pool::Public => (&shared.public_handshakes, "max_pending_handshakes"),
-    };
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
-        };
-        match accepted {
-            Ok((stream, from)) => {
-                let Some(permit) = budget.try_acquire(Some(from.ip())) else {
-                    shared.count_refusal(limit);
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                shared.tasks.spawn(serve(shared.clone(), stream, permit));
-            }
-            // Out of file descriptors and the like: wait instead of spinning.
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
 /// Ends the leases of agents that stayed away past their grace period, as their
 /// deadlines come; ends with the relay.
 async fn expire_leases(shared: Weak<Shared>, wake: Arc<Notify>) {
@@ -566,40 +506,5 @@ impl Shared {
         self.counters
             .failed_handshakes
             .fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn is_running(&self) -> bool {
-        *self.phase.borrow() == Phase::Running
-    }
-
-    /// Running → draining: the accept loops return and close their listeners, and no
-    /// new tunnel opens.
-    fn begin_shutdown(&self) {
-        let started = self.phase.send_if_modified(|phase| {
-            let start = *phase == Phase::Running;
-            if start {
-                *phase = Phase::Draining;
-            }
-            start
-        });
-        if started {
-            lock(&self.registry).stop_accepting();
-        }
-    }
-
-    /// Waits until no public connection is open or in its handshake.
-    async fn drained(&self) {
-        while self.public_connections.load(Ordering::Relaxed) > 0 || self.pending_handshakes() > 0 {
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
-    }
-
-    /// Ends every task (sessions, connections, raw TCP acceptors) and spawns no more.
-    fn stop(&self) {
-        self.phase.send_replace(Phase::Stopped);
-        lock(&self.registry).stop_accepting();
-        self.tasks.stop();
-        // A stopped relay holds nothing for agents that may come back.
-        lock(&self.registry).drop_leases();
     }
 }
