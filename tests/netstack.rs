@@ -357,3 +357,42 @@ async fn a_lost_segment_is_retransmitted_on_the_paused_clock() {
     client.shutdown().await.unwrap();
     assert_eq!(&server.await.unwrap(), b"hello");
 }
+
+/// What a connection holds (the relay's places in its connection limits) stays held
+/// while its flow lingers after the stream is dropped, and is let go once the stack
+/// is done with the flow: a caller cannot open and drop connections faster than its
+/// limit allows flows. Here the agent forgets its flows, so the relay's FINs go
+/// unanswered until the linger timeout (on the paused clock) resets them.
+#[tokio::test(start_paused = true)]
+async fn a_lingering_flow_keeps_what_it_holds_until_the_stack_lets_go_of_it() {
+    const LIMIT: usize = 2;
+    let (relay, agent) = linked_stacks();
+    let mut listener = agent.listen(8000).unwrap();
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(LIMIT));
+    let mut clients = Vec::new();
+    let mut accepted = Vec::new();
+    for _ in 0..LIMIT {
+        let place = places.clone().try_acquire_owned().unwrap();
+        let (client, server) = tokio::join!(relay.connect_holding(8000, place), listener.accept());
+        clients.push(client.unwrap());
+        accepted.push(server.unwrap());
+    }
+    // The agent's streams are kept but never polled again: nothing answers.
+    agent.reset_connections();
+    drop(clients);
+    assert_eq!(relay.stats().flows, LIMIT);
+    assert!(
+        places.clone().try_acquire_owned().is_err(),
+        "a lingering flow's place was free"
+    );
+
+    timeout(STEP, async {
+        while relay.stats().flows > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the lingering flows were never reset");
+    assert_eq!(places.available_permits(), LIMIT);
+    drop(accepted);
+}

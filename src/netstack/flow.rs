@@ -77,7 +77,16 @@ impl PacketInfo {
 pub(crate) struct Flow {
     pub(crate) key: FlowKey,
     state: Mutex<FlowState>,
+    /// What the opener asked the flow to hold (see [`Stack::connect_holding`]) until
+    /// the stack lets go of the flow, lingering included.
+    ///
+    /// [`Stack::connect_holding`]: super::Stack::connect_holding
+    hold: Mutex<Option<Hold>>,
 }
+
+/// Anything a flow keeps alive for as long as it lives, such as the places a
+/// connection takes in its owner's limits.
+pub(crate) type Hold = Box<dyn Send>;
 
 /// The mutable part of a flow, behind the flow's own lock.
 pub(crate) struct FlowState {
@@ -139,7 +148,22 @@ impl Flow {
                 retry_registered: false,
                 egress_pending: false,
             }),
+            hold: Mutex::new(None),
         })
+    }
+
+    /// The flow, holding `hold` until [`release`](Self::release) or its end.
+    pub(crate) fn holding(self, hold: Hold) -> Flow {
+        Flow {
+            hold: Mutex::new(Some(hold)),
+            ..self
+        }
+    }
+
+    /// Lets go of what the flow holds: the stack is done with it.
+    pub(crate) fn release(&self) {
+        let hold = lock(&self.hold).take();
+        drop(hold);
     }
 
     /// Locks the flow's state.

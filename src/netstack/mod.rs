@@ -382,6 +382,18 @@ impl Stack {
 
     /// Opens a connection to `port` on the peer stack and waits for the handshake.
     pub async fn connect(&self, port: u16) -> Result<InnerStream, ConnectError> {
+        self.connect_holding(port, ()).await
+    }
+
+    /// [`connect`](Self::connect), with the connection's flow holding `hold` until the
+    /// stack lets go of it: after the stream is dropped, only once the close is over
+    /// (or the linger timeout has reset it). A caller's places in its limits held this
+    /// way count the connection for as long as it costs the stack anything.
+    pub async fn connect_holding(
+        &self,
+        port: u16,
+        hold: impl Send + 'static,
+    ) -> Result<InnerStream, ConnectError> {
         let now = self.now();
         let flow = {
             let mut table = lock(&self.shared.flows);
@@ -407,7 +419,8 @@ impl Stack {
                         .map_err(|_| FlowOpenError)
                 },
             )
-            .map_err(|_| ConnectError::NoFreePort)?;
+            .map_err(|_| ConnectError::NoFreePort)?
+            .holding(Box::new(hold));
             let flow = Arc::new(flow);
             table.flows.insert(key, flow.clone());
             flow
@@ -491,8 +504,10 @@ impl Stack {
         }
     }
 
-    /// Forgets a flow (once its connection is over).
+    /// Forgets a flow (once its connection is over), first letting go of what it
+    /// holds: once [`StackStats::flows`] no longer counts it, nothing of it is held.
     fn forget(&self, flow: &Arc<Flow>) {
+        flow.release();
         let mut table = lock(&self.shared.flows);
         if table
             .flows

@@ -21,20 +21,32 @@ use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 /// Tries at binding a random free raw TCP port before giving up.
 const BIND_TRIES: usize = 64;
 
-/// A public connection's places in its tunnel's and its agent's limits; counted in
-/// [`RelayStats::public_connections`](super::RelayStats::public_connections) while it
-/// lives.
+/// A public connection admitted within its tunnel's and its agent's limits.
 pub(super) struct ConnectionPermit {
-    shared: Arc<Shared>,
+    /// Counts it in [`RelayStats::public_connections`](super::RelayStats::public_connections)
+    /// while the public side lives.
+    counted: Counted,
+    /// Its places in the limits, handed to the inner connection's flow.
+    places: Places,
+}
+
+/// A connection's places in its tunnel's and its agent's limits. The relay's stack
+/// holds them with the inner flow ([`Stack::connect_holding`]), so a connection counts
+/// until its flow is gone, lingering close included: closing connections fast cannot
+/// make a session hold more flows than the limits allow.
+///
+/// [`Stack::connect_holding`]: crate::netstack::Stack::connect_holding
+struct Places {
     _tunnel: OwnedSemaphorePermit,
     _agent: OwnedSemaphorePermit,
 }
 
-impl Drop for ConnectionPermit {
+/// One public connection in the relay's count.
+struct Counted(Arc<Shared>);
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.shared
-            .public_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.public_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -52,9 +64,11 @@ impl Route {
             Ok((tunnel, agent)) => {
                 shared.public_connections.fetch_add(1, Ordering::Relaxed);
                 Some(ConnectionPermit {
-                    shared: shared.clone(),
-                    _tunnel: tunnel,
-                    _agent: agent,
+                    counted: Counted(shared.clone()),
+                    places: Places {
+                        _tunnel: tunnel,
+                        _agent: agent,
+                    },
                 })
             }
             Err(limit) => {
@@ -89,7 +103,11 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     };
     drop(tcp);
     // Counted by `admit`; the client sees the connection closed.
-    let Some(_permit) = route.admit(&shared) else {
+    let Some(ConnectionPermit {
+        counted: _counted,
+        places,
+    }) = route.admit(&shared)
+    else {
         return;
     };
     let tls_config = if route.h2 {
@@ -102,7 +120,7 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         return;
     };
     // Nothing reaches the agent before the client has finished its handshake.
-    let Ok(inner) = route.stack.connect(route.port).await else {
+    let Ok(inner) = route.stack.connect_holding(route.port, places).await else {
         // Refused by the agent (nothing listens on the port).
         return;
     };
@@ -190,8 +208,11 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
         let _ = stream.set_nodelay(true);
         let options = shared.config.splice_options();
         shared.tasks.spawn(async move {
-            let _permit = permit;
-            match route.stack.connect(route.port).await {
+            let ConnectionPermit {
+                counted: _counted,
+                places,
+            } = permit;
+            match route.stack.connect_holding(route.port, places).await {
                 Ok(inner) => {
                     let _ = splice_tcp_with(&inner, stream, options).await;
                 }

@@ -33,7 +33,7 @@
 //! | [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes) | agents' handshakes in progress (until the hello is answered) and agent streams waiting for their hello; one source address may hold half | the new TCP connection or stream is closed |
 //! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
-//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
+//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel, each until its inner flow is gone | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
 //! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels | the same |
 //! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel gets `LIMIT_REACHED` |
 //! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens | the same |
