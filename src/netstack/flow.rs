@@ -346,7 +346,7 @@ mod tests {
         bad_ihl[0] = 0x44;
         assert_eq!(PacketInfo::classify(&bad_ihl), Err(Unclassified::Malformed));
         let mut udp = SYN;
-        udp[9] = 17;
+        Ipv4Packet::new_unchecked(&mut udp[..]).set_next_header(IpProtocol::Udp);
         assert_eq!(PacketInfo::classify(&udp), Err(Unclassified::NotTcp));
         let mut ipv6 = SYN;
         ipv6[0] = 0x60;
