@@ -1,11 +1,12 @@
 //! The smoltcp [`Device`] a flow is polled with: at most one inbound packet, and the
 //! stack's shared outbound [`PacketQueue`].
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
+use super::pool;
 use super::queue::PacketQueue;
 
 /// A device for one poll of one flow.
@@ -90,10 +91,12 @@ pub(crate) struct OutboundToken<'a> {
 
 impl TxToken for OutboundToken<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut packet = BytesMut::zeroed(len);
-        let result = f(&mut packet);
-        shrink_advertised_window(&mut packet);
-        self.queue.push(packet.freeze(), self.reply);
+        let (packet, result) = pool::POOL.build_packet(len, |packet| {
+            let result = f(packet);
+            shrink_advertised_window(packet);
+            result
+        });
+        self.queue.push(packet, self.reply);
         result
     }
 }

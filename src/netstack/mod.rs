@@ -29,6 +29,7 @@ mod device;
 mod error;
 mod flow;
 mod memory;
+mod pool;
 pub mod queue;
 mod stream;
 pub mod window;
