@@ -9,9 +9,7 @@
 //!
 //! - **Receive side**, as Linux's `tcp_rcv_space_adjust` does: once per round trip,
 //!   the bytes the reader consumed in it are measured; a window smaller than twice that
-//!   is what limits a sender, so the buffer grows to twice it (to a power of two), and
-//!   while that amount is rising, by as much again as the rise allows a sender in slow
-//!   start (twice the window times the relative rise), so the ramp is the sender's. The
+//!   is what limits a sender, so the buffer grows to twice it (to a power of two). The
 //!   round trip is measured by the receiver itself (`tcp_rcv_rtt_measure`): the time
 //!   until data arrives beyond the right edge the window had when the clock started,
 //!   which the sender can only send after hearing of it.
@@ -131,9 +129,6 @@ pub(crate) struct Tuning {
     rtt_probe: Option<(u64, Instant)>,
     /// Start of the current per-round-trip measurement: bytes consumed, and when.
     space_mark: (u64, Instant),
-    /// The most bytes consumed in one measured round trip so far (at first, half the
-    /// initial buffer, so that a sender filling that buffer makes it grow).
-    space: usize,
     /// When a byte last moved.
     last_active: Instant,
 }
@@ -158,7 +153,6 @@ impl Tuning {
             rtt: None,
             rtt_probe: None,
             space_mark: (0, now),
-            space: sizes.rx.div_ceil(2),
             last_active: now,
         };
         (socket, tuning)
@@ -215,16 +209,8 @@ impl Tuning {
         }
         self.space_mark = (self.consumed, now);
         let copied = usize::try_from(self.consumed - mark).unwrap_or(usize::MAX);
-        if copied <= self.space {
-            return;
-        }
-        let rise = (copied - self.space) as f64 / self.space as f64;
-        self.space = copied;
-        let window = copied.saturating_mul(2);
-        // `as` saturates: a huge rise asks for the largest buffer.
-        let want = (window as f64 * (1.0 + 2.0 * rise)) as usize;
-        let want = want.min(self.sizes.max_rx);
         let capacity = socket.recv_capacity();
+        let want = copied.saturating_mul(2).min(self.sizes.max_rx);
         if want > capacity {
             self.resize(
                 socket,
