@@ -152,6 +152,7 @@ mod tests {
 
     /// A client that lists AES-256-GCM first (rustls' own default order, like curl's
     /// and OpenSSL's) still gets AES-128-GCM.
+    #[cfg(feature = "relay")]
     #[test]
     fn the_server_chooses_aes_128_gcm_over_the_clients_order() {
         let dir = testing::TempDir::new();
