@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -505,6 +506,29 @@ impl Running {
     }
 }
 
+/// A loopback TCP proxy to `target`: every connection accepted is joined to a new one
+/// to `target`, each direction moved by a task running `pipe`. Returns its port.
+async fn proxy<P, Fut>(target: u16, pipe: P) -> u16
+where
+    P: Fn(OwnedReadHalf, OwnedWriteHalf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write));
+            tokio::spawn(pipe(server_read, client_write));
+        }
+    });
+    port
+}
+
 /// A TCP proxy to `target` that can be frozen: it then stops moving bytes but keeps
 /// both sockets open, like a relay that stopped answering.
 struct FreezingProxy {
@@ -516,35 +540,24 @@ impl FreezingProxy {
     async fn start(target: u16) -> FreezingProxy {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = frozen.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
-                {
-                    let frozen = flag.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0; 16 * 1024];
-                        while let Ok(n @ 1..) = from.read(&mut buf).await {
-                            if frozen.load(Ordering::SeqCst) {
-                                // Hold both sockets open, move nothing.
-                                return std::future::pending::<()>().await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    });
+        let port = proxy(target, move |mut from, mut to| {
+            let frozen = flag.clone();
+            async move {
+                let mut buf = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                    if frozen.load(Ordering::SeqCst) {
+                        // Hold both sockets open, move nothing.
+                        return std::future::pending::<()>().await;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
             }
-        });
+        })
+        .await;
         FreezingProxy { port, frozen }
     }
 
@@ -876,4 +889,105 @@ fn a_relay_port_in_use_is_named() {
         "{}",
         finished.stderr
     );
+}
+
+// ───────────────────── stopping mid-transfer across a delayed link ─────────────────────
+
+/// A TCP proxy to `target` that hands every byte on `one_way` after it arrived, each
+/// direction a FIFO of at most 16 reads of 64 KiB: the agent's link gets a real round
+/// trip, and a rate (1 MiB per `one_way`) that a bulk transfer fills, so the queues
+/// behind it fill too.
+async fn delay_line(target: u16, one_way: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    proxy(target, move |mut from, mut to| async move {
+        let (line_in, mut line_out) = tokio::sync::mpsc::channel(16);
+        let carry = async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                let due = tokio::time::Instant::now() + one_way;
+                if line_in.send((due, buf[..n].to_vec())).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let deliver = async move {
+            while let Some((due, bytes)) = line_out.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(carry, deliver);
+    })
+    .await
+}
+
+/// A `portferry forward --unencrypted` of an endless download, its link through a
+/// 40 ms round trip, with two clients downloading through its raw TCP socket.
+async fn downloads_across_a_delayed_link(relay: &CliRelay) -> Running {
+    use tokio::io::AsyncReadExt;
+    let service = common::stream_service(u64::MAX).await;
+    let line = delay_line(relay.agent_port, Duration::from_millis(20)).await;
+    let mut forward = relay.forward(
+        Some(&format!("localhost:{line}")),
+        &[&service.addr.port().to_string(), "--unencrypted"],
+    );
+    let socket = forward.lines_starting_with(&["tcp socket:"]).remove(0);
+    let port: u16 = socket.rsplit_once(':').unwrap().1.parse().unwrap();
+    for _ in 0..2 {
+        let mut client = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(1..) = client.read(&mut buf).await {}
+        });
+    }
+    // Until data flows and the queues along the link have filled.
+    common::eventually(STEP, "the downloads to start", || {
+        let service = &service;
+        async move {
+            service.accepted() == 2
+                && (0..2).all(|i| {
+                    service
+                        .connection(i)
+                        .written
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        > 4 << 20
+                })
+        }
+    })
+    .await;
+    forward
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_forward_mid_transfer_across_a_delayed_link_exits() {
+    let relay = start_cli_relay();
+    let mut forward = downloads_across_a_delayed_link(&relay).await;
+    forward.signal("TERM");
+    // Its grace is 2 s; a spinning stop never exits at all.
+    let status = forward.exits_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", forward.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_relay_mid_transfer_across_a_delayed_link_exits() {
+    let mut relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace",
+            "2",
+        ],
+    );
+    let _forward = downloads_across_a_delayed_link(&relay).await;
+    relay.process.signal("TERM");
+    let status = relay.process.exits_within(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}: {}", relay.process.stderr());
 }

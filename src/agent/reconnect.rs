@@ -69,7 +69,7 @@ pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<L
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
     };
-    tcp.set_nodelay(true)?;
+    link::configure_socket(&tcp, &config.link())?;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let mut stream = match timeout(limit, connector.connect(server_name, tcp)).await {
         Ok(Ok(stream)) => stream,

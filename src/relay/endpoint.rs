@@ -22,6 +22,8 @@ use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VER
 /// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
 pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
+    // Without it the link still works, with a longer queue below the scheduler.
+    let _ = link::configure_socket(&tcp, &shared.config.link);
     let Ok(Ok(tls)) = timeout_at(deadline, shared.agent_tls.accept(tcp)).await else {
         shared.count_failed_handshake();
         return;
