@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState};
 use portferry::relay::{Relay, RelayConfig};
 use portferry::token::Token;
 
@@ -503,11 +503,11 @@ fn say(text: &str) {
     let _ = std::io::Write::flush(&mut stdout);
 }
 
-/// The lines describing a tunnel.
-fn describe(tunnel: &Tunnel) -> String {
-    let (host, port) = tunnel.tls_socket();
-    let mut text = format!("url:        {}\ntls socket: {host}:{port}\n", tunnel.url());
-    if let Ok((host, port)) = tunnel.tcp_socket() {
+/// The lines describing a tunnel's address.
+fn describe(address: &TunnelAddress) -> String {
+    let (host, port) = address.tls_socket();
+    let mut text = format!("url:        {}\ntls socket: {host}:{port}\n", address.url());
+    if let Ok((host, port)) = address.tcp_socket() {
         text += &format!("tcp socket: {host}:{port}\n");
     }
     text
@@ -554,7 +554,10 @@ async fn forward(args: ForwardArgs) -> Result<()> {
     for (port, options) in requests {
         match signals.unless(agent.forward_with(port, options)).await {
             Some(Ok(tunnel)) => {
-                say(&format!("port:       {port}\n{}\n", describe(&tunnel)));
+                say(&format!(
+                    "port:       {port}\n{}\n",
+                    describe(&tunnel.address())
+                ));
                 tunnels.push(tunnel);
             }
             Some(Err(e)) => {
@@ -570,11 +573,47 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         }
     }
     say("forwarding; Ctrl-C to stop\n");
-    if let Some(reason) = signals.unless(agent.gave_up()).await {
-        bail!("{reason}; the relay refuses this agent, so the tunnels are gone");
+    if let Some(stop) = signals.unless(follow(&agent, &tunnels)).await {
+        signals.closing(close_all(tunnels)).await;
+        return Err(stop);
     }
     signals.closing(close_all(tunnels)).await;
     Ok(())
+}
+
+/// Prints the new address of each tunnel that moves, until forwarding cannot go on: a
+/// tunnel is lost, or the relay refuses the agent. Says why.
+async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
+    let (changed, mut changes) = tokio::sync::mpsc::channel(tunnels.len().max(1));
+    // Dropped on return, which ends the watchers.
+    let mut watchers = tokio::task::JoinSet::new();
+    for tunnel in tunnels {
+        let (port, mut state, changed) = (tunnel.port(), tunnel.state(), changed.clone());
+        watchers.spawn(async move {
+            while state.changed().await.is_ok() {
+                let now = state.borrow_and_update().clone();
+                if changed.send((port, now)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            reason = agent.gave_up() => {
+                return anyhow::anyhow!("{reason}; the relay refuses this agent, so the tunnels are gone");
+            }
+            Some((port, state)) = changes.recv() => match state {
+                TunnelState::Lost { error, .. } => {
+                    return anyhow::anyhow!("the tunnel of port {port} is gone: {error}");
+                }
+                moved => say(&format!(
+                    "moved:      port {port}; the relay no longer held its old address\nport:       {port}\n{}\n",
+                    describe(moved.address())
+                )),
+            }
+        }
+    }
 }
 
 /// Closes every tunnel at once and waits for the relay to confirm each; the last error,
@@ -610,7 +649,7 @@ async fn demo(args: StateArgs) -> Result<()> {
     say(&format!(
         "a relay, an agent and a sample HTTP service (on {service}) are running.\n{}\n\
          try it from another terminal:\n  curl --cacert {} {}/\n\nCtrl-C to stop\n",
-        describe(&tunnel),
+        describe(&tunnel.address()),
         pki.ca_cert_path.display(),
         tunnel.url()
     ));

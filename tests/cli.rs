@@ -380,7 +380,7 @@ async fn relay_prints_a_working_agent_environment() {
         .await
         .unwrap()
         .unwrap();
-    let (host, port, _) = split_url(tunnel.url());
+    let (host, port, _) = split_url(&tunnel.url());
     let response = https_get(&relay.ca, &host, port, "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("through the CLI relay"), "{response}");
