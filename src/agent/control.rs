@@ -415,11 +415,11 @@ impl Control {
     /// lease gives back the same hostname and port).
     pub fn link_up(&mut self, now: Instant) {
         self.link_up = true;
-        let routed = self
+        let kept = self
             .tunnels
             .values()
-            .filter(|open| open.state.borrow().is_routed());
-        let restores: Vec<(Forwarded, ForwardOptions)> = routed
+            .filter(|open| !open.state.borrow().is_lost());
+        let restores: Vec<(Forwarded, ForwardOptions)> = kept
             .map(|open| (open.forwarded.clone(), open.options.clone()))
             .collect();
         for (before, options) in restores {
@@ -442,7 +442,7 @@ impl Control {
     /// The relay refuses the agent itself (`reason`): no tunnel is routed any more.
     pub fn give_up(&mut self, reason: &Arc<Error>) {
         for open in self.tunnels.values() {
-            if open.state.borrow().is_routed() {
+            if !open.state.borrow().is_lost() {
                 open.lose(reason.clone());
             }
         }

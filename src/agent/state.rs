@@ -99,9 +99,10 @@ impl TunnelState {
         }
     }
 
-    /// Whether the relay routes the tunnel's address to it.
-    pub fn is_routed(&self) -> bool {
-        !matches!(self, TunnelState::Lost { .. })
+    /// Whether the tunnel is [`Lost`](TunnelState::Lost): the relay no longer keeps
+    /// an address for it.
+    pub fn is_lost(&self) -> bool {
+        matches!(self, TunnelState::Lost { .. })
     }
 }
 
