@@ -65,8 +65,8 @@ pub(crate) struct Shared {
     /// One stack for the agent's whole life: listeners survive a lost link, connections
     /// do not.
     stack: Stack,
-    /// Tunnels, requests and closes, each stored once; changed only through
-    /// [`update`](Shared::update).
+    /// Tunnels, requests and closes, each stored once; fed only through
+    /// [`update`](Shared::update), its outputs taken through [`take`](Shared::take).
     control: Mutex<Control>,
     /// Signalled after every change to `control`: an answer, a frame to send, a lost
     /// link, a deadline passed.
