@@ -381,7 +381,7 @@ async fn relay_prints_a_working_agent_environment() {
         .await
         .unwrap()
         .unwrap();
-    let (host, port, _) = split_url(tunnel.url());
+    let (host, port, _) = split_url(&tunnel.url());
     let response = https_get(&relay.ca, &host, port, "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("through the CLI relay"), "{response}");
@@ -408,6 +408,127 @@ async fn forward_command_exposes_a_local_port() {
         response.ends_with("through portferry forward"),
         "{response}"
     );
+}
+
+/// The next tunnel `portferry forward` prints: its local port and its URL.
+fn next_tunnel(forward: &mut Running) -> (u16, String) {
+    let lines = forward.lines_starting_with(&["port:", "url:"]);
+    let port = lines[0].trim_start_matches("port:").trim().parse().unwrap();
+    (port, lines[1].trim_start_matches("url:").trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_command_exposes_several_ports_over_one_link() {
+    let relay = start_cli_relay();
+    let (first, second) = (http_service("first").await, http_service("second").await);
+    let mut forward = relay.forward(
+        None,
+        &[&first.port().to_string(), &format!("{},h2", second.port())],
+    );
+    let tunnels = [next_tunnel(&mut forward), next_tunnel(&mut forward)];
+    forward.lines_starting_with(&["forwarding"]);
+    assert_eq!(
+        tunnels.each_ref().map(|(port, _)| *port),
+        [first.port(), second.port()]
+    );
+    assert_ne!(tunnels[0].1, tunnels[1].1);
+    // The first is served over HTTP/1.1 as before; the second offers h2 (and still
+    // http/1.1, which this client asks for).
+    for ((_, url), body) in tunnels.iter().zip(["first", "second"]) {
+        let (host, port, _) = split_url(url);
+        let response = https_get(&relay.ca, &host, port, "/").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with(body), "{url}: {response}");
+    }
+    let h2_host = split_url(&tunnels[1].1).0;
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let connector = TlsConnector::from(portferry::tls::client_config(roots, &[&b"h2"[..]]));
+    let port = split_url(&tunnels[1].1).1;
+    let tls = tokio::time::timeout(
+        STEP,
+        tls_connect(&connector, (Ipv4Addr::LOCALHOST, port), &h2_host),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_fails_fails_forward_naming_it_and_closes_the_others() {
+    // One lease per token: the second port is refused while the first holds it.
+    let relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--max-leases-per-token",
+            "1",
+        ],
+    );
+    let (first, second) = (http_service("first").await, http_service("second").await);
+    let mut forward = relay.forward(
+        None,
+        &[&first.port().to_string(), &second.port().to_string()],
+    );
+    assert_eq!(next_tunnel(&mut forward).0, first.port());
+    let status = forward.exits_within(STEP).await;
+    assert_eq!(status.code(), Some(1), "{}", forward.stderr());
+    let stderr = forward.stderr_when(|text| text.contains("caused by"));
+    assert!(
+        stderr.contains(&format!("cannot forward port {}", second.port()))
+            && stderr.contains("limit"),
+        "{stderr}"
+    );
+    // The first tunnel was closed, not left to a lease kept for a reconnect: its lease
+    // is free for the next agent of the token at once.
+    let mut again = relay.forward(None, &[&second.port().to_string()]);
+    let (port, url) = next_tunnel(&mut again);
+    assert_eq!(port, second.port());
+    let (host, port, _) = split_url(&url);
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("second"), "{response}");
+}
+
+#[test]
+fn forward_checks_each_ports_options_before_connecting() {
+    for (args, says) in [
+        (
+            &["forward", "8000", "8001", "--to", "localhost:9000"][..],
+            "PORT,to=HOST:PORT",
+        ),
+        (&["forward", "8000,h2,unencrypted"][..], "port 8000"),
+        (
+            &["forward", "8000", "8001,h2", "--unencrypted"][..],
+            "port 8001",
+        ),
+        (
+            &["forward", "8000,http3"][..],
+            "h2, unencrypted or to=HOST:PORT",
+        ),
+        (&["forward", "8000,to=nowhere"][..], "HOST:PORT"),
+        (&["forward", "8000", "70000"][..], "1 to 65535"),
+    ] {
+        let mut command = portferry(args);
+        // A relay that would answer nothing: the options fail first.
+        command
+            .env("PORTFERRY_RELAY", "127.0.0.1:9")
+            .env("PORTFERRY_TOKEN", "unused");
+        let finished = run(command);
+        assert!(!finished.status.success(), "{args:?}");
+        assert!(
+            finished.stderr.contains(says),
+            "{args:?}: {}",
+            finished.stderr
+        );
+        assert!(
+            !finished.stderr.contains("127.0.0.1:9"),
+            "{args:?} tried the relay: {}",
+            finished.stderr
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,7 +167,9 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
                 }
                 Err(e @ (Error::Unauthorized | Error::VersionMismatch { .. })) => {
                     tracing::error!(error = %e, "the relay refuses this agent; giving up");
-                    shared.state.send_replace(LinkState::GaveUp(Arc::new(e)));
+                    let reason = Arc::new(e);
+                    shared.update(|control| control.give_up(&reason));
+                    shared.state.send_replace(LinkState::GaveUp(reason));
                     return;
                 }
                 Err(e) => tracing::debug!(error = %e, ?backoff, "reconnect failed"),
@@ -185,7 +187,7 @@ async fn pump(agent: &Weak<Shared>, changed: &Notify, link: ControlSender) {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let frame = match agent.upgrade() {
-            Some(shared) => shared.update(|control| control.poll_transmit()),
+            Some(shared) => shared.take(|control| control.poll_transmit()),
             None => return,
         };
         match frame {
