@@ -18,7 +18,7 @@ mod common;
 
 use common::{read_stream, stream_chunk, STREAM_CHUNK};
 
-/// Bytes a batch moves in each direction (the link writer's default batch).
+/// Bytes a batch moves in each direction: about one 64 KiB packet.
 const BATCH: usize = 64 * 1024;
 /// The inner port of the echo service.
 const ECHO: u16 = 7;
