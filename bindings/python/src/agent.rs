@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use portferry::agent::{ENV_RELAY, ENV_TOKEN};
 use portferry::{Agent, AgentConfig, Error, ForwardOptions, Token};
@@ -31,13 +32,17 @@ impl NativeAgent {
     /// An agent for the relay at `relay` (`host:port`) with `token`, trusting the CA
     /// certificates in the PEM file `relay_ca` (else the built-in web roots). A missing
     /// or empty relay or token is the error "no relay configured", naming the
-    /// environment variables that would give them.
+    /// environment variables that would give them. The timeouts, in seconds, bound
+    /// connecting (each of TCP, TLS and the relay's welcome) and each request; the
+    /// crate's defaults if `None`.
     #[new]
-    #[pyo3(signature = (relay, token, relay_ca=None))]
+    #[pyo3(signature = (relay, token, relay_ca=None, connect_timeout=None, request_timeout=None))]
     fn new(
         relay: Option<String>,
         token: Option<String>,
         relay_ca: Option<PathBuf>,
+        connect_timeout: Option<f64>,
+        request_timeout: Option<f64>,
     ) -> PyResult<Self> {
         let given = |value: Option<String>| value.filter(|value| !value.is_empty());
         let (relay, token) = match (given(relay), given(token)) {
@@ -52,6 +57,12 @@ impl NativeAgent {
         };
         let mut config = AgentConfig::new(relay, Token::new(token));
         config.relay_ca = relay_ca.filter(|path| !path.as_os_str().is_empty());
+        if let Some(seconds) = connect_timeout {
+            config.connect_timeout = duration(seconds)?;
+        }
+        if let Some(seconds) = request_timeout {
+            config.request_timeout = duration(seconds)?;
+        }
         Ok(NativeAgent {
             config,
             connection: Mutex::new(ProcessBound::new(Arc::default())),
@@ -98,6 +109,17 @@ impl NativeAgent {
             *connection = ProcessBound::new(Arc::default());
         }
         connection.get().cloned().unwrap_or_default()
+    }
+}
+
+/// A positive number of seconds as a duration.
+fn duration(seconds: f64) -> PyResult<Duration> {
+    match Duration::try_from_secs_f64(seconds) {
+        Ok(duration) if !duration.is_zero() => Ok(duration),
+        _ => Err(Failure::invalid(format!(
+            "a timeout must be a positive number of seconds, not {seconds}"
+        ))
+        .into()),
     }
 }
 

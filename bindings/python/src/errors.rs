@@ -35,6 +35,14 @@ impl Failure {
         }
     }
 
+    /// An argument that cannot be used.
+    pub(crate) fn invalid(message: String) -> Self {
+        Failure {
+            kind: "invalid",
+            message,
+        }
+    }
+
     /// The outcome of a request was already taken.
     pub(crate) fn gone() -> Self {
         Failure {

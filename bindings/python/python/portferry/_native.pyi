@@ -4,7 +4,12 @@ import os
 
 class Agent:
     def __init__(
-        self, relay: str | None, token: str | None, relay_ca: str | os.PathLike[str] | None = None
+        self,
+        relay: str | None,
+        token: str | None,
+        relay_ca: str | os.PathLike[str] | None = None,
+        connect_timeout: float | None = None,
+        request_timeout: float | None = None,
     ) -> None: ...
     def forward(self, port: object, unencrypted: bool = False, h2: bool = False) -> Opening: ...
     @property

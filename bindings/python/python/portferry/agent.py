@@ -22,16 +22,24 @@ ENV_RELAY_CA = "PORTFERRY_RELAY_CA"
 class Agent:
     """A relay to forward through, given explicitly: its agent endpoint
     (``host:port``), a token, and optionally a PEM file of CA certificates to trust
-    instead of the built-in web roots.
+    instead of the built-in web roots. ``connect_timeout`` bounds each step of
+    connecting (TCP, TLS, the relay's welcome) and ``request_timeout`` each request, in
+    seconds (10 by default).
 
     It connects when the first tunnel is asked for, and keeps one link to the relay
     for all its tunnels, from any thread, until the last of them and the agent are gone.
     """
 
     def __init__(
-        self, relay: str, token: str, *, relay_ca: str | os.PathLike[str] | None = None
+        self,
+        relay: str,
+        token: str,
+        *,
+        relay_ca: str | os.PathLike[str] | None = None,
+        connect_timeout: float | None = None,
+        request_timeout: float | None = None,
     ) -> None:
-        self._native = _native.Agent(relay, token, relay_ca)
+        self._native = _native.Agent(relay, token, relay_ca, connect_timeout, request_timeout)
 
     @property
     def relay(self) -> str:
