@@ -1,26 +1,41 @@
 """Stubs of the native module (the Rust crate ``portferry-python``); private API."""
 
 import os
+from typing import final
 
+__all__ = [
+    "Agent",
+    "Opening",
+    "Tunnel",
+    "Closing",
+    "check_forward",
+    "set_error_classes",
+    "set_log_level",
+    "take_log_records",
+]
+
+@final
 class Agent:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         relay: str | None,
         token: str | None,
         relay_ca: str | os.PathLike[str] | None = None,
         connect_timeout: float | None = None,
         request_timeout: float | None = None,
-    ) -> None: ...
+    ) -> Agent: ...
     def forward(self, port: object, unencrypted: bool = False, h2: bool = False) -> Opening: ...
     @property
     def relay(self) -> str: ...
 
+@final
 class Opening:
     def wait(self, timeout: float | None = None) -> Tunnel | None: ...
     def cancel(self) -> None: ...
     @property
     def port(self) -> int: ...
 
+@final
 class Tunnel:
     @property
     def url(self) -> str: ...
@@ -34,6 +49,7 @@ class Tunnel:
     def is_open(self) -> bool: ...
     def close(self) -> Closing | None: ...
 
+@final
 class Closing:
     def wait(self, timeout: float | None = None) -> bool: ...
     def cancel(self) -> None: ...
