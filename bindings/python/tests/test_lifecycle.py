@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import re
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -104,25 +105,28 @@ def test_many_tunnels_from_several_threads(relay_env: Relay, echo_server: Callab
     assert len(set(urls)) == 32
 
 
-def test_other_threads_run_while_forward_waits(relay_env: Relay) -> None:
-    ticks = 0
-    stop = threading.Event()
+def test_other_threads_run_while_forward_waits_and_close_cancels_it(relay: Relay) -> None:
+    with socket.socket() as silent:  # a relay that never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        silent.settimeout(DROP_LIMIT)
+        agent = portferry.Agent("127.0.0.1:%d" % silent.getsockname()[1], relay.token, connect_timeout=60)
+        tunnel = agent.forward(8000)
+        ran: list[str] = []
 
-    def tick() -> None:
-        nonlocal ticks
-        while not stop.is_set():
-            ticks += 1
+        def other_thread() -> None:
+            connection, _ = silent.accept()  # the agent connects: forward() waits
+            ran.append("python code")
+            tunnel.close()  # another thread's close ends the wait at once
+            connection.close()
 
-    ticker = threading.Thread(target=tick)
-    ticker.start()
-    try:
-        seen = ticks
-        with portferry.forward(free_port()) as tunnel:
+        helper = threading.Thread(target=other_thread)
+        helper.start()
+        with pytest.raises(portferry.Error) as raised:
             tunnel.url
-        assert ticks > seen
-    finally:
-        stop.set()
-        ticker.join()
+        helper.join()
+    assert ran == ["python code"]
+    assert not isinstance(raised.value, portferry.RelayTimeoutError)
 
 
 def test_the_environment_is_read_at_each_call(relay_env: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
