@@ -84,10 +84,17 @@ def start_relay(state: Path, *args: str) -> Relay:
         stderr=open(state / "relay.log", "w"),
         text=True,
     )
-    assert process.stdout is not None
+    stdout = process.stdout
+    assert stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    # Reads all it prints, so that it never blocks on a full pipe; "" at its end.
-    threading.Thread(target=lambda: [*map(lines.put, process.stdout), lines.put("")], daemon=True).start()
+
+    def read_all_it_prints() -> None:
+        # So that it never blocks on a full pipe; "" says it ended.
+        for line in stdout:
+            lines.put(line)
+        lines.put("")
+
+    threading.Thread(target=read_all_it_prints, daemon=True).start()
     printed: dict[str, str] = {}
     deadline = time.monotonic() + RELAY_START_LIMIT
     while not printed.keys() >= {"PORTFERRY_RELAY", "PORTFERRY_TOKEN", "PORTFERRY_RELAY_CA"}:
@@ -139,6 +146,21 @@ def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No relay configured: outside a container."""
     for name in ("PORTFERRY_RELAY", "PORTFERRY_TOKEN", "PORTFERRY_RELAY_CA"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def silent_relay() -> Iterator[socket.socket]:
+    """A relay address that accepts connections and never says a word."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(RELAY_START_LIMIT)
+        yield listener
+
+
+def address_of(listener: socket.socket) -> str:
+    """``host:port`` of a listening socket, as PORTFERRY_RELAY takes it."""
+    return "127.0.0.1:%d" % listener.getsockname()[1]
 
 
 def free_port() -> int:

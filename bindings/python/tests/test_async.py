@@ -9,7 +9,7 @@ from typing import Callable
 
 import httpx
 from clients import answers, https_get
-from conftest import EchoServer, Relay, free_port
+from conftest import EchoServer, Relay, address_of, free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -31,15 +31,14 @@ def test_async_with_opens_and_closes(relay_env: Relay, echo_server: Callable[[in
     assert not answers(url, relay_env.ca)
 
 
-def test_the_event_loop_runs_while_forward_waits(relay: Relay) -> None:
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(1)
-        agent = portferry.Agent("127.0.0.1:%d" % silent.getsockname()[1], relay.token, connect_timeout=5)
+def test_the_event_loop_runs_while_forward_waits(relay: Relay, silent_relay: socket.socket) -> None:
+    agent = portferry.Agent(address_of(silent_relay), relay.token, connect_timeout=60)
 
-        async def main() -> tuple[bool, bool]:
-            opening = asyncio.ensure_future(agent.forward(8000).__aenter__())
-            await asyncio.sleep(0.2)  # the loop runs meanwhile
+    async def main() -> tuple[bool, bool]:
+        opening = asyncio.ensure_future(agent.forward(8000).__aenter__())
+        # The agent connects while the loop goes on: forward() waits for an answer.
+        connection, _ = await asyncio.to_thread(silent_relay.accept)
+        with connection:
             still_waiting = not opening.done()
             opening.cancel()
             try:
@@ -48,7 +47,7 @@ def test_the_event_loop_runs_while_forward_waits(relay: Relay) -> None:
                 return still_waiting, True
             return still_waiting, False
 
-        assert asyncio.run(main()) == (True, True)
+    assert asyncio.run(main()) == (True, True)
 
 
 def test_tunnels_on_demand_from_an_async_handler(relay_env: Relay) -> None:

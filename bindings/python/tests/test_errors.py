@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 import socket
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
-from conftest import Relay, free_port
+from conftest import Relay, address_of, free_port
 
 import portferry
 
@@ -100,18 +100,8 @@ def test_a_reached_limit(new_relay: Callable[..., Relay]) -> None:
                 pass
 
 
-@pytest.fixture
-def silent_listener() -> Iterator[socket.socket]:
-    """A relay address that accepts connections and never says a word."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        yield listener
-
-
-def test_a_relay_that_never_answers_times_out(silent_listener: socket.socket, relay: Relay) -> None:
-    address = "127.0.0.1:%d" % silent_listener.getsockname()[1]
-    agent = portferry.Agent(address, relay.token, connect_timeout=0.5)
+def test_a_relay_that_never_answers_times_out(silent_relay: socket.socket, relay: Relay) -> None:
+    agent = portferry.Agent(address_of(silent_relay), relay.token, connect_timeout=0.5)
     with pytest.raises(portferry.RelayTimeoutError) as raised:
         with agent.forward(8000):
             pass

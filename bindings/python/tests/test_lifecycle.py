@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 from clients import answers, https_get, read_exactly, tls_connect
-from conftest import EchoServer, Relay, free_port
+from conftest import EchoServer, Relay, address_of, free_port
 
 import portferry
 
@@ -105,26 +105,24 @@ def test_many_tunnels_from_several_threads(relay_env: Relay, echo_server: Callab
     assert len(set(urls)) == 32
 
 
-def test_other_threads_run_while_forward_waits_and_close_cancels_it(relay: Relay) -> None:
-    with socket.socket() as silent:  # a relay that never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(1)
-        silent.settimeout(DROP_LIMIT)
-        agent = portferry.Agent("127.0.0.1:%d" % silent.getsockname()[1], relay.token, connect_timeout=60)
-        tunnel = agent.forward(8000)
-        ran: list[str] = []
+def test_other_threads_run_while_forward_waits_and_close_cancels_it(
+    relay: Relay, silent_relay: socket.socket
+) -> None:
+    agent = portferry.Agent(address_of(silent_relay), relay.token, connect_timeout=60)
+    tunnel = agent.forward(8000)
+    ran: list[str] = []
 
-        def other_thread() -> None:
-            connection, _ = silent.accept()  # the agent connects: forward() waits
-            ran.append("python code")
-            tunnel.close()  # another thread's close ends the wait at once
-            connection.close()
+    def other_thread() -> None:
+        connection, _ = silent_relay.accept()  # the agent connects: forward() waits
+        ran.append("python code")
+        tunnel.close()  # another thread's close ends the wait at once
+        connection.close()
 
-        helper = threading.Thread(target=other_thread)
-        helper.start()
-        with pytest.raises(portferry.Error) as raised:
-            tunnel.url
-        helper.join()
+    helper = threading.Thread(target=other_thread)
+    helper.start()
+    with pytest.raises(portferry.Error) as raised:
+        tunnel.url
+    helper.join()
     assert ran == ["python code"]
     assert not isinstance(raised.value, portferry.RelayTimeoutError)
 

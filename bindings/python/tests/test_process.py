@@ -8,26 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 from clients import answers
-from conftest import EchoServer, Relay, free_port, portferry_command, python_program
+from conftest import EchoServer, Relay, address_of, free_port, portferry_command, python_program
 
 import portferry
 
 # Seconds a child program may take for what it was asked (a guard against a hang).
 PROGRAM_LIMIT = 30.0
-
-
-@pytest.fixture
-def silent_relay() -> Iterator[socket.socket]:
-    """A relay address that accepts connections and never says a word."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        listener.settimeout(PROGRAM_LIMIT)
-        yield listener
 
 
 WAITS_FOR_A_SILENT_RELAY = """
@@ -51,8 +41,9 @@ except portferry.Error as error:
 def test_ctrl_c_interrupts_a_forward_waiting_for_a_relay_that_never_answers(
     silent_relay: socket.socket, relay: Relay
 ) -> None:
-    address = "127.0.0.1:%d" % silent_relay.getsockname()[1]
-    program = python_program(WAITS_FOR_A_SILENT_RELAY, {"PORTFERRY_RELAY": address, "PORTFERRY_TOKEN": relay.token})
+    program = python_program(
+        WAITS_FOR_A_SILENT_RELAY, {"PORTFERRY_RELAY": address_of(silent_relay), "PORTFERRY_TOKEN": relay.token}
+    )
     connection, _ = silent_relay.accept()  # the agent is connecting: forward() waits
     with connection:
         program.send_signal(signal.SIGINT)
@@ -64,7 +55,7 @@ def test_ctrl_c_interrupts_a_forward_waiting_for_a_relay_that_never_answers(
 def test_the_interpreter_exits_with_tunnels_open_and_requests_under_way(
     relay_env: Relay, silent_relay: socket.socket
 ) -> None:
-    address = "127.0.0.1:%d" % silent_relay.getsockname()[1]
+    address = address_of(silent_relay)
     source = f"""
 import portferry
 kept = portferry.forward({free_port()})

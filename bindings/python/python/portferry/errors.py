@@ -9,23 +9,6 @@ from __future__ import annotations
 
 from . import _native
 
-__all__ = [
-    "Error",
-    "InvalidError",
-    "InvalidPortError",
-    "PortAlreadyForwardedError",
-    "NotConfiguredError",
-    "RelayUnreachableError",
-    "RelayTlsError",
-    "TokenRefusedError",
-    "VersionMismatchError",
-    "LimitReachedError",
-    "RefusedError",
-    "RelayTimeoutError",
-    "LinkClosedError",
-    "ForkedError",
-]
-
 
 class Error(Exception):
     """Base class of every portferry exception."""
