@@ -52,27 +52,63 @@ impl Opening {
 /// the relay to confirm.
 #[pyclass(module = "portferry._native", name = "Tunnel", frozen)]
 pub(crate) struct NativeTunnel {
-    /// `None` once closed. Locked only by attached threads, never across a wait.
-    tunnel: Mutex<ProcessBound<Option<Tunnel>>>,
-    url: String,
-    tls_socket: (String, u16),
-    tcp_socket: Option<(String, u16)>,
+    /// Locked only by attached threads, never across a wait.
+    state: Mutex<TunnelState>,
     port: u16,
 }
 
-impl NativeTunnel {
-    fn new(tunnel: Tunnel) -> Self {
+struct TunnelState {
+    /// `None` once closed.
+    tunnel: ProcessBound<Option<Tunnel>>,
+    /// What the tunnel said last: what a closed one (or the parent's, in a forked
+    /// child) reports.
+    last: Endpoints,
+}
+
+/// A tunnel's public endpoints.
+#[derive(Clone)]
+struct Endpoints {
+    url: String,
+    tls_socket: (String, u16),
+    tcp_socket: Option<(String, u16)>,
+}
+
+impl Endpoints {
+    fn of(tunnel: &Tunnel) -> Self {
         let (host, port) = tunnel.tls_socket();
-        NativeTunnel {
+        Endpoints {
             url: tunnel.url().to_owned(),
             tls_socket: (host.to_owned(), port),
             tcp_socket: tunnel
                 .tcp_socket()
                 .ok()
                 .map(|(host, port)| (host.to_owned(), port)),
-            port: tunnel.port(),
-            tunnel: Mutex::new(ProcessBound::new(Some(tunnel))),
         }
+    }
+}
+
+impl NativeTunnel {
+    fn new(tunnel: Tunnel) -> Self {
+        NativeTunnel {
+            port: tunnel.port(),
+            state: Mutex::new(TunnelState {
+                last: Endpoints::of(&tunnel),
+                tunnel: ProcessBound::new(Some(tunnel)),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TunnelState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The endpoints as the tunnel reports them now, or last did.
+    fn endpoints(&self) -> Endpoints {
+        let mut state = self.state();
+        if let Some(Some(tunnel)) = state.tunnel.get() {
+            state.last = Endpoints::of(tunnel);
+        }
+        state.last.clone()
     }
 }
 
@@ -80,21 +116,21 @@ impl NativeTunnel {
 impl NativeTunnel {
     /// The public URL, `https://<host>`, with `:<port>` unless the port is 443.
     #[getter]
-    fn url(&self) -> &str {
-        &self.url
+    fn url(&self) -> String {
+        self.endpoints().url
     }
 
     /// `(host, port)` of the TLS endpoint.
     #[getter]
     fn tls_socket(&self) -> (String, u16) {
-        self.tls_socket.clone()
+        self.endpoints().tls_socket
     }
 
     /// `(host, port)` of the raw TCP endpoint; raises unless forwarded `unencrypted`.
     #[getter]
     fn tcp_socket(&self) -> PyResult<(String, u16)> {
-        self.tcp_socket
-            .clone()
+        self.endpoints()
+            .tcp_socket
             .ok_or_else(|| Failure::from(Error::NotUnencrypted).into())
     }
 
@@ -108,18 +144,18 @@ impl NativeTunnel {
     /// forked child (the tunnel is the parent's).
     #[getter]
     fn is_open(&self) -> bool {
-        let tunnel = self.tunnel.lock().unwrap_or_else(PoisonError::into_inner);
-        tunnel.get().is_some_and(Option::is_some)
+        self.state().tunnel.get().is_some_and(Option::is_some)
     }
 
     /// Closes the tunnel: it stops serving at once; the returned `Closing` waits for the
     /// relay to confirm. `None` if already closed, or in a forked child (where the
     /// tunnel is the parent's and is left alone).
     fn close(&self) -> PyResult<Option<Closing>> {
-        let mut tunnel = self.tunnel.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(tunnel) = tunnel.get_mut().and_then(Option::take) else {
+        let mut state = self.state();
+        let Some(tunnel) = state.tunnel.get_mut().and_then(Option::take) else {
             return Ok(None);
         };
+        state.last = Endpoints::of(&tunnel);
         Ok(Some(Closing(Task::spawn(tunnel.close())?)))
     }
 }
