@@ -70,6 +70,9 @@ waiting = portferry.Agent({address!r}, "token").forward(8000)
     assert out.startswith("https://")
 
 
+# Forking a process with threads (the runtime's, the logging thread's) is the point:
+# gunicorn and multiprocessing do it. Python 3.12+ warns about it.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_forwards_on_its_own_and_leaves_the_parents_tunnel_alone(
     relay_env: Relay, echo_server: Callable[[int], EchoServer]
 ) -> None:
