@@ -78,6 +78,10 @@ impl<T: Send + 'static> Task<T> {
         let timeout = timeout.map(Duration::try_from_secs_f64).transpose();
         let timeout =
             timeout.map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        // Checked before the lock, which a thread of the parent may have held at the fork.
+        if self.abort.get().is_none() {
+            return Err(Failure::forked().into());
+        }
         let received = py.detach(|| {
             let mut outcome = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(slot) = outcome.get_mut() else {

@@ -116,6 +116,11 @@ if pid == 0:
         pending.url
         os._exit(1)
     except portferry.ForkedError:
+        pass
+    try:
+        pending._opening.wait(0.01)  # the native request itself refuses too
+        os._exit(2)
+    except portferry.ForkedError:
         os._exit(0)
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status), pending.url.startswith("https://"), flush=True)
