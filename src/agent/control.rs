@@ -262,23 +262,25 @@ impl Control {
         Some(answer)
     }
 
-    /// The caller of request `id` went away: forgets it, and closes the tunnel if the
-    /// relay had already opened it.
+    /// The caller of request `id` went away: forgets it, and closes the tunnel the
+    /// relay opened for it, or may still open.
     pub fn cancel(&mut self, id: RequestId) {
         let Some(request) = self.requests.remove(&id) else {
             return;
         };
-        if let Purpose::Open {
-            outcome: Some(Ok(forwarded)),
-            ..
-        } = request.purpose
-        {
-            self.tunnels.remove(&forwarded.port);
-            if self.link_up {
-                self.transmits.push_back(Frame::Close {
-                    port: forwarded.port,
-                });
-            }
+        let opened = match request.purpose {
+            Purpose::Open {
+                outcome: Some(Ok(forwarded)),
+                ..
+            } => forwarded.port,
+            // Not answered yet: the relay may open it still, so it is told to close it
+            // (after the request, on the same link; a close of nothing is harmless).
+            Purpose::Open { outcome: None, .. } => request.inner,
+            _ => return,
+        };
+        self.tunnels.remove(&opened);
+        if self.link_up {
+            self.transmits.push_back(Frame::Close { port: opened });
         }
     }
 

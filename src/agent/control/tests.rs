@@ -309,6 +309,29 @@ fn a_caller_gone_after_the_answer_closes_the_tunnel() {
 }
 
 #[test]
+fn a_caller_gone_before_the_answer_closes_what_the_relay_opens() {
+    let mut t = Table::new();
+    let (id, inner) = t.open(Some(7)).unwrap();
+    t.control.cancel(id);
+    // The relay reads the request, then the close, in this order.
+    assert!(
+        matches!(t.control.poll_transmit(), Some(Frame::Forward(request)) if request.port == inner)
+    );
+    assert!(matches!(t.control.poll_transmit(), Some(Frame::Close { port }) if port == inner));
+    // Its late answer opens nothing here.
+    t.control.handle_frame(Frame::Forwarded(Forwarded {
+        request_id: id,
+        port: inner,
+        hostname: "late.portferry.localhost".into(),
+        tls_port: 8443,
+        tcp_port: None,
+    }));
+    t.bound.clear();
+    let (again, _) = t.open(Some(7)).unwrap();
+    assert!(t.control.answer(again).is_none());
+}
+
+#[test]
 fn a_refusal_is_a_typed_error() {
     let mut t = Table::new();
     let (id, _) = t.open(Some(9)).unwrap();
