@@ -154,6 +154,7 @@ pub mod demo;
 mod error;
 #[cfg(feature = "relay")]
 pub mod relay;
+mod task;
 #[cfg(feature = "relay")]
 pub mod tls;
 #[cfg(not(feature = "relay"))]

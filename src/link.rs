@@ -40,6 +40,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use crate::netstack::Stack;
+use crate::task::AbortOnDrop;
 use crate::wire::{packet_header, Frame, FrameError, HEADER_LEN, MAX_PAYLOAD_LEN};
 
 /// Timing and batching of a link.
@@ -294,9 +295,15 @@ pub async fn run<R, W>(
 ) -> Result<(), LinkError>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let (pong_tx, mut pong_rx) = mpsc::channel::<u64>(8);
+    let (packets_from, ping_interval, idle_timeout, batch) = (
+        stack.clone(),
+        config.ping_interval,
+        config.idle_timeout,
+        config.write_batch_bytes,
+    );
     let read_side = async {
         loop {
             match reader.read_frame_within(config.idle_timeout).await? {
@@ -314,8 +321,11 @@ where
             }
         }
     };
-    let write_side = async {
-        let mut ping = tokio::time::interval(config.ping_interval);
+    // A task of its own: the writer answers the socket's readiness at once, also while
+    // the reader is busy handing a burst of packets to the stack.
+    let write_side = async move {
+        let stack = packets_from;
+        let mut ping = tokio::time::interval(ping_interval);
         let mut nonce = 0u64;
         let mut packets = Vec::with_capacity(64);
         loop {
@@ -324,7 +334,7 @@ where
                 frame = outbound.recv() => match frame {
                     Some(frame) => writer.push(&frame),
                     None => {
-                        writer.flush_within(config.idle_timeout).await?;
+                        writer.flush_within(idle_timeout).await?;
                         return Ok(());
                     }
                 },
@@ -333,9 +343,9 @@ where
                     nonce += 1;
                     writer.push(&Frame::Ping(nonce));
                 }
-                n = stack.outbound().drain(&mut packets, config.write_batch_bytes) => {
+                n = stack.outbound().drain(&mut packets, batch) => {
                     if n == 0 {
-                        writer.flush_within(config.idle_timeout).await?;
+                        writer.flush_within(idle_timeout).await?;
                         return Ok(());
                     }
                 }
@@ -349,7 +359,7 @@ where
                 writer.push(&Frame::Pong(nonce));
             }
             if packets.is_empty() {
-                let room = config.write_batch_bytes.saturating_sub(writer.batched());
+                let room = batch.saturating_sub(writer.batched());
                 if room > 0 {
                     let _ = std::future::poll_fn(|cx| {
                         std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, room))
@@ -360,12 +370,15 @@ where
             for packet in packets.drain(..) {
                 writer.push_packet(&packet);
             }
-            writer.flush_within(config.idle_timeout).await?;
+            writer.flush_within(idle_timeout).await?;
         }
     };
+    let mut write_side = AbortOnDrop(tokio::spawn(write_side));
     tokio::select! {
         result = read_side => result,
-        result = write_side => result,
+        result = &mut write_side.0 => result.unwrap_or_else(|joined| {
+            Err(LinkError::Io(io::Error::other(format!("link writer: {joined}"))))
+        }),
     }
 }
 

@@ -12,10 +12,10 @@ use tokio::time::{timeout_at, Instant};
 use super::budget::HandshakePermit;
 use super::edge::bind_tunnel_port;
 use super::session::{admit, Admission, Counted, Session, Step};
-use super::tasks::AbortOnDrop;
 use super::Shared;
 use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
 use crate::netstack::Stack;
+use crate::task::AbortOnDrop;
 use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VERSION};
 
 /// One connection to the agent endpoint: its TLS handshake, then its link as

@@ -110,12 +110,3 @@ impl Drop for TaskGuard {
         lock(&self.tasks.0).live.remove(&self.id);
     }
 }
-
-/// Aborts a task when dropped, so that it never outlives its owner.
-pub(crate) struct AbortOnDrop<T>(pub(crate) JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
