@@ -133,6 +133,7 @@ pub mod agent;
 #[doc(hidden)]
 pub mod demo;
 mod error;
+mod limit;
 #[cfg(feature = "relay")]
 pub mod relay;
 #[cfg(feature = "relay")]
@@ -147,4 +148,5 @@ pub use agent::{
     TunnelStream,
 };
 pub use error::{parse_port, Error};
+pub use limit::Limit;
 pub use token::Token;

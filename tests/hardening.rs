@@ -16,7 +16,7 @@ use portferry::netstack::{ConnectError, Stack, StackConfig};
 use portferry::relay::{RelayConfig, LOCAL_DOMAIN};
 use portferry::token::Token;
 use portferry::wire::{ErrorCode, Frame, Hello, PROTOCOL_VERSION};
-use portferry::Error;
+use portferry::{Error, Limit};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -414,8 +414,9 @@ async fn a_forward_beyond_max_tunnels_per_agent_is_refused() {
     let _second = agent.forward_with(1, to(service)).await.unwrap();
     let third = agent.forward_with(2, to(service)).await;
     match third {
-        Err(Error::LimitReached { message }) => {
-            assert!(message.contains("max_tunnels_per_agent"), "{message}");
+        Err(Error::LimitReached { limit, message }) => {
+            assert_eq!(limit, Limit::TunnelsPerAgent);
+            assert!(message.contains(limit.name()), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -578,8 +579,9 @@ async fn an_agent_beyond_max_agent_sessions_is_refused() {
         .await
         .unwrap();
     match refused {
-        Err(Error::LimitReached { message }) => {
-            assert!(message.contains("max_agent_sessions"), "{message}");
+        Err(Error::LimitReached { limit, message }) => {
+            assert_eq!(limit, Limit::AgentSessions);
+            assert!(message.contains(limit.name()), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

@@ -8,6 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::budget::HandshakePermit;
 use super::{Phase, Shared};
+use crate::limit::Limit;
 
 /// Which handshake places a listener's connections take.
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +33,8 @@ pub(super) async fn accept_loop<F, Fut>(
 {
     let mut phase = shared.phase.subscribe();
     let (budget, limit) = match pool {
-        Pool::Agents => (&shared.agent_handshakes, "max_pending_agent_handshakes"),
-        Pool::Public => (&shared.public_handshakes, "max_pending_handshakes"),
+        Pool::Agents => (&shared.agent_handshakes, Limit::PendingAgentHandshakes),
+        Pool::Public => (&shared.public_handshakes, Limit::PendingHandshakes),
     };
     loop {
         let accepted = tokio::select! {

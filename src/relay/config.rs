@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::limit::Limit;
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
 use crate::splice::SpliceOptions;
@@ -200,26 +201,28 @@ impl RelayConfig {
         if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero { setting });
         }
-        let limits = [
-            ("max_tunnels_per_agent", self.max_tunnels_per_agent),
-            (
-                "max_connections_per_tunnel",
-                self.max_connections_per_tunnel,
-            ),
-            ("max_connections_per_agent", self.max_connections_per_agent),
-            ("max_pending_handshakes", self.max_pending_handshakes),
-            (
-                "max_pending_agent_handshakes",
-                self.max_pending_agent_handshakes,
-            ),
-            ("max_agent_sessions", self.max_agent_sessions),
-            ("max_leases", self.max_leases),
-            ("max_leases_per_token", self.max_leases_per_token),
-        ];
-        if let Some((setting, _)) = limits.iter().find(|(_, n)| *n == 0) {
-            return Err(ConfigError::Zero { setting });
+        if let Some(limit) = Limit::ALL.into_iter().find(|l| self.limit(*l) == Some(0)) {
+            return Err(ConfigError::Zero {
+                setting: limit.name(),
+            });
         }
         Ok(())
+    }
+
+    /// The count `limit` is set to; `None` for a limit that is not a count.
+    pub fn limit(&self, limit: Limit) -> Option<usize> {
+        Some(match limit {
+            Limit::PendingHandshakes => self.max_pending_handshakes,
+            Limit::PendingAgentHandshakes => self.max_pending_agent_handshakes,
+            Limit::AgentSessions => self.max_agent_sessions,
+            Limit::TunnelsPerAgent => self.max_tunnels_per_agent,
+            Limit::ConnectionsPerTunnel => self.max_connections_per_tunnel,
+            Limit::ConnectionsPerAgent => self.max_connections_per_agent,
+            Limit::Leases => self.max_leases,
+            Limit::LeasesPerToken => self.max_leases_per_token,
+            Limit::TcpPorts => self.tcp_ports.clone().count(),
+            Limit::TakeoverInterval | Limit::Unknown(_) => return None,
+        })
     }
 
     /// How the edge splices its public connections.
@@ -300,21 +303,16 @@ pub enum ConfigError {
     },
 }
 
-/// The `portferry relay` flag that sets `setting`.
+/// The `portferry relay` flag that sets `setting`: a limit's from [`Limit::flag`].
 fn flag(setting: &str) -> &'static str {
+    if let Some(limit) = Limit::ALL.into_iter().find(|l| l.name() == setting) {
+        return limit.flag().unwrap_or("no flag");
+    }
     match setting {
         "agent_addr" => "--agent-addr",
         "public_tls_addr" => "--public-addr",
         "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
-        "tcp_ports" => "--tcp-ports",
         "handshake_timeout" => "--handshake-timeout",
-        "max_tunnels_per_agent" => "--max-tunnels-per-agent",
-        "max_connections_per_tunnel" => "--max-connections-per-tunnel",
-        "max_connections_per_agent" => "--max-connections-per-agent",
-        "max_pending_handshakes" | "max_pending_agent_handshakes" => "--max-pending-handshakes",
-        "max_agent_sessions" => "--max-agent-sessions",
-        "max_leases" => "--max-leases",
-        "max_leases_per_token" => "--max-leases-per-token",
         _ => "no flag",
     }
 }

@@ -16,6 +16,7 @@ use super::budget::HandshakePermit;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
+use crate::limit::Limit;
 use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 
 /// Tries at binding a random free raw TCP port before giving up.
@@ -54,9 +55,9 @@ impl Route {
     /// Admits one more public connection, or counts a refusal if a limit is reached.
     fn admit(&self, shared: &Arc<Shared>) -> Option<ConnectionPermit> {
         let admitted = match self.tunnel_connections.clone().try_acquire_owned() {
-            Err(_) => Err("max_connections_per_tunnel"),
+            Err(_) => Err(Limit::ConnectionsPerTunnel),
             Ok(tunnel) => match self.agent_connections.clone().try_acquire_owned() {
-                Err(_) => Err("max_connections_per_agent"),
+                Err(_) => Err(Limit::ConnectionsPerAgent),
                 Ok(agent) => Ok((tunnel, agent)),
             },
         };

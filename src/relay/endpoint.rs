@@ -14,6 +14,7 @@ use super::edge::bind_tunnel_port;
 use super::session::{admit, Admission, Counted, Session, Step};
 use super::tasks::AbortOnDrop;
 use super::Shared;
+use crate::limit::Limit;
 use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
 use crate::netstack::Stack;
 use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VERSION};
@@ -140,12 +141,13 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let Ok(slot) = shared.session_slots.clone().try_acquire_owned() else {
-        shared.count_refusal("max_agent_sessions");
+        let limit = Limit::AgentSessions;
+        shared.count_refusal(limit);
         let message = format!(
-            "the relay serves its maximum of {} agent sessions (max_agent_sessions)",
+            "the relay serves its maximum of {} agent sessions ({limit})",
             shared.config.max_agent_sessions
         );
-        refuse(&mut stream, ErrorCode::LIMIT_REACHED, message).await;
+        refuse(&mut stream, ErrorCode::limit_reached(limit), message).await;
         return None;
     };
     let welcome = Frame::Welcome(Welcome {

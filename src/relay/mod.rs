@@ -91,6 +91,7 @@ pub use crate::wire::MAX_HELLO_LEN;
 pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
+use crate::limit::Limit;
 use crate::netstack::{lock, StackStats};
 use accept::{accept_loop, Pool};
 use budget::HandshakeBudget;
@@ -355,7 +356,7 @@ impl RelayHandle {
         let shared = self.shared.clone();
         async move {
             let Some(handshake) = shared.agent_handshakes.try_acquire(None) else {
-                shared.count_refusal("max_pending_agent_handshakes");
+                shared.count_refusal(Limit::PendingAgentHandshakes);
                 return;
             };
             let deadline = Instant::now() + shared.config.handshake_timeout;
@@ -493,12 +494,12 @@ impl Shared {
         self.public_handshakes.in_use() + self.agent_handshakes.in_use()
     }
 
-    /// Counts a refusal at the limit named by its setting.
-    fn count_refusal(&self, limit: &'static str) {
+    /// Counts a refusal at `limit`.
+    fn count_refusal(&self, limit: Limit) {
         self.counters
             .refused_by_limit
             .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(limit, "refused: limit reached");
+        tracing::debug!(limit = limit.name(), "refused: limit reached");
     }
 
     /// Counts a connection closed during its handshake.

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::agents::Claim;
 use super::registry::{AgentKey, Registry, SessionId, TcpPort};
 use super::ticket::Verifier;
+use crate::limit::Limit;
 use crate::netstack::Stack;
 use crate::token::Token;
 use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, PROTOCOL_VERSION};
@@ -23,9 +24,9 @@ pub(crate) enum Counted {
     FailedHandshake,
     /// In [`RelayStats::unauthorized`](super::RelayStats::unauthorized).
     Unauthorized,
-    /// In [`RelayStats::refused_by_limit`](super::RelayStats::refused_by_limit), at the
-    /// limit of this name.
-    Limit(&'static str),
+    /// In [`RelayStats::refused_by_limit`](super::RelayStats::refused_by_limit), at this
+    /// limit.
+    Limit(Limit),
     /// Nowhere.
     Uncounted,
 }
@@ -99,10 +100,11 @@ pub(crate) fn admit(
             code: ErrorCode::TOO_SOON,
             message: format!(
                 "another link of this agent was admitted less than {:?} ago and still holds \
-                 its session; try again later (min_takeover_interval)",
-                too_soon.interval
+                 its session; try again later ({})",
+                too_soon.interval,
+                Limit::TakeoverInterval
             ),
-            counted: Counted::Limit("min_takeover_interval"),
+            counted: Counted::Limit(Limit::TakeoverInterval),
         }),
     }
 }
@@ -112,7 +114,7 @@ pub(crate) fn admit(
 pub(crate) struct Answer {
     pub(crate) frame: Frame,
     /// The limit a refusal was at, to count in `refused_by_limit`.
-    pub(crate) refused: Option<&'static str>,
+    pub(crate) refused: Option<Limit>,
 }
 
 impl Answer {
@@ -129,6 +131,13 @@ impl Answer {
             code,
             message,
         }))
+    }
+
+    /// The refusal of request `request_id` at `limit`, counted in `refused_by_limit`.
+    fn at_limit(request_id: u32, limit: Limit, message: String) -> Answer {
+        let mut answer = Answer::error(request_id, ErrorCode::limit_reached(limit), message);
+        answer.refused = Some(limit);
+        answer
     }
 
     fn shutting_down(request_id: u32) -> Answer {
@@ -237,14 +246,12 @@ impl Session {
         }
         // A tunnel taken back counts against the limit like a new one.
         if registry.at_tunnel_limit(self.id) {
-            let max = registry.max_tunnels_per_agent();
-            let mut answer = Answer::error(
+            let (max, limit) = (registry.max_tunnels_per_agent(), Limit::TunnelsPerAgent);
+            return Step::Answer(Answer::at_limit(
                 id,
-                ErrorCode::LIMIT_REACHED,
-                format!("this agent has its maximum of {max} tunnels open (max_tunnels_per_agent)"),
-            );
-            answer.refused = Some("max_tunnels_per_agent");
-            return Step::Answer(answer);
+                limit,
+                format!("this agent has its maximum of {max} tunnels open ({limit})"),
+            ));
         }
         if let Some((agent, _)) = self.agent {
             if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
@@ -284,15 +291,11 @@ impl Session {
                 let forwarded = registry.open(self.id, self.agent, &request, hostname, Some(tcp));
                 Answer::frame(Frame::Forwarded(forwarded))
             }
-            Err(Unbound::NoFreePort) => {
-                let mut answer = Answer::error(
-                    request.request_id,
-                    ErrorCode::LIMIT_REACHED,
-                    "no free raw TCP port on the relay".into(),
-                );
-                answer.refused = Some("tcp_ports");
-                answer
-            }
+            Err(Unbound::NoFreePort) => Answer::at_limit(
+                request.request_id,
+                Limit::TcpPorts,
+                format!("no free raw TCP port on the relay ({})", Limit::TcpPorts),
+            ),
             Err(Unbound::ShuttingDown) => Answer::shutting_down(request.request_id),
         }
     }
@@ -301,16 +304,14 @@ impl Session {
     fn over_lease_limit(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
         let (limit, max) = registry.lease_limit(self.agent?.0)?;
         let holder = match limit {
-            "max_leases_per_token" => "the agents of this token hold their",
+            Limit::LeasesPerToken => "the agents of this token hold their",
             _ => "the relay holds its",
         };
-        let mut answer = Answer::error(
+        Some(Answer::at_limit(
             request_id,
-            ErrorCode::LIMIT_REACHED,
+            limit,
             format!("{holder} maximum of {max} tunnel leases ({limit})"),
-        );
-        answer.refused = Some(limit);
-        Some(answer)
+        ))
     }
 
     /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].

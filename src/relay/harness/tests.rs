@@ -3,6 +3,7 @@
 //! file across a restart.
 
 use super::*;
+use crate::limit::Limit;
 use crate::token::Token;
 use crate::wire::{ErrorCode, ForwardRequest, Forwarded, PROTOCOL_VERSION};
 use crate::wire::{Frame, Hello};
@@ -122,10 +123,16 @@ fn invalid_requests_and_limits_are_refused_with_their_codes() {
     assert_eq!(open(&mut h, link, 1, true).unwrap().tcp_port, Some(20_000));
     assert_eq!(open(&mut h, link, 2, true).unwrap().tcp_port, Some(20_001));
     // The TCP ports are used up; a TLS-only tunnel still opens.
-    assert_eq!(open(&mut h, link, 3, true), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, link, 3, true),
+        Err(ErrorCode::limit_reached(Limit::TcpPorts))
+    );
     open(&mut h, link, 3, false).unwrap();
     open(&mut h, link, 4, false).unwrap();
-    assert_eq!(open(&mut h, link, 5, false), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, link, 5, false),
+        Err(ErrorCode::limit_reached(Limit::TunnelsPerAgent))
+    );
     assert_eq!(h.tunnel_count(), 4);
     h.check();
 }
@@ -257,9 +264,12 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     open(&mut h, second, 1, false).unwrap();
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
     );
-    assert_eq!(open(&mut h, second, 3, true), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, second, 3, true),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
+    );
     // An agent without a ticket holds no lease: it is not limited by them.
     let unleased = h.connect(&hello(TOKEN, &[])).unwrap();
     open(&mut h, unleased, 2, false).unwrap();
@@ -268,7 +278,10 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     open(&mut h, other, 1, false).unwrap();
     open(&mut h, other, 2, false).unwrap();
     let third = h.connect(&new_agent("third")).unwrap();
-    assert_eq!(open(&mut h, third, 1, false), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, third, 1, false),
+        Err(ErrorCode::limit_reached(Limit::Leases))
+    );
     assert_eq!(h.saved_leases(), 5);
     h.check();
     // An agent at the limit gets its own leases back.
@@ -283,14 +296,14 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     open(&mut h, third, 1, false).unwrap();
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::Leases))
     );
     // An away agent's leases count until they expire.
     h.disconnect(back);
     h.advance(Duration::from_secs(29));
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::Leases))
     );
     h.advance(Duration::from_secs(1));
     open(&mut h, second, 2, false).unwrap();
@@ -428,7 +441,10 @@ fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
         open(&mut h, new, port, false).unwrap();
     }
     // At its limit, the new link cannot take the old link's tunnel too.
-    assert_eq!(open(&mut h, new, 1, false), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, new, 1, false),
+        Err(ErrorCode::limit_reached(Limit::TunnelsPerAgent))
+    );
     h.check();
 }
 

@@ -4,6 +4,7 @@
 use tokio::time::Instant;
 
 use super::{semaphore, AgentKey, Owner, Registry, TcpPort, Tunnel};
+use crate::limit::Limit;
 use crate::relay::leases::{LeaseChange, LeaseKey, LeaseRecord};
 use crate::relay::ticket::Verifier;
 
@@ -39,14 +40,14 @@ impl Registry {
         }
     }
 
-    /// The lease limit a new lease of `agent` would go beyond: its setting's name and
-    /// value; `None` if it may have one more.
-    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(&'static str, usize)> {
+    /// The lease limit a new lease of `agent` would go beyond, and its value; `None` if
+    /// it may have one more.
+    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(Limit, usize)> {
         let of_token = self.leases_per_token.get(&agent.1).copied().unwrap_or(0);
         if of_token >= self.max_leases_per_token {
-            Some(("max_leases_per_token", self.max_leases_per_token))
+            Some((Limit::LeasesPerToken, self.max_leases_per_token))
         } else if self.leases.len() >= self.max_leases {
-            Some(("max_leases", self.max_leases))
+            Some((Limit::Leases, self.max_leases))
         } else {
             None
         }
@@ -93,7 +94,7 @@ impl Registry {
         until: Instant,
     ) -> Result<(), &'static str> {
         if let Some((limit, _)) = self.lease_limit(record.agent) {
-            return Err(limit);
+            return Err(limit.name());
         }
         if self.tunnels.contains_key(&record.hostname) || self.leases.contains_key(&record.key()) {
             return Err("a duplicate");
