@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::budget::HandshakePermit;
+use super::pool::AddressPlace;
 use super::{Phase, Shared};
 use crate::limit::Limit;
 
 /// Which handshake places a listener's connections take.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Pool {
+pub(super) enum Handshakes {
     /// [`max_pending_agent_handshakes`](super::RelayConfig::max_pending_agent_handshakes).
     Agents,
     /// [`max_pending_handshakes`](super::RelayConfig::max_pending_handshakes).
@@ -25,16 +25,16 @@ pub(super) enum Pool {
 pub(super) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     shared: Arc<Shared>,
-    pool: Pool,
+    pool: Handshakes,
     serve: F,
 ) where
-    F: Fn(Arc<Shared>, TcpStream, HandshakePermit) -> Fut,
+    F: Fn(Arc<Shared>, TcpStream, AddressPlace) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut phase = shared.phase.subscribe();
     let (budget, limit) = match pool {
-        Pool::Agents => (&shared.agent_handshakes, Limit::PendingAgentHandshakes),
-        Pool::Public => (&shared.public_handshakes, Limit::PendingHandshakes),
+        Handshakes::Agents => (&shared.agent_handshakes, Limit::PendingAgentHandshakes),
+        Handshakes::Public => (&shared.public_handshakes, Limit::PendingHandshakes),
     };
     loop {
         let accepted = tokio::select! {
@@ -43,7 +43,7 @@ pub(super) async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, from)) => {
-                let Some(permit) = budget.try_acquire(Some(from.ip())) else {
+                let Some(permit) = budget.admit_from(Some(from.ip())) else {
                     shared.count_refusal(limit);
                     continue;
                 };

@@ -52,25 +52,32 @@ pub struct RelayConfig {
     /// Tunnels one agent session may have open at once; the next `Forward` is refused
     /// with `LIMIT_REACHED`.
     pub max_tunnels_per_agent: usize,
-    /// Public connections (TLS and raw TCP) one tunnel may have open at once; the next
-    /// one is closed (TLS) or reset (raw TCP).
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once, shared by
+    /// source address (an IPv4 address, or an IPv6 /48 and within it each /64): at the
+    /// limit, a connection from an address that holds fewer than the address holding
+    /// the most takes a place back from it (that address's oldest connection is
+    /// ended); from any other, it is closed (TLS) or reset (raw TCP).
     pub max_connections_per_tunnel: usize,
-    /// Public connections all tunnels of one agent session may have open at once; the
-    /// next one is closed (TLS) or reset (raw TCP).
+    /// Public connections all tunnels of one agent session may have open at once,
+    /// shared by source address in the same way.
     pub max_connections_per_agent: usize,
-    /// TLS handshakes in progress on the public port, of which one source address (an
-    /// IPv4 address or an IPv6 /64) may hold half, rounded up; a connection beyond
-    /// either is closed as soon as it is accepted.
+    /// TLS handshakes in progress on the public port, shared by source address in the
+    /// same way: at the limit, a newcomer from an address holding fewer closes a
+    /// handshake of the address holding the most — first one that has not sent its
+    /// whole ClientHello within 2.5 s — and any other newcomer is closed at once.
     pub max_pending_handshakes: usize,
     /// Handshakes in progress on the agent port (TLS and hello: until the hello is
     /// answered) and streams given to [`RelayHandle::serve_agent_stream`] until their
-    /// hello is answered, of which one source address may hold half, rounded up; a
-    /// connection or stream beyond either is closed as soon as it is accepted. Apart
+    /// hello is answered (those count as one address), shared in the same way. Apart
     /// from [`max_pending_handshakes`](Self::max_pending_handshakes), so that a flood
     /// of the public port cannot keep agents out.
     pub max_pending_agent_handshakes: usize,
-    /// Authenticated agent sessions at once; an agent beyond it is refused with
-    /// `LIMIT_REACHED` (and tries again later).
+    /// Authenticated agent sessions at once, shared by token: each token is kept
+    /// `max_agent_sessions / tokens` of them until it uses them, and the rest go to
+    /// whoever comes first. Within a token, at its limit, an agent from an address
+    /// holding fewer of the token's sessions ends the oldest session of the address
+    /// holding the most. An agent refused is told `LIMIT_REACHED` for
+    /// [`Limit::AgentSessions`] and tries again later.
     pub max_agent_sessions: usize,
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.

@@ -39,9 +39,11 @@ pub(crate) struct Refusal {
     pub(crate) counted: Counted,
 }
 
-/// A welcomed hello: the agent its tunnels are leased to, if they are.
+/// A welcomed hello: its token, and the agent its tunnels are leased to, if they are.
 #[derive(Debug)]
 pub(crate) struct Admission {
+    /// The token's place in the relay's tokens.
+    pub(crate) token: usize,
     claim: Option<Claim>,
 }
 
@@ -92,10 +94,16 @@ pub(crate) fn admit(
         });
     }
     if hello.resume.is_empty() {
-        return Ok(Admission { claim: None });
+        return Ok(Admission {
+            token: token_index,
+            claim: None,
+        });
     }
     match registry.claim(token_index, &hello.resume, now) {
-        Ok(claim) => Ok(Admission { claim: Some(claim) }),
+        Ok(claim) => Ok(Admission {
+            token: token_index,
+            claim: Some(claim),
+        }),
         Err(too_soon) => Err(Refusal {
             code: ErrorCode::TOO_SOON,
             message: format!(

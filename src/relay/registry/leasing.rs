@@ -3,9 +3,10 @@
 
 use tokio::time::Instant;
 
-use super::{semaphore, AgentKey, Owner, Registry, TcpPort, Tunnel};
+use super::{AgentKey, Owner, Registry, TcpPort, Tunnel};
 use crate::limit::Limit;
 use crate::relay::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use crate::relay::pool::AddressPool;
 use crate::relay::ticket::Verifier;
 
 impl Registry {
@@ -123,7 +124,7 @@ impl Registry {
             tcp,
             lease: Some(agent),
             owner: Owner::Away { until },
-            connections: semaphore(self.max_connections_per_tunnel),
+            connections: AddressPool::new(self.max_connections_per_tunnel),
         };
         self.tunnels.insert(hostname.clone(), tunnel);
         self.add_lease((agent, port), hostname, verifier);

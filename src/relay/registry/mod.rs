@@ -9,10 +9,8 @@
 //! [`Registry::next_expiry`]. The lease bookkeeping is in `leasing`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use rand::TryRngCore;
-use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -23,6 +21,7 @@ mod leasing;
 use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use super::pool::AddressPool;
 use super::ticket::Verifier;
 use crate::netstack::Stack;
 use crate::wire::{ForwardRequest, Forwarded};
@@ -84,14 +83,14 @@ pub(crate) struct Tunnel {
     lease: Option<AgentKey>,
     owner: Owner,
     /// Places for this tunnel's public connections.
-    connections: Arc<Semaphore>,
+    connections: AddressPool,
 }
 
 /// What one live session holds.
 struct SessionEntry {
     stack: Stack,
     /// Places for the public connections of all the session's tunnels.
-    connections: Arc<Semaphore>,
+    connections: AddressPool,
     /// The ports this session opened (or took over) and has not closed, and their
     /// hostnames. A port taken over by a newer session of the same agent stays here,
     /// so that the older one cannot forward it again.
@@ -108,9 +107,9 @@ pub(crate) struct Route {
     /// Whether the TLS edge offers ALPN `h2`.
     pub(crate) h2: bool,
     /// Places for the tunnel's public connections.
-    pub(crate) tunnel_connections: Arc<Semaphore>,
+    pub(crate) tunnel_connections: AddressPool,
     /// Places for the public connections of every tunnel of the session.
-    pub(crate) agent_connections: Arc<Semaphore>,
+    pub(crate) agent_connections: AddressPool,
 }
 
 /// The relay's tunnels, leases and sessions.
@@ -125,7 +124,7 @@ pub(crate) struct Registry {
     agents: Agents,
     next_session: u64,
     /// What routes of tunnels nobody serves lead to: connections fail at once.
-    away: (Stack, Arc<Semaphore>),
+    away: (Stack, AddressPool),
     /// Whether new tunnels may open (not once the relay shuts down).
     accepting: bool,
     /// How the leases changed since [`take_lease_changes`](Self::take_lease_changes),
@@ -177,11 +176,6 @@ impl Settings {
     }
 }
 
-/// A semaphore of `permits`, capped at what tokio supports.
-pub(crate) fn semaphore(permits: usize) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
-}
-
 impl Registry {
     /// An empty registry.
     pub(crate) fn new(settings: Settings) -> Registry {
@@ -194,7 +188,7 @@ impl Registry {
             sessions: HashMap::new(),
             agents: Agents::new(settings.min_takeover_interval),
             next_session: 1,
-            away: (nobody, semaphore(settings.max_connections_per_agent)),
+            away: (nobody, AddressPool::new(settings.max_connections_per_agent)),
             accepting: true,
             lease_changes: Vec::new(),
             domain: settings.domain,
@@ -232,7 +226,7 @@ impl Registry {
         self.next_session += 1;
         let entry = SessionEntry {
             stack,
-            connections: semaphore(self.max_connections_per_agent),
+            connections: AddressPool::new(self.max_connections_per_agent),
             ports: HashMap::new(),
         };
         self.sessions.insert(id, entry);
@@ -324,7 +318,7 @@ impl Registry {
             return None;
         }
         tunnel.owner = Owner::Session(id);
-        tunnel.connections = semaphore(self.max_connections_per_tunnel);
+        tunnel.connections = AddressPool::new(self.max_connections_per_tunnel);
         let forwarded = Forwarded {
             request_id: request.request_id,
             port: request.port,
@@ -372,7 +366,7 @@ impl Registry {
             tcp,
             lease: agent.map(|(agent, _)| agent),
             owner: Owner::Session(id),
-            connections: semaphore(self.max_connections_per_tunnel),
+            connections: AddressPool::new(self.max_connections_per_tunnel),
         };
         if let Some((agent, verifier)) = agent {
             self.lease_changes.push(LeaseChange::Put(LeaseRecord {

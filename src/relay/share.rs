@@ -1,0 +1,375 @@
+//! One notion of a share of a pool, used by every pool a stranger or a tenant can fill:
+//! handshakes, a tunnel's and an agent's connections, agent sessions, raw TCP ports and
+//! leases. Sans-IO: no clock, no tasks; the owner of a place acts on the answers.
+//!
+//! A pool has a capacity and places held by holders at two levels: a *holder* (a source
+//! address — an IPv4 address or an IPv6 /48 — or a token) and, within it, a *member* (an
+//! IPv6 /64, or an agent). While places are free, anyone takes one, except that a pool
+//! of known holders (tokens) keeps each of them its share, `capacity / holders`, until
+//! it uses it. At the limit, a newcomer takes a place back from the holder of the most
+//! if it holds fewer; within its own holder, from the member of the most if its member
+//! holds fewer. So a holder never keeps more than others while they wait: shares even
+//! out under pressure, and no first-come flood locks anyone out.
+//!
+//! The place taken back is the victim's oldest *yielding* place (a handshake past its
+//! first deadline, a lease of an agent that is away), else — in pools whose places can
+//! be taken back at any time ([`TakeBack::Any`]) — its oldest place.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
+
+/// A place in a pool; numbers grow with time, so a smaller one is older.
+pub(crate) type PlaceId = u64;
+
+/// Which places may be taken back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TakeBack {
+    /// Any place: the victim's yielding places first, then its oldest.
+    Any,
+    /// Only yielding places (a live tunnel's lease is never taken).
+    Yielding,
+}
+
+/// What a pool answers to a newcomer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// A free place.
+    Taken(PlaceId),
+    /// A place taken back from `from`, already released here; its owner must give it up.
+    TakenBack {
+        /// The newcomer's place.
+        place: PlaceId,
+        /// The place taken back.
+        from: PlaceId,
+    },
+    /// No place: the newcomer holds as much as anyone it could take from.
+    Refused,
+}
+
+/// The places of one holder, or of one member.
+#[derive(Debug, Default)]
+struct Held {
+    places: BTreeSet<PlaceId>,
+    yielding: BTreeSet<PlaceId>,
+}
+
+impl Held {
+    fn count(&self) -> usize {
+        self.places.len()
+    }
+
+    /// The place it gives back first, if it may give one.
+    fn victim(&self, take_back: TakeBack) -> Option<PlaceId> {
+        let yielding = self.yielding.first().copied();
+        match take_back {
+            TakeBack::Any => yielding.or_else(|| self.places.first().copied()),
+            TakeBack::Yielding => yielding,
+        }
+    }
+
+    fn insert(&mut self, id: PlaceId) {
+        self.places.insert(id);
+    }
+
+    fn remove(&mut self, id: PlaceId) {
+        self.places.remove(&id);
+        self.yielding.remove(&id);
+    }
+}
+
+/// A holder's places and those of each of its members.
+#[derive(Debug)]
+struct Holder<M> {
+    all: Held,
+    members: HashMap<M, Held>,
+}
+
+impl<M> Default for Holder<M> {
+    fn default() -> Self {
+        Holder {
+            all: Held::default(),
+            members: HashMap::new(),
+        }
+    }
+}
+
+/// A pool of places shared between holders `H` with members `M`.
+#[derive(Debug)]
+pub(crate) struct Shares<H, M> {
+    capacity: usize,
+    take_back: TakeBack,
+    /// Places kept for each known holder until it uses them (0: none kept).
+    share: usize,
+    /// How many known holders there are (0: holders are not known in advance).
+    known: usize,
+    /// Places of known holders counted towards their share: `Σ min(count, share)`.
+    met: usize,
+    next: PlaceId,
+    places: HashMap<PlaceId, (H, M)>,
+    holders: HashMap<H, Holder<M>>,
+    /// Holders by how many places they hold, the most last.
+    by_count: BTreeSet<(usize, H)>,
+}
+
+impl<H, M> Shares<H, M>
+where
+    H: Copy + Ord + Hash,
+    M: Copy + Eq + Hash,
+{
+    /// A pool of `capacity` places of unknown holders.
+    pub(crate) fn new(capacity: usize, take_back: TakeBack) -> Self {
+        Self::with_known(capacity, take_back, 0)
+    }
+
+    /// A pool of `capacity` places, each of `known` holders kept a share of
+    /// `capacity / known` until it uses it.
+    pub(crate) fn with_known(capacity: usize, take_back: TakeBack, known: usize) -> Self {
+        Shares {
+            capacity,
+            take_back,
+            share: capacity.checked_div(known).unwrap_or(0),
+            known,
+            met: 0,
+            next: 0,
+            places: HashMap::new(),
+            holders: HashMap::new(),
+            by_count: BTreeSet::new(),
+        }
+    }
+
+    /// Places held now.
+    pub(crate) fn in_use(&self) -> usize {
+        self.places.len()
+    }
+
+    /// Places `holder` holds now.
+    pub(crate) fn held_by(&self, holder: H) -> usize {
+        self.holders.get(&holder).map_or(0, |h| h.all.count())
+    }
+
+    /// Admits a newcomer of `member` of `holder`: a free place, a place taken back, or
+    /// a refusal (see the module's docs).
+    pub(crate) fn admit(&mut self, holder: H, member: M) -> Admission {
+        if self.may_take_free(holder) {
+            return Admission::Taken(self.take(holder, member));
+        }
+        match self.victim(holder, member) {
+            Some(from) => {
+                self.release(from);
+                let place = self.take(holder, member);
+                Admission::TakenBack { place, from }
+            }
+            None => Admission::Refused,
+        }
+    }
+
+    /// Gives a place back (nothing if it is not held).
+    pub(crate) fn release(&mut self, id: PlaceId) {
+        let Some((holder, member)) = self.places.remove(&id) else {
+            return;
+        };
+        let Some(entry) = self.holders.get_mut(&holder) else {
+            return;
+        };
+        let before = entry.all.count();
+        entry.all.remove(id);
+        if let Some(held) = entry.members.get_mut(&member) {
+            held.remove(id);
+            if held.count() == 0 {
+                entry.members.remove(&member);
+            }
+        }
+        let after = entry.all.count();
+        if after == 0 {
+            self.holders.remove(&holder);
+        }
+        self.recount(holder, before, after);
+    }
+
+    /// Marks a place as one to give back first (or no longer).
+    pub(crate) fn set_yielding(&mut self, id: PlaceId, yielding: bool) {
+        let Some(&(holder, member)) = self.places.get(&id) else {
+            return;
+        };
+        let Some(entry) = self.holders.get_mut(&holder) else {
+            return;
+        };
+        let held = [Some(&mut entry.all), entry.members.get_mut(&member)];
+        for held in held.into_iter().flatten() {
+            if yielding {
+                held.yielding.insert(id);
+            } else {
+                held.yielding.remove(&id);
+            }
+        }
+    }
+
+    /// Whether `holder` may take a free place: one is free, and taking it leaves free
+    /// places for every other known holder's unused share.
+    fn may_take_free(&self, holder: H) -> bool {
+        let free = self.capacity.saturating_sub(self.in_use());
+        if free == 0 {
+            return false;
+        }
+        let own = self.held_by(holder);
+        if self.known == 0 || own < self.share {
+            return true;
+        }
+        let kept_for_others = self.known * self.share - self.met;
+        free > kept_for_others
+    }
+
+    /// The place to take back for a newcomer of `member` of `holder`, if any.
+    fn victim(&self, holder: H, member: M) -> Option<PlaceId> {
+        let own = self.held_by(holder);
+        if let Some(&(most, richest)) = self.by_count.last() {
+            if richest != holder && own < most {
+                if let Some(id) = self.holders[&richest].all.victim(self.take_back) {
+                    return Some(id);
+                }
+            }
+        }
+        let entry = self.holders.get(&holder)?;
+        let own_member = entry.members.get(&member).map_or(0, Held::count);
+        let richest_member = entry
+            .members
+            .iter()
+            .filter(|(m, held)| **m != member && held.count() > own_member)
+            .max_by_key(|(_, held)| held.count())?;
+        richest_member.1.victim(self.take_back)
+    }
+
+    fn take(&mut self, holder: H, member: M) -> PlaceId {
+        let id = self.next;
+        self.next += 1;
+        self.places.insert(id, (holder, member));
+        let entry = self.holders.entry(holder).or_default();
+        let before = entry.all.count();
+        entry.all.insert(id);
+        entry.members.entry(member).or_default().insert(id);
+        self.recount(holder, before, before + 1);
+        id
+    }
+
+    /// Keeps `by_count` and `met` in step with a holder's count going from `before` to
+    /// `after`.
+    fn recount(&mut self, holder: H, before: usize, after: usize) {
+        if before > 0 {
+            self.by_count.remove(&(before, holder));
+        }
+        if after > 0 {
+            self.by_count.insert((after, holder));
+        }
+        if self.known > 0 {
+            self.met = self.met + after.min(self.share) - before.min(self.share);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes a place, failing the test on a refusal.
+    fn take(pool: &mut Shares<u8, u8>, holder: u8, member: u8) -> PlaceId {
+        match pool.admit(holder, member) {
+            Admission::Taken(id) | Admission::TakenBack { place: id, .. } => id,
+            Admission::Refused => panic!("{holder}/{member} refused"),
+        }
+    }
+
+    #[test]
+    fn at_the_limit_the_holder_of_the_most_gives_back_its_oldest_place() {
+        let mut pool = Shares::new(4, TakeBack::Any);
+        let flood: Vec<_> = (0..4).map(|_| take(&mut pool, 1, 0)).collect();
+        // The flooder cannot take from itself.
+        assert_eq!(pool.admit(1, 0), Admission::Refused);
+        // A newcomer takes its oldest place back, then another, until they are even.
+        let Admission::TakenBack { place, from } = pool.admit(2, 0) else {
+            panic!("not taken back");
+        };
+        assert_eq!(from, flood[0]);
+        assert_eq!(
+            pool.admit(2, 0),
+            Admission::TakenBack {
+                place: place + 1,
+                from: flood[1]
+            }
+        );
+        assert_eq!((pool.held_by(1), pool.held_by(2)), (2, 2));
+        assert_eq!(pool.admit(2, 0), Admission::Refused);
+        assert_eq!(pool.admit(1, 0), Admission::Refused);
+        // A third holder takes from one of the two richest; nobody takes from it.
+        assert!(matches!(pool.admit(3, 0), Admission::TakenBack { .. }));
+        assert_eq!(pool.in_use(), 4);
+        assert_eq!(pool.held_by(3), 1);
+        // Releasing frees a place for anyone.
+        pool.release(flood[2]);
+        assert!(matches!(pool.admit(1, 0), Admission::Taken(_)));
+    }
+
+    #[test]
+    fn yielding_places_go_first_and_only_they_in_a_yielding_pool() {
+        let mut pool = Shares::new(3, TakeBack::Any);
+        let ids: Vec<_> = (0..3).map(|_| take(&mut pool, 1, 0)).collect();
+        pool.set_yielding(ids[2], true);
+        assert_eq!(
+            pool.admit(2, 0),
+            Admission::TakenBack {
+                place: 3,
+                from: ids[2]
+            }
+        );
+        let mut leases = Shares::new(2, TakeBack::Yielding);
+        let held: Vec<_> = (0..2).map(|_| take(&mut leases, 1, 0)).collect();
+        assert_eq!(leases.admit(2, 0), Admission::Refused, "no place yields");
+        leases.set_yielding(held[1], true);
+        leases.set_yielding(held[1], false);
+        assert_eq!(leases.admit(2, 0), Admission::Refused, "no longer yields");
+        leases.set_yielding(held[0], true);
+        assert!(matches!(leases.admit(2, 0), Admission::TakenBack { from, .. } if from == held[0]));
+    }
+
+    #[test]
+    fn within_a_holder_the_member_of_the_most_gives_way() {
+        // One /48 (holder 1): a /64 (member 7) floods; another /64 of it gets a place.
+        let mut pool = Shares::new(4, TakeBack::Any);
+        let flood: Vec<_> = (0..4).map(|_| take(&mut pool, 1, 7)).collect();
+        assert_eq!(
+            pool.admit(1, 8),
+            Admission::TakenBack {
+                place: 4,
+                from: flood[0]
+            }
+        );
+        take(&mut pool, 1, 8);
+        assert_eq!(pool.admit(1, 8), Admission::Refused, "even now");
+        assert_eq!(pool.held_by(1), 4);
+    }
+
+    #[test]
+    fn known_holders_are_kept_their_share_until_they_use_it() {
+        // Two tokens, six places: each is kept three.
+        let mut pool = Shares::with_known(6, TakeBack::Yielding, 2);
+        for _ in 0..3 {
+            take(&mut pool, 0, 0);
+        }
+        assert_eq!(pool.admit(0, 0), Admission::Refused, "the rest is kept");
+        for _ in 0..3 {
+            take(&mut pool, 1, 0);
+        }
+        assert_eq!(pool.admit(1, 0), Admission::Refused);
+        // Three tokens, seven places: two each kept, one for whoever comes first.
+        let mut pool = Shares::with_known(7, TakeBack::Yielding, 3);
+        let first: Vec<_> = (0..3).map(|_| take(&mut pool, 0, 0)).collect();
+        assert_eq!(pool.admit(0, 0), Admission::Refused);
+        take(&mut pool, 1, 0);
+        take(&mut pool, 1, 0);
+        assert_eq!(pool.admit(1, 0), Admission::Refused);
+        pool.release(first[0]);
+        take(&mut pool, 1, 0);
+        take(&mut pool, 2, 0);
+        take(&mut pool, 2, 0);
+        assert_eq!(pool.in_use(), 7);
+    }
+}
