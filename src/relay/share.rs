@@ -102,6 +102,8 @@ pub(crate) struct Shares<H, M> {
     share: usize,
     /// How many known holders there are (0: holders are not known in advance).
     known: usize,
+    /// The most places one holder may hold.
+    cap: usize,
     /// Places of known holders counted towards their share: `Σ min(count, share)`.
     met: usize,
     next: PlaceId,
@@ -129,12 +131,29 @@ where
             take_back,
             share: capacity.checked_div(known).unwrap_or(0),
             known,
+            cap: capacity,
             met: 0,
             next: 0,
             places: HashMap::new(),
             holders: HashMap::new(),
             by_count: BTreeSet::new(),
         }
+    }
+
+    /// The same pool, where one holder may hold at most `cap` places.
+    pub(crate) fn with_cap(mut self, cap: usize) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// Whether [`admit`](Self::admit) would give `member` of `holder` a place now.
+    pub(crate) fn would_admit(&self, holder: H, member: M) -> bool {
+        self.may_take_free(holder) || self.victim(holder, member).is_some()
+    }
+
+    /// Whether `holder` holds as many places as one holder may.
+    pub(crate) fn at_cap(&self, holder: H) -> bool {
+        self.held_by(holder) >= self.cap
     }
 
     /// Places held now.
@@ -212,6 +231,9 @@ where
             return false;
         }
         let own = self.held_by(holder);
+        if own >= self.cap {
+            return false;
+        }
         if self.known == 0 || own < self.share {
             return true;
         }
@@ -219,24 +241,35 @@ where
         free > kept_for_others
     }
 
-    /// The place to take back for a newcomer of `member` of `holder`, if any.
+    /// The place to take back for a newcomer of `member` of `holder`, if any: from the
+    /// richest holder that holds more than `holder` and has a place to give, else from
+    /// the richest member of `holder` that holds more than `member` and has one.
     fn victim(&self, holder: H, member: M) -> Option<PlaceId> {
         let own = self.held_by(holder);
-        if let Some(&(most, richest)) = self.by_count.last() {
-            if richest != holder && own < most {
-                if let Some(id) = self.holders[&richest].all.victim(self.take_back) {
-                    return Some(id);
-                }
+        if own < self.cap {
+            let from_holders = self
+                .by_count
+                .iter()
+                .rev()
+                .take_while(|(count, _)| *count > own)
+                .filter(|(_, other)| *other != holder)
+                .find_map(|(_, other)| self.holders[other].all.victim(self.take_back));
+            if from_holders.is_some() {
+                return from_holders;
             }
         }
         let entry = self.holders.get(&holder)?;
         let own_member = entry.members.get(&member).map_or(0, Held::count);
-        let richest_member = entry
+        let mut richer: Vec<&Held> = entry
             .members
             .iter()
             .filter(|(m, held)| **m != member && held.count() > own_member)
-            .max_by_key(|(_, held)| held.count())?;
-        richest_member.1.victim(self.take_back)
+            .map(|(_, held)| held)
+            .collect();
+        richer.sort_by_key(|held| std::cmp::Reverse(held.count()));
+        richer
+            .into_iter()
+            .find_map(|held| held.victim(self.take_back))
     }
 
     fn take(&mut self, holder: H, member: M) -> PlaceId {

@@ -273,11 +273,16 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     // An agent without a ticket holds no lease: it is not limited by them.
     let unleased = h.connect(&hello(TOKEN, &[])).unwrap();
     open(&mut h, unleased, 2, false).unwrap();
-    // Another token has its own three, until the relay's five are taken.
+    // Another token has its own, but no more than leaves the third token its share of
+    // the relay's five (5 / 3 tokens = 1).
     let other = h.connect(&new_agent("other")).unwrap();
     open(&mut h, other, 1, false).unwrap();
-    open(&mut h, other, 2, false).unwrap();
+    assert_eq!(
+        open(&mut h, other, 2, false),
+        Err(ErrorCode::limit_reached(Limit::Leases))
+    );
     let third = h.connect(&new_agent("third")).unwrap();
+    open(&mut h, third, 2, false).unwrap();
     assert_eq!(
         open(&mut h, third, 1, false),
         Err(ErrorCode::limit_reached(Limit::Leases))
@@ -427,6 +432,43 @@ fn a_replaced_link_that_forwards_after_its_agent_went_away_still_leases_the_tunn
     assert_eq!(h.route(&late.hostname).unwrap().link, None);
     let back = h.connect(&again(&h, TOKEN, first)).unwrap();
     assert_eq!(open(&mut h, back, 80, false).unwrap(), late);
+    h.check();
+}
+
+#[test]
+fn at_a_lease_limit_the_leases_of_an_away_agent_give_way_to_a_live_one() {
+    let mut config = HarnessConfig::new(Token::new(TOKEN));
+    config.max_leases_per_token = 4;
+    let mut h = Harness::new(config);
+    // One agent holds every lease of the token while it is here.
+    let holder = h.connect(&new_agent(TOKEN)).unwrap();
+    let held: Vec<_> = (1..=4)
+        .map(|port| open(&mut h, holder, port, false).unwrap())
+        .collect();
+    let newcomer = h.connect(&new_agent(TOKEN)).unwrap();
+    assert_eq!(
+        open(&mut h, newcomer, 1, false),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
+    );
+    // Once it is away, its oldest lease gives way, one per new lease, and no more.
+    h.disconnect(holder);
+    open(&mut h, newcomer, 1, false).unwrap();
+    open(&mut h, newcomer, 2, false).unwrap();
+    assert_eq!(
+        open(&mut h, newcomer, 3, false),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken)),
+        "the two agents hold two each"
+    );
+    assert!(
+        h.route(&held[0].hostname).is_none(),
+        "the oldest lease ended"
+    );
+    assert_eq!(h.saved_leases(), 4);
+    h.check();
+    // The agent back gets the leases it still has.
+    let back = h.connect(&again(&h, TOKEN, holder)).unwrap();
+    let kept = open(&mut h, back, 4, false).unwrap();
+    assert_eq!(kept.hostname, held[3].hostname);
     h.check();
 }
 

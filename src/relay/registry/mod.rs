@@ -22,6 +22,7 @@ use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
 use super::pool::AddressPool;
+use super::share::{PlaceId, Shares, TakeBack};
 use super::ticket::Verifier;
 use crate::netstack::Stack;
 use crate::wire::{ForwardRequest, Forwarded};
@@ -117,8 +118,13 @@ pub(crate) struct Registry {
     tunnels: HashMap<String, Tunnel>,
     /// Leased tunnels' hostnames by agent and port.
     leases: HashMap<LeaseKey, String>,
-    /// How many leases each token's agents hold (no entry: none).
-    leases_per_token: HashMap<usize, usize>,
+    /// The leases' places, shared by token (each kept its share of `max_leases`, none
+    /// beyond `max_leases_per_token`) and within a token by agent; an away agent's
+    /// leases yield.
+    lease_shares: Shares<usize, AgentKey>,
+    /// Each lease's place, and back.
+    lease_places: HashMap<LeaseKey, PlaceId>,
+    lease_of_place: HashMap<PlaceId, LeaseKey>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// The agents known by their tickets: their newest sessions and verifiers.
     agents: Agents,
@@ -152,6 +158,8 @@ pub(crate) struct Settings {
     pub(crate) max_connections_per_agent: usize,
     pub(crate) max_leases_per_token: usize,
     pub(crate) max_leases: usize,
+    /// How many tokens the relay takes (each is kept its share of the leases).
+    pub(crate) tokens: usize,
     pub(crate) min_takeover_interval: std::time::Duration,
     pub(crate) lease_grace: std::time::Duration,
     /// Settings of the closed stack that routes of away agents lead to.
@@ -169,6 +177,7 @@ impl Settings {
             max_connections_per_agent: config.max_connections_per_agent,
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
+            tokens: config.tokens.len(),
             min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: config.stack.clone(),
@@ -176,15 +185,24 @@ impl Settings {
     }
 }
 
+/// The shares of a registry's leases under `settings`.
+fn lease_shares(settings: &Settings) -> Shares<usize, AgentKey> {
+    Shares::with_known(settings.max_leases, TakeBack::Yielding, settings.tokens)
+        .with_cap(settings.max_leases_per_token)
+}
+
 impl Registry {
     /// An empty registry.
     pub(crate) fn new(settings: Settings) -> Registry {
+        let lease_shares = lease_shares(&settings);
         let nobody = Stack::new(settings.stack);
         nobody.close();
         Registry {
             tunnels: HashMap::new(),
             leases: HashMap::new(),
-            leases_per_token: HashMap::new(),
+            lease_shares,
+            lease_places: HashMap::new(),
+            lease_of_place: HashMap::new(),
             sessions: HashMap::new(),
             agents: Agents::new(settings.min_takeover_interval),
             next_session: 1,
@@ -255,8 +273,10 @@ impl Registry {
             if tunnel.owner != Owner::Session(id) {
                 continue;
             }
-            if tunnel.lease.is_some() {
+            if let Some(agent) = tunnel.lease {
                 tunnel.owner = Owner::Away { until };
+                let key = (agent, tunnel.port);
+                self.yield_lease(key, true);
             } else {
                 self.tunnels.remove(hostname);
             }
@@ -319,6 +339,8 @@ impl Registry {
         }
         tunnel.owner = Owner::Session(id);
         tunnel.connections = AddressPool::new(self.max_connections_per_tunnel);
+        self.yield_lease(key, false);
+        let tunnel = &self.tunnels[&hostname];
         let forwarded = Forwarded {
             request_id: request.request_id,
             port: request.port,
