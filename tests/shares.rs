@@ -9,9 +9,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
+use portferry::agent::Agent;
 use portferry::token::Token;
 use portferry::wire::{ErrorCode, NEW_AGENT};
-use portferry::Limit;
+use portferry::{Error, Limit};
 use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 
@@ -19,6 +20,20 @@ const STEP: Duration = Duration::from_secs(10);
 
 fn loopback(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// The first of `n` consecutive loopback ports that were free a moment ago, below the
+/// ephemeral range.
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = 12_000 + rand::random::<u16>() % 8_000;
+        let held: Result<Vec<_>, _> = (first..first + n)
+            .map(|port| std::net::TcpListener::bind(("127.0.0.1", port)))
+            .collect();
+        if held.is_ok() {
+            return first;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,4 +197,46 @@ async fn agent_sessions_are_shared_by_token_and_within_a_token_by_address() {
     first.until_closed(STEP).await;
     fx.until_stats("four sessions", |s| s.agent_sessions == 4)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_ports_are_shared_by_token() {
+    let other = Token::generate();
+    let tokens = other.clone();
+    let first_port = free_ports(4);
+    let fx = Fixture::start_with(STEP, move |config| {
+        config.tokens.push(tokens);
+        config.tcp_ports = first_port..=first_port + 3;
+    })
+    .await;
+    // One token's agent takes its two of the four ports, and is refused a third by name.
+    let greedy = fx.agent().await;
+    let service = echo_service().await;
+    let mut held = Vec::new();
+    for port in [service.port(), 1, 2] {
+        let options = unencrypted().local_addr(service);
+        held.push(greedy.forward_with(port, options).await);
+    }
+    match held.pop().unwrap() {
+        Err(Error::LimitReached { limit, .. }) => assert_eq!(limit, Limit::TcpPorts),
+        other => panic!("expected a refusal at tcp_ports, got {other:?}"),
+    }
+    // The other token's agent gets its two.
+    let agent = timeout(STEP, Agent::connect(fx.agent_config_with(other)))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut kept = Vec::new();
+    for port in [service.port(), 1] {
+        let tunnel = agent
+            .forward_with(port, unencrypted().local_addr(service))
+            .await
+            .unwrap();
+        let (_, tcp_port) = tunnel.tcp_socket().unwrap();
+        assert!((first_port..=first_port + 3).contains(&tcp_port));
+        let client = connect_from(loopback(1), SocketAddr::new(loopback(1), tcp_port));
+        let client = timeout(STEP, client).await.unwrap().unwrap();
+        assert_eq!(exchange(STEP, client, b"hi").await.unwrap(), b"hi");
+        kept.push(tunnel);
+    }
 }

@@ -20,9 +20,6 @@ use super::{Phase, Shared};
 use crate::limit::Limit;
 use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
 
-/// Tries at binding a random free raw TCP port before giving up.
-const BIND_TRIES: usize = 64;
-
 /// A public connection admitted within its tunnel's and its agent's limits.
 pub(super) struct ConnectionPermit {
     /// Counts it in [`RelayStats::public_connections`](super::RelayStats::public_connections)
@@ -214,16 +211,18 @@ async fn refuse_unknown_name(mut tcp: SharedTcp) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-/// Binds a random free port of the configured range for the tunnel `hostname` and
-/// starts accepting its connections.
+/// Binds a free port of the configured range for the tunnel `hostname`, trying every
+/// port once from a random one on, and starts accepting its connections. A port is
+/// found whenever one is free, however full the range is.
 pub(super) async fn bind_tunnel_port(
     shared: &Arc<Shared>,
     hostname: &str,
 ) -> Result<TcpPort, Unbound> {
     let range = shared.config.tcp_ports.clone();
     let span = u32::from(range.end() - range.start()) + 1;
-    for _ in 0..BIND_TRIES {
-        let port = range.start() + (rand::random::<u32>() % span) as u16;
+    let first = rand::random::<u32>() % span;
+    for offset in 0..span {
+        let port = range.start() + ((first + offset) % span) as u16;
         if let Ok(listener) = TcpListener::bind((shared.config.tcp_bind, port)).await {
             return serve_tunnel_port(shared, listener, port, hostname)
                 .ok_or(Unbound::ShuttingDown);

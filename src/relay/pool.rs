@@ -79,6 +79,9 @@ pub(crate) type AddressPool = Pool<Source, Member>;
 /// A place in an [`AddressPool`].
 pub(crate) type AddressPlace = Place<Source, Member>;
 
+/// A raw TCP port's place in the relay's range, held by a token.
+pub(crate) type PortPlace = Place<usize, ()>;
+
 impl<H, M> Pool<H, M>
 where
     H: Copy + Ord + Hash + Send + 'static,
@@ -92,6 +95,12 @@ where
     /// A pool of `capacity` places, each of `known` holders kept its share.
     pub(crate) fn with_known(capacity: usize, known: usize) -> Self {
         Self::from_shares(Shares::with_known(capacity, TakeBack::Any, known))
+    }
+
+    /// A pool of `capacity` places, each of `known` holders kept its share, whose
+    /// places are never taken back.
+    pub(crate) fn reserving(capacity: usize, known: usize) -> Self {
+        Self::from_shares(Shares::with_known(capacity, TakeBack::Yielding, known))
     }
 
     fn from_shares(shares: Shares<H, M>) -> Self {

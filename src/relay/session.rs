@@ -10,6 +10,7 @@
 use tokio::time::Instant;
 
 use super::agents::Claim;
+use super::pool::PortPlace;
 use super::registry::{AgentKey, Registry, SessionId, TcpPort};
 use super::ticket::Verifier;
 use crate::limit::Limit;
@@ -167,11 +168,21 @@ pub(crate) enum Step {
 }
 
 /// An unencrypted tunnel waiting for its raw TCP port.
-#[derive(Debug)]
 pub(crate) struct PendingTunnel {
     pub(crate) request: ForwardRequest,
     /// Its hostname, which the port's acceptor routes by.
     pub(crate) hostname: String,
+    /// Its port's place in the token's share of the range.
+    place: PortPlace,
+}
+
+impl std::fmt::Debug for PendingTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTunnel")
+            .field("request", &self.request)
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a pending tunnel got no raw TCP port.
@@ -187,6 +198,8 @@ pub(crate) enum Unbound {
 #[derive(Debug)]
 pub(crate) struct Session {
     id: SessionId,
+    /// The token's place in the relay's tokens.
+    token: usize,
     /// The agent its tunnels are leased to, if they are, and its ticket's verifier.
     agent: Option<(AgentKey, Verifier)>,
 }
@@ -201,6 +214,7 @@ impl Session {
     ) -> Session {
         Session {
             id: registry.start_session(stack, admission.claim.as_ref(), now),
+            token: admission.token,
             agent: admission
                 .claim
                 .as_ref()
@@ -274,7 +288,22 @@ impl Session {
         }
         let hostname = registry.fresh_hostname();
         if request.unencrypted {
-            return Step::BindTcp(PendingTunnel { request, hostname });
+            let Some(place) = registry.tcp_port_place(self.token) else {
+                return Step::Answer(Answer::at_limit(
+                    id,
+                    Limit::TcpPorts,
+                    format!(
+                        "the agents of this token hold their share of the relay's raw TCP \
+                         ports ({})",
+                        Limit::TcpPorts
+                    ),
+                ));
+            };
+            return Step::BindTcp(PendingTunnel {
+                request,
+                hostname,
+                place,
+            });
         }
         let forwarded = registry.open(self.id, self.agent, &request, hostname, None);
         Step::Answer(Answer::frame(Frame::Forwarded(forwarded)))
@@ -287,7 +316,12 @@ impl Session {
         pending: PendingTunnel,
         tcp: Result<TcpPort, Unbound>,
     ) -> Answer {
-        let PendingTunnel { request, hostname } = pending;
+        let PendingTunnel {
+            request,
+            hostname,
+            place,
+        } = pending;
+        let tcp = tcp.map(|tcp| tcp.holding(Some(place)));
         if tcp.is_ok() {
             // Other sessions may have taken the last leases meanwhile.
             if let Some(refusal) = self.over_lease_limit(registry, request.request_id) {

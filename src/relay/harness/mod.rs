@@ -113,6 +113,7 @@ impl Harness {
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
             tokens: config.tokens.len(),
+            tcp_ports: config.tcp_ports.clone().count(),
             min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: StackConfig::relay(),

@@ -143,6 +143,7 @@ impl Registry {
             unencrypted,
             ..
         } = record;
+        let tcp = tcp.map(|tcp| tcp.holding(self.tcp_port_place(agent.1)));
         let tunnel = Tunnel {
             port,
             h2,

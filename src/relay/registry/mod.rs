@@ -21,7 +21,7 @@ mod leasing;
 use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
-use super::pool::AddressPool;
+use super::pool::{AddressPool, Pool, PortPlace};
 use super::share::{PlaceId, Shares, TakeBack};
 use super::ticket::Verifier;
 use crate::netstack::Stack;
@@ -52,6 +52,8 @@ pub(crate) struct TcpPort {
     /// The task accepting its connections, ended with the tunnel (`None`: no task, in
     /// the sans-IO harness).
     _acceptor: Option<Acceptor>,
+    /// Its place in the token's share of the range.
+    place: Option<PortPlace>,
 }
 
 impl TcpPort {
@@ -60,7 +62,14 @@ impl TcpPort {
         TcpPort {
             port,
             _acceptor: acceptor,
+            place: None,
         }
+    }
+
+    /// The port, holding `place` in its token's share of the range.
+    pub(crate) fn holding(mut self, place: Option<PortPlace>) -> TcpPort {
+        self.place = place;
+        self
     }
 }
 
@@ -125,6 +134,8 @@ pub(crate) struct Registry {
     /// Each lease's place, and back.
     lease_places: HashMap<LeaseKey, PlaceId>,
     lease_of_place: HashMap<PlaceId, LeaseKey>,
+    /// The raw TCP ports' places, shared by token (each kept its share of the range).
+    tcp_port_places: Pool<usize, ()>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// The agents known by their tickets: their newest sessions and verifiers.
     agents: Agents,
@@ -160,6 +171,8 @@ pub(crate) struct Settings {
     pub(crate) max_leases: usize,
     /// How many tokens the relay takes (each is kept its share of the leases).
     pub(crate) tokens: usize,
+    /// How many ports the raw TCP range has (each token is kept its share).
+    pub(crate) tcp_ports: usize,
     pub(crate) min_takeover_interval: std::time::Duration,
     pub(crate) lease_grace: std::time::Duration,
     /// Settings of the closed stack that routes of away agents lead to.
@@ -178,6 +191,7 @@ impl Settings {
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
             tokens: config.tokens.len(),
+            tcp_ports: config.tcp_ports.clone().count(),
             min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: config.stack.clone(),
@@ -203,6 +217,7 @@ impl Registry {
             lease_shares,
             lease_places: HashMap::new(),
             lease_of_place: HashMap::new(),
+            tcp_port_places: Pool::reserving(settings.tcp_ports, settings.tokens),
             sessions: HashMap::new(),
             agents: Agents::new(settings.min_takeover_interval),
             next_session: 1,
@@ -304,6 +319,12 @@ impl Registry {
     /// The most tunnels a session may have open.
     pub(crate) fn max_tunnels_per_agent(&self) -> usize {
         self.max_tunnels_per_agent
+    }
+
+    /// A place for one more raw TCP port of `token`'s agents; `None` if the token
+    /// holds as many as it may while others could still want theirs.
+    pub(crate) fn tcp_port_place(&self, token: usize) -> Option<PortPlace> {
+        self.tcp_port_places.admit(token, ())
     }
 
     /// Whether new tunnels may open.
