@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{retry_at_limits, Agent, AgentConfig, ForwardOptions, Tunnel};
 use portferry::relay::{Relay, RelayConfig};
 use portferry::token::Token;
 
@@ -474,7 +474,10 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         Some(to) => resolve_target(to).await?,
         None => Vec::new(),
     };
-    let Some(agent) = signals.unless(Agent::connect(config)).await else {
+    // A relay at a limit refuses for now: wait and try again; only a refused token or
+    // version ends the command.
+    let connect = retry_at_limits(|| Agent::connect(config.clone()), say_retrying);
+    let Some(agent) = signals.unless(connect).await else {
         return Ok(());
     };
     let agent = agent?;
@@ -482,7 +485,11 @@ async fn forward(args: ForwardArgs) -> Result<()> {
         .unencrypted(args.unencrypted)
         .h2(args.h2)
         .local_addrs(local_addrs);
-    let Some(tunnel) = signals.unless(agent.forward_with(args.port, options)).await else {
+    let forward = retry_at_limits(
+        || agent.forward_with(args.port, options.clone()),
+        say_retrying,
+    );
+    let Some(tunnel) = signals.unless(forward).await else {
         return Ok(());
     };
     let tunnel = tunnel?;
@@ -495,6 +502,11 @@ async fn forward(args: ForwardArgs) -> Result<()> {
     }
     signals.closing(tunnel.close()).await;
     Ok(())
+}
+
+/// Tells the user that the relay refused at a limit and when the next try is.
+fn say_retrying(refusal: &portferry::Error, delay: Duration) {
+    tracing::warn!("{refusal}; trying again in {delay:.1?}");
 }
 
 async fn demo(args: StateArgs) -> Result<()> {

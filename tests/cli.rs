@@ -617,6 +617,37 @@ async fn sigterm_closes_the_tunnel_and_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_refused_at_a_relay_limit_waits_and_gets_its_tunnel_later() {
+    let relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--max-agent-sessions",
+            "1",
+        ],
+    );
+    let service = http_service("patient").await;
+    let port = service.port().to_string();
+    let mut first = relay.forward(None, &[&port]);
+    first.lines_starting_with(&["url:"]);
+    // The relay serves its one session: the second is refused, says so, and waits.
+    let mut second = relay.forward(None, &[&port]);
+    let stderr = second.stderr_when(|e| e.contains("trying again"));
+    assert!(stderr.contains("max_agent_sessions"), "{stderr}");
+    assert!(second.child.0.try_wait().unwrap().is_none(), "{stderr}");
+    // Once the first leaves, the second gets its tunnel.
+    first.signal("TERM");
+    assert_eq!(first.exits_within(STEP).await.code(), Some(0));
+    let url = second.lines_starting_with(&["url:"]).remove(0);
+    let (host, port, _) = split_url(url.trim_start_matches("url:").trim());
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("patient"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_exits_non_zero_when_the_relay_refuses_it_on_reconnect() {
     let CliRelay {
         process,

@@ -7,9 +7,10 @@
 //! IPv6 /64, or an agent). While places are free, anyone takes one, except that a pool
 //! of known holders (tokens) keeps each of them its share, `capacity / holders`, until
 //! it uses it. At the limit, a newcomer takes a place back from the holder of the most
-//! if it holds fewer; within its own holder, from the member of the most if its member
-//! holds fewer. So a holder never keeps more than others while they wait: shares even
-//! out under pressure, and no first-come flood locks anyone out.
+//! if, with it, it still holds fewer than that holder did; within its own holder, from
+//! the member of the most on the same terms. So a holder never keeps more than others
+//! while they wait: shares even out under pressure, no first-come flood locks anyone
+//! out, and two holders never take the same place back and forth.
 //!
 //! The place taken back is the victim's oldest *yielding* place (a handshake past its
 //! first deadline, a lease of an agent that is away), else — in pools whose places can
@@ -242,8 +243,9 @@ where
     }
 
     /// The place to take back for a newcomer of `member` of `holder`, if any: from the
-    /// richest holder that holds more than `holder` and has a place to give, else from
-    /// the richest member of `holder` that holds more than `member` and has one.
+    /// richest holder that holds more than `holder` will with the place and has a place
+    /// to give, else from the richest member of `holder` that holds more than `member`
+    /// will and has one.
     fn victim(&self, holder: H, member: M) -> Option<PlaceId> {
         let own = self.held_by(holder);
         if own < self.cap {
@@ -251,7 +253,7 @@ where
                 .by_count
                 .iter()
                 .rev()
-                .take_while(|(count, _)| *count > own)
+                .take_while(|(count, _)| *count > own + 1)
                 .filter(|(_, other)| *other != holder)
                 .find_map(|(_, other)| self.holders[other].all.victim(self.take_back));
             if from_holders.is_some() {
@@ -263,7 +265,7 @@ where
         let mut richer: Vec<&Held> = entry
             .members
             .iter()
-            .filter(|(m, held)| **m != member && held.count() > own_member)
+            .filter(|(m, held)| **m != member && held.count() > own_member + 1)
             .map(|(_, held)| held)
             .collect();
         richer.sort_by_key(|held| std::cmp::Reverse(held.count()));
@@ -336,6 +338,10 @@ mod tests {
         assert!(matches!(pool.admit(3, 0), Admission::TakenBack { .. }));
         assert_eq!(pool.in_use(), 4);
         assert_eq!(pool.held_by(3), 1);
+        // The holder it took from now holds one too: it takes nothing back either, so
+        // no place goes back and forth.
+        assert_eq!(pool.held_by(2), 1);
+        assert_eq!(pool.admit(2, 0), Admission::Refused);
         // Releasing frees a place for anyone.
         pool.release(flood[2]);
         assert!(matches!(pool.admit(1, 0), Admission::Taken(_)));
