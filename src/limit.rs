@@ -31,6 +31,8 @@ pub enum Limit {
     TcpPorts,
     /// Time between two takeovers of one agent's session (`min_takeover_interval`).
     TakeoverInterval,
+    /// Public connections of the whole relay (`max_connections`).
+    Connections,
     /// A limit this build does not know, by its number on the wire; 0 from a relay too
     /// old to name its limits.
     Unknown(u8),
@@ -38,7 +40,7 @@ pub enum Limit {
 
 impl Limit {
     /// Every named limit, in the order of their numbers.
-    pub const ALL: [Limit; 10] = [
+    pub const ALL: [Limit; 11] = [
         Limit::PendingHandshakes,
         Limit::PendingAgentHandshakes,
         Limit::AgentSessions,
@@ -49,6 +51,7 @@ impl Limit {
         Limit::LeasesPerToken,
         Limit::TcpPorts,
         Limit::TakeoverInterval,
+        Limit::Connections,
     ];
 
     /// The name of its setting in [`RelayConfig`](crate::relay::RelayConfig), like
@@ -65,6 +68,7 @@ impl Limit {
             Limit::LeasesPerToken => "max_leases_per_token",
             Limit::TcpPorts => "tcp_ports",
             Limit::TakeoverInterval => "min_takeover_interval",
+            Limit::Connections => "max_connections",
             Limit::Unknown(_) => "an unknown limit",
         }
     }
@@ -80,6 +84,7 @@ impl Limit {
             Limit::Leases => "--max-leases",
             Limit::LeasesPerToken => "--max-leases-per-token",
             Limit::TcpPorts => "--tcp-ports",
+            Limit::Connections => "--max-connections",
             Limit::TakeoverInterval | Limit::Unknown(_) => return None,
         })
     }
@@ -129,7 +134,7 @@ mod tests {
             assert_eq!(Limit::from_code(limit.code()), limit);
         }
         assert_eq!(Limit::LeasesPerToken.code(), 8, "numbers never change");
-        for code in [0, 11, 255] {
+        for code in [0, 12, 255] {
             assert_eq!(Limit::from_code(code), Limit::Unknown(code));
             assert_eq!(Limit::Unknown(code).code(), code);
         }

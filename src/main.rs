@@ -97,21 +97,28 @@ struct RelayArgs {
     /// Tunnels one agent may have open at once; more are refused (LIMIT_REACHED).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_TUNNELS_PER_AGENT, value_parser = parse_limit)]
     max_tunnels_per_agent: usize,
-    /// Public connections (TLS and raw TCP) one tunnel may have open at once; more are
-    /// closed (TLS) or reset (raw TCP).
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL, value_parser = parse_limit)]
-    max_connections_per_tunnel: usize,
-    /// Public connections all tunnels of one agent may have open at once; more are
-    /// closed (TLS) or reset (raw TCP).
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_AGENT, value_parser = parse_limit)]
-    max_connections_per_agent: usize,
-    /// Public TLS handshakes in progress at once (one address may hold half); more
-    /// are closed at once. Agents' handshakes have a pool of their own, as large.
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_limit)]
-    max_pending_handshakes: usize,
-    /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_AGENT_SESSIONS, value_parser = parse_limit)]
-    max_agent_sessions: usize,
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once, shared by
+    /// source address (at the limit, an address holding fewer takes one back from the
+    /// address holding the most) [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections_per_tunnel: Option<usize>,
+    /// Public connections all tunnels of one agent may have open at once, shared the
+    /// same way [default: 10000, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections_per_agent: Option<usize>,
+    /// Public connections of the whole relay, shared the same way [default: 60000, or
+    /// what `ulimit -n` leaves after the agents' share and a reserve].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections: Option<usize>,
+    /// Public TLS handshakes in progress at once, shared the same way (first to go: one
+    /// without its ClientHello after 2.5 s). Agents' handshakes have a pool of their
+    /// own, as large [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_pending_handshakes: Option<usize>,
+    /// Agents connected at once, shared by token; more are refused (LIMIT_REACHED) and
+    /// retry later [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_agent_sessions: Option<usize>,
     /// Tunnel leases (kept for a reconnecting agent) the agents of one token may hold at
     /// once; a tunnel beyond it is refused (LIMIT_REACHED).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES_PER_TOKEN, value_parser = parse_limit)]
@@ -207,6 +214,36 @@ fn return_big_buffers_to_the_os() {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as far as the system lets it;
+/// the soft limit then in force (`u64::MAX`: none known).
+fn raise_open_files_limit() -> u64 {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return u64::MAX;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        limit.rlim_cur
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    u64::MAX
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     return_big_buffers_to_the_os();
@@ -298,11 +335,30 @@ async fn relay(args: RelayArgs) -> Result<()> {
     // Leases survive a restart, so agents that reconnect keep their URLs.
     config.lease_file = Some(state.join("leases"));
     config.max_tunnels_per_agent = args.max_tunnels_per_agent;
-    config.max_connections_per_tunnel = args.max_connections_per_tunnel;
-    config.max_connections_per_agent = args.max_connections_per_agent;
-    config.max_pending_handshakes = args.max_pending_handshakes;
-    config.max_pending_agent_handshakes = args.max_pending_handshakes;
-    config.max_agent_sessions = args.max_agent_sessions;
+    // The limits whose pools hold file descriptors fit what the process may open; a
+    // limit set by a flag is taken as given.
+    let open_files = raise_open_files_limit();
+    tracing::info!(open_files, "open-file limit");
+    config.fit_open_files(open_files);
+    let set = |limit: &mut usize, flag: Option<usize>| *limit = flag.unwrap_or(*limit);
+    set(
+        &mut config.max_connections_per_tunnel,
+        args.max_connections_per_tunnel,
+    );
+    set(
+        &mut config.max_connections_per_agent,
+        args.max_connections_per_agent,
+    );
+    set(&mut config.max_connections, args.max_connections);
+    set(
+        &mut config.max_pending_handshakes,
+        args.max_pending_handshakes,
+    );
+    set(
+        &mut config.max_pending_agent_handshakes,
+        args.max_pending_handshakes,
+    );
+    set(&mut config.max_agent_sessions, args.max_agent_sessions);
     config.max_leases_per_token = args.max_leases_per_token;
     config.max_leases = args.max_leases;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);

@@ -61,6 +61,10 @@ pub struct RelayConfig {
     /// Public connections all tunnels of one agent session may have open at once,
     /// shared by source address in the same way.
     pub max_connections_per_agent: usize,
+    /// Public connections the whole relay may have open at once, shared by source
+    /// address in the same way: each holds a file descriptor, and the relay keeps
+    /// enough for its agents ([`fit_open_files`](Self::fit_open_files)).
+    pub max_connections: usize,
     /// TLS handshakes in progress on the public port, shared by source address in the
     /// same way: at the limit, a newcomer from an address holding fewer closes a
     /// handshake of the address holding the most — first one that has not sent its
@@ -123,6 +127,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_CONNECTIONS_PER_TUNNEL: usize = 1024;
     /// Default of [`max_connections_per_agent`](Self::max_connections_per_agent).
     pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 10_000;
+    /// Default of [`max_connections`](Self::max_connections).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 60_000;
     /// Default of [`max_pending_handshakes`](Self::max_pending_handshakes).
     pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
     /// Default of [`max_pending_agent_handshakes`](Self::max_pending_agent_handshakes).
@@ -166,6 +172,7 @@ impl RelayConfig {
             max_tunnels_per_agent: Self::DEFAULT_MAX_TUNNELS_PER_AGENT,
             max_connections_per_tunnel: Self::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL,
             max_connections_per_agent: Self::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
@@ -228,9 +235,36 @@ impl RelayConfig {
             Limit::Leases => self.max_leases,
             Limit::LeasesPerToken => self.max_leases_per_token,
             Limit::TcpPorts => self.tcp_ports.clone().count(),
+            Limit::Connections => self.max_connections,
             Limit::TakeoverInterval | Limit::Unknown(_) => return None,
         })
     }
+
+    /// Lowers the limits whose pools hold file descriptors so that together they fit
+    /// `open_files` (the process's limit, `RLIMIT_NOFILE`), keeping
+    /// [`RESERVED_FILES`](Self::RESERVED_FILES) for the relay's own files and listeners:
+    /// an eighth of the rest each for agent sessions, agents' handshakes and public
+    /// handshakes, and what remains for public connections. A limit already lower
+    /// stays.
+    pub fn fit_open_files(&mut self, open_files: u64) {
+        let usable = usize::try_from(open_files)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(Self::RESERVED_FILES)
+            .max(8);
+        let eighth = usable / 8;
+        let lower = |limit: &mut usize, to: usize| *limit = (*limit).min(to.max(1));
+        lower(&mut self.max_agent_sessions, eighth);
+        lower(&mut self.max_pending_agent_handshakes, eighth);
+        lower(&mut self.max_pending_handshakes, eighth);
+        let connections = usable - 3 * eighth;
+        lower(&mut self.max_connections, connections);
+        lower(&mut self.max_connections_per_agent, connections);
+        lower(&mut self.max_connections_per_tunnel, connections);
+    }
+
+    /// File descriptors [`fit_open_files`](Self::fit_open_files) keeps out of every
+    /// pool: listeners, the lease file, certificates, raw TCP ports of a few tunnels.
+    pub const RESERVED_FILES: usize = 128;
 
     /// How the edge splices its public connections.
     pub(super) fn splice_options(&self) -> SpliceOptions {
@@ -363,3 +397,44 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::PrivateKeyDer;
+
+    /// Settings whose identity is never used.
+    fn settings() -> RelayConfig {
+        let identity = ServerIdentity {
+            cert_chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(Vec::new().into()),
+        };
+        RelayConfig::local(identity, vec![Token::new("t")], 0, 0)
+    }
+
+    #[test]
+    fn the_pools_holding_files_fit_the_open_file_limit() {
+        let mut config = settings();
+        config.fit_open_files(1024);
+        let pools = config.max_agent_sessions
+            + config.max_pending_agent_handshakes
+            + config.max_pending_handshakes
+            + config.max_connections;
+        assert_eq!(pools, 1024 - RelayConfig::RESERVED_FILES);
+        assert_eq!(config.max_agent_sessions, 112);
+        assert!(config.max_connections_per_tunnel <= config.max_connections);
+        // A limit already lower stays; no limit known changes nothing.
+        config.max_agent_sessions = 3;
+        config.fit_open_files(1024);
+        assert_eq!(config.max_agent_sessions, 3);
+        let mut unlimited = settings();
+        unlimited.fit_open_files(u64::MAX);
+        assert_eq!(
+            unlimited.max_connections,
+            RelayConfig::DEFAULT_MAX_CONNECTIONS
+        );
+        // Even a tiny limit leaves every pool a place.
+        config.fit_open_files(10);
+        assert!(Limit::ALL.iter().all(|l| config.limit(*l) != Some(0)));
+    }
+}

@@ -13,6 +13,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::accept::AcceptErrors;
 use super::pool::AddressPlace;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
@@ -38,16 +39,19 @@ pub(super) struct ConnectionPermit {
 ///
 /// [`Stack::connect_holding`]: crate::netstack::Stack::connect_holding
 struct Places {
+    relay: AddressPlace,
     tunnel: AddressPlace,
     agent: AddressPlace,
 }
 
 impl Places {
-    /// Completes once either place is taken back.
+    /// Completes once any of the places is taken back.
     fn taken_back(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let relay = self.relay.taken_back();
         let (tunnel, agent) = (self.tunnel.taken_back(), self.agent.taken_back());
         async move {
             tokio::select! {
+                () = relay => {}
                 () = tunnel => {}
                 () = agent => {}
             }
@@ -69,19 +73,29 @@ impl Route {
     /// address holding the most if it must, or counts a refusal if its address holds
     /// as many as anyone.
     fn admit(&self, shared: &Arc<Shared>, from: IpAddr) -> Option<ConnectionPermit> {
-        let admitted = match self.tunnel_connections.admit_from(Some(from)) {
-            None => Err(Limit::ConnectionsPerTunnel),
-            Some(tunnel) => match self.agent_connections.admit_from(Some(from)) {
-                None => Err(Limit::ConnectionsPerAgent),
-                Some(agent) => Ok((tunnel, agent)),
-            },
-        };
+        let from = Some(from);
+        let admitted = shared
+            .connections
+            .admit_from(from)
+            .ok_or(Limit::Connections)
+            .and_then(|relay| {
+                let tunnel = self.tunnel_connections.admit_from(from);
+                Ok((relay, tunnel.ok_or(Limit::ConnectionsPerTunnel)?))
+            })
+            .and_then(|(relay, tunnel)| {
+                let agent = self.agent_connections.admit_from(from);
+                Ok((relay, tunnel, agent.ok_or(Limit::ConnectionsPerAgent)?))
+            });
         match admitted {
-            Ok((tunnel, agent)) => {
+            Ok((relay, tunnel, agent)) => {
                 shared.public_connections.fetch_add(1, Ordering::Relaxed);
                 Some(ConnectionPermit {
                     counted: Counted(shared.clone()),
-                    places: Places { tunnel, agent },
+                    places: Places {
+                        relay,
+                        tunnel,
+                        agent,
+                    },
                 })
             }
             Err(limit) => {
@@ -250,15 +264,20 @@ pub(super) fn serve_tunnel_port(
 /// drains.
 async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: String) {
     let mut phase = shared.phase.subscribe();
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
         };
-        let Ok((stream, from)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (stream, from) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                errors.failed("a raw TCP port", error).await;
+                continue;
+            }
         };
+        errors.accepted();
         // Looked up per connection: a reconnected agent's session takes the route over.
         let Some(route) = shared.route(&hostname) else {
             let _ = stream.set_zero_linger();

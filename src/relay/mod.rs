@@ -145,6 +145,8 @@ struct Shared {
     session_slots: Pool<usize, Source>,
     /// Public connections admitted and not yet ended.
     public_connections: AtomicUsize,
+    /// Places for public connections ([`RelayConfig::max_connections`]).
+    connections: AddressPool,
     counters: Counters,
     phase: watch::Sender<Phase>,
     tasks: TaskSet,
@@ -222,6 +224,7 @@ impl Relay {
                 agent_handshakes: AddressPool::new(config.max_pending_agent_handshakes),
                 session_slots: Pool::with_known(config.max_agent_sessions, config.tokens.len()),
                 public_connections: AtomicUsize::new(0),
+                connections: AddressPool::new(config.max_connections),
                 counters: Counters::default(),
                 phase: watch::Sender::new(Phase::Running),
                 tasks: TaskSet::default(),
