@@ -126,6 +126,10 @@ struct RelayArgs {
     /// Tunnel leases the relay holds at once, all tokens together; the same.
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES, value_parser = parse_limit)]
     max_leases: usize,
+    /// MiB of socket buffers all agent sessions together may hold before windows stop
+    /// growing [default: a quarter of the machine's memory].
+    #[arg(long, value_name = "MIB", value_parser = parse_limit)]
+    buffer_budget: Option<usize>,
     /// Seconds a connection may take for its TLS handshake (an agent: TLS and hello
     /// together) before it is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
@@ -359,6 +363,9 @@ async fn relay(args: RelayArgs) -> Result<()> {
         args.max_pending_handshakes,
     );
     set(&mut config.max_agent_sessions, args.max_agent_sessions);
+    if let Some(mib) = args.buffer_budget {
+        config.buffer_budget = mib.saturating_mul(1024 * 1024);
+    }
     config.max_leases_per_token = args.max_leases_per_token;
     config.max_leases = args.max_leases;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);

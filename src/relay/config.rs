@@ -112,6 +112,12 @@ pub struct RelayConfig {
     /// is written mode 0600, atomically and fsynced, by a thread of its own, shortly after
     /// each change. `None`: leases live in memory.
     pub lease_file: Option<PathBuf>,
+    /// Bytes of socket buffers all sessions' stacks together may hold before windows
+    /// stop growing (each stack also keeps to its own
+    /// [`StackConfig::buffer_budget`]): new connections still get their small initial
+    /// buffers, and a stalled one is ended by the [`idle_timeout`](Self::idle_timeout).
+    /// By default a quarter of the machine's memory ([`machine_buffer_budget`]).
+    pub buffer_budget: usize,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -183,6 +189,7 @@ impl RelayConfig {
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
+            buffer_budget: machine_buffer_budget(),
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
@@ -214,6 +221,11 @@ impl RelayConfig {
         ];
         if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero { setting });
+        }
+        if self.buffer_budget == 0 {
+            return Err(ConfigError::Zero {
+                setting: "buffer_budget",
+            });
         }
         if let Some(limit) = Limit::ALL.into_iter().find(|l| self.limit(*l) == Some(0)) {
             return Err(ConfigError::Zero {
@@ -278,6 +290,21 @@ impl RelayConfig {
             None => self.domain.clone(),
         }
     }
+}
+
+/// The default relay-wide buffer budget ([`RelayConfig::buffer_budget`]): a quarter of
+/// the machine's memory (`MemTotal` of `/proc/meminfo`), at least 64 MiB; 1 GiB where
+/// that is not known.
+pub fn machine_buffer_budget() -> usize {
+    const MIB: usize = 1024 * 1024;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| {
+            let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    total.map_or(1024 * MIB, |bytes| (bytes / 4).max(64 * MIB))
 }
 
 /// A snapshot of a relay's gauges and counters ([`RelayHandle::stats`]). Counters
@@ -354,6 +381,7 @@ fn flag(setting: &str) -> &'static str {
         "public_tls_addr" => "--public-addr",
         "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
         "handshake_timeout" => "--handshake-timeout",
+        "buffer_budget" => "--buffer-budget",
         _ => "no flag",
     }
 }

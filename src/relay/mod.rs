@@ -92,11 +92,11 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
-pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
+pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
 use crate::limit::Limit;
-use crate::netstack::{lock, StackStats};
+use crate::netstack::{lock, SharedBudget, StackStats};
 use accept::{accept_loop, Handshakes};
 use pool::{AddressPool, Pool, Source};
 use registry::{Registry, Route};
@@ -182,8 +182,10 @@ impl Relay {
     ///
     /// Fails with [`ConfigError`] (as [`Error::RelayConfig`]) for settings that cannot
     /// work ([`RelayConfig::validate`]) or an address that cannot be listened on.
-    pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
+    pub async fn bind(mut config: RelayConfig) -> Result<Relay, Error> {
         config.validate()?;
+        // Every session's stack grows its windows within the relay's budget too.
+        config.stack.shared_budget = Some(SharedBudget::new(config.buffer_budget));
         let listen = |setting: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
