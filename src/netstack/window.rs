@@ -16,8 +16,10 @@
 //! - **Send side**: when the writer has filled the send buffer and the buffer is
 //!   smaller than twice the peer's window, it grows to that: a window in flight and as
 //!   much read ahead, so the source is never the step the transfer waits on.
-//! - **Idle**: after [`IDLE_SHRINK`] without a byte moving, with both buffers empty,
-//!   they go back to their initial size (the receive window retracted that way is
+//! - **Idle or stalled**: after [`IDLE_SHRINK`] without a byte moving, each buffer goes
+//!   back to its initial size, or, if it holds bytes nobody takes (a reader that
+//!   stopped), to the power of two that holds them: a stalled connection keeps what it
+//!   holds, not the window it grew to (the receive window retracted that way is
 //!   advertised at once; should the peer have sent into the old window meanwhile, that
 //!   data is trimmed and retransmitted).
 //! - **Budget**: growth is taken from the stack's [`Budget`], and from the budget its
@@ -219,11 +221,21 @@ impl Tuning {
     }
 
     /// When the flow must be looked at again to shrink its buffers, if they are larger
-    /// than the initial ones.
+    /// than what they would shrink to.
     pub(crate) fn poll_at(&self, socket: &tcp::Socket<'static>) -> Option<Instant> {
-        let grown =
-            socket.recv_capacity() > self.sizes.rx || socket.send_capacity() > self.sizes.tx;
+        let (rx, tx) = self.shrunk_sizes();
+        let grown = socket.recv_capacity() > rx || socket.send_capacity() > tx;
         grown.then(|| self.last_active + Duration::from(IDLE_SHRINK))
+    }
+
+    /// What the buffers shrink to: their initial sizes, or the power of two that holds
+    /// what they hold.
+    fn shrunk_sizes(&self) -> (usize, usize) {
+        let fit = |initial: usize, held: usize| match held {
+            0 => initial,
+            held => initial.max(held.next_power_of_two()),
+        };
+        (fit(self.sizes.rx, self.rx_len), fit(self.sizes.tx, self.tx_len))
     }
 
     fn measure_rtt(&mut self, socket: &tcp::Socket<'static>, now: Instant) {
@@ -279,18 +291,14 @@ impl Tuning {
         }
     }
 
-    /// Shrinks both buffers to their initial size if both are empty. A send buffer
-    /// that holds data means a connection that is stalled, not idle: its peer may still
-    /// be sending into the window a shrink would retract.
+    /// Shrinks both buffers to [`shrunk_sizes`](Self::shrunk_sizes).
     fn shrink(&mut self, socket: &mut tcp::Socket<'static>) {
-        if self.rx_len > 0 || self.tx_len > 0 {
-            return;
+        let (rx, tx) = self.shrunk_sizes();
+        if socket.recv_capacity() > rx {
+            self.resize(socket, Side::Rx, rx);
         }
-        if socket.recv_capacity() > self.sizes.rx {
-            self.resize(socket, Side::Rx, self.sizes.rx);
-        }
-        if socket.send_capacity() > self.sizes.tx {
-            self.resize(socket, Side::Tx, self.sizes.tx);
+        if socket.send_capacity() > tx {
+            self.resize(socket, Side::Tx, tx);
         }
     }
 
