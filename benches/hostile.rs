@@ -16,11 +16,15 @@
 //! - `idle`: [`IDLE_CLIENTS`] clients send to the service that never reads, half-close,
 //!   and wait; how many of their connections the relay has ended after a while (item 4);
 //! - `memory`: on a fresh relay, the relay's and a CLI agent's resident memory before, at
-//!   the peak of and after a burst of downloads (item 10).
+//!   the peak of and after a burst of downloads (item 10);
+//! - `shares` (issue 21, in `hostile/shares.rs`): on a fresh relay, a two-address
+//!   handshake flood, one address holding a tunnel's slots, clients that read then
+//!   stall (with and without a trickle), and a session flood of the token, each beside
+//!   that relay's baseline.
 //!
 //! Every line is a ratio or a count next to the same run's baseline. Environment:
 //! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build,
-//! `HOSTILE_ONLY=memory` to run only the memory phase, and
+//! `HOSTILE_ONLY=memory` or `HOSTILE_ONLY=shares` to run only that phase, and
 //! `HOSTILE_RELAY_ARGS` (space-separated relay flags, default [`RELAY_ARGS`]; set it
 //! empty for a build without `--idle-timeout`).
 
@@ -72,9 +76,18 @@ fn main() {
     runtime.block_on(run());
 }
 
+#[path = "hostile/shares.rs"]
+mod shares;
+
 async fn run() {
-    if std::env::var("HOSTILE_ONLY").as_deref() != Ok("memory") {
+    let only = std::env::var("HOSTILE_ONLY").ok();
+    if only.as_deref() == Some("shares") {
+        shares::shares().await;
+        return;
+    }
+    if only.as_deref() != Some("memory") {
         attacks().await;
+        shares::shares().await;
     }
     // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
     let relay = RelayProcess::start().await;
