@@ -70,7 +70,10 @@ pub async fn shares() {
     }
     let during = legit(&tls, &echo).await;
     during.print("two-address handshake flood", Some(&baseline));
-    println!("two-address handshake flood: {} connections opened", held.len());
+    println!(
+        "two-address handshake flood: {} connections opened",
+        held.len()
+    );
     drop(held);
 
     let mut slots = Vec::new();
@@ -83,7 +86,10 @@ pub async fn shares() {
     }
     let during = legit(&tls, &echo).await;
     during.print("one-address slot hold", Some(&baseline));
-    println!("one-address slot hold: {} idle TLS connections", slots.len());
+    println!(
+        "one-address slot hold: {} idle TLS connections",
+        slots.len()
+    );
     drop(slots);
 
     for trickle in [false, true] {

@@ -38,8 +38,11 @@
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
 //! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel, each until its inner flow is gone, shared by source address | a newcomer from an address holding fewer ends the oldest connection of the address holding the most; else a TLS connection is closed after its ClientHello, a raw TCP one reset |
 //! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels, shared by source address | the same |
-//! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel gets `LIMIT_REACHED` |
-//! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens | the same |
+//! | [`max_connections`](RelayConfig::max_connections) | public connections of the relay, shared by source address | the same |
+//! | [`tcp_ports`](RelayConfig::tcp_ports) | raw TCP ports, shared by token (each kept its share) | the `Forward` gets `LIMIT_REACHED` |
+//! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel takes back the oldest lease of an away agent of the token holding the most, or gets `LIMIT_REACHED` |
+//! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens, shared by token (each kept its share) | the same |
+//! | [`buffer_budget`](RelayConfig::buffer_budget) | socket buffers of all sessions' stacks | windows stop growing |
 //!
 //! Before it is authenticated, a connection to the agent endpoint gets one deadline,
 //! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
