@@ -56,11 +56,11 @@ use libfuzzer_sys::fuzz_target;
 use portferry::relay::harness::{Harness, HarnessConfig, LinkId, Served};
 use portferry::relay::{LOCAL_DOMAIN, MAX_HELLO_LEN};
 use portferry::token::Token;
-use portferry::Limit;
 use portferry::wire::{
     handshake, ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, Welcome, HEADER_LEN,
     NEW_AGENT, PROTOCOL_VERSION, TICKET_LEN,
 };
+use portferry::Limit;
 use shared::Input;
 use tokio::runtime::Runtime;
 
