@@ -74,18 +74,29 @@ impl Route {
     /// as many as anyone.
     fn admit(&self, shared: &Arc<Shared>, from: IpAddr) -> Option<ConnectionPermit> {
         let from = Some(from);
-        let admitted = shared
-            .connections
-            .admit_from(from)
-            .ok_or(Limit::Connections)
-            .and_then(|relay| {
-                let tunnel = self.tunnel_connections.admit_from(from);
-                Ok((relay, tunnel.ok_or(Limit::ConnectionsPerTunnel)?))
-            })
-            .and_then(|(relay, tunnel)| {
-                let agent = self.agent_connections.admit_from(from);
-                Ok((relay, tunnel, agent.ok_or(Limit::ConnectionsPerAgent)?))
-            });
+        let pools = [
+            (&shared.connections, Limit::Connections),
+            (&self.tunnel_connections, Limit::ConnectionsPerTunnel),
+            (&self.agent_connections, Limit::ConnectionsPerAgent),
+        ];
+        // Checked in all three first, so that no place is taken back from anyone for
+        // a connection that another pool then refuses.
+        let refused = pools.iter().find(|(pool, _)| !pool.would_admit_from(from));
+        let admitted = match refused {
+            Some((_, limit)) => Err(*limit),
+            None => shared
+                .connections
+                .admit_from(from)
+                .ok_or(Limit::Connections)
+                .and_then(|relay| {
+                    let tunnel = self.tunnel_connections.admit_from(from);
+                    Ok((relay, tunnel.ok_or(Limit::ConnectionsPerTunnel)?))
+                })
+                .and_then(|(relay, tunnel)| {
+                    let agent = self.agent_connections.admit_from(from);
+                    Ok((relay, tunnel, agent.ok_or(Limit::ConnectionsPerAgent)?))
+                }),
+        };
         match admitted {
             Ok((relay, tunnel, agent)) => {
                 shared.public_connections.fetch_add(1, Ordering::Relaxed);

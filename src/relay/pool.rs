@@ -139,6 +139,11 @@ where
     pub(crate) fn in_use(&self) -> usize {
         lock(&self.state).shares.in_use()
     }
+
+    /// Whether [`admit`](Self::admit) would give `member` of `holder` a place now.
+    pub(crate) fn would_admit(&self, holder: H, member: M) -> bool {
+        lock(&self.state).shares.would_admit(holder, member)
+    }
 }
 
 impl AddressPool {
@@ -146,6 +151,12 @@ impl AddressPool {
     pub(crate) fn admit_from(&self, ip: Option<IpAddr>) -> Option<AddressPlace> {
         let (source, member) = Source::of(ip);
         self.admit(source, member)
+    }
+
+    /// Whether [`admit_from`](Self::admit_from) would give `ip` a place now.
+    pub(crate) fn would_admit_from(&self, ip: Option<IpAddr>) -> bool {
+        let (source, member) = Source::of(ip);
+        self.would_admit(source, member)
     }
 }
 
