@@ -139,7 +139,7 @@ async fn attacks() {
 
     // Item 5: a ClientHello alone must not open a connection to the service.
     let before = opened.load(Ordering::Relaxed);
-    let flood = hello_flood(public, &tls, counted.tls_socket().0).await;
+    let flood = hello_flood(public, &tls, &counted.tls_socket().0).await;
     let during = legit(&tls, &echo).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     during.print("hello", Some(&baseline));
@@ -409,7 +409,7 @@ async fn legit(tls: &TlsConnector, tunnel: &Tunnel) -> Legit {
         let mut results = Vec::new();
         while next.fetch_add(1, Ordering::Relaxed) < LEGIT {
             let start = Instant::now();
-            let ok = timeout(LEGIT_LIMIT, echo_once(tls, port, host)).await;
+            let ok = timeout(LEGIT_LIMIT, echo_once(tls, port, &host)).await;
             results.push(matches!(ok, Ok(Ok(()))).then(|| start.elapsed()));
         }
         results

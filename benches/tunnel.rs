@@ -10,6 +10,11 @@
 //! round trip after it arrived, each way; no root needed) and measures single-stream
 //! throughput of the raw TCP and HTTPS tunnels against what the same delay line carries
 //! for one plain TCP stream in the same run.
+//!
+//! Both tables give latency under load: 64-byte round trips on one connection while
+//! another connection of the same agent echoes bulk data both ways, beside the idle
+//! round trips of the same run (and of direct TCP, or the plain delay line, under the
+//! same load).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,6 +30,8 @@ use tokio_rustls::TlsConnector;
 
 /// Round trips timed per latency figure.
 const ROUND_TRIPS: usize = 2_000;
+/// Round trips timed per latency figure across a delay line.
+const DELAYED_ROUND_TRIPS: usize = 200;
 /// New connections timed per setup figure.
 const CONNECTIONS: usize = 300;
 /// `forward()` calls timed.
@@ -122,7 +129,7 @@ async fn run() {
     let echo_raw = raw_addr(&echo_tunnel);
     let sink_raw = raw_addr(&sink_tunnel);
     if let Some(rtt) = rtt {
-        return across_delay_line(&setup, &sink_tunnel, bulk, rtt).await;
+        return across_delay_line(&setup, &sink_tunnel, &echo_tunnel, bulk, rtt).await;
     }
 
     println!(
@@ -143,9 +150,13 @@ async fn run() {
     row_cpu("CPU time per GiB, HTTPS tunnel", &direct, &https);
     memory_after_bulk(&setup, bulk, echo_raw).await;
 
-    let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap()).await;
-    let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
-    let https = round_trips(tls_connect(&setup, &echo_tunnel).await.unwrap()).await;
+    let direct = round_trips(TcpStream::connect(setup.echo).await.unwrap(), ROUND_TRIPS).await;
+    let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap(), ROUND_TRIPS).await;
+    let https = round_trips(
+        tls_connect(&setup, &echo_tunnel).await.unwrap(),
+        ROUND_TRIPS,
+    )
+    .await;
     row_time(
         "64-byte round trip p50, raw TCP tunnel",
         direct.p(50),
@@ -160,6 +171,18 @@ async fn run() {
         "64-byte round trip p50, HTTPS tunnel",
         direct.p(50),
         https.p(50),
+    );
+    let direct = round_trips_under_load(ROUND_TRIPS, || TcpStream::connect(setup.echo)).await;
+    let raw = round_trips_under_load(ROUND_TRIPS, || TcpStream::connect(echo_raw)).await;
+    row_time(
+        "round trip p50 under load, raw TCP",
+        direct.p(50),
+        raw.p(50),
+    );
+    row_time(
+        "round trip p99 under load, raw TCP",
+        direct.p(99),
+        raw.p(99),
     );
 
     let direct = connection_setup(|| TcpStream::connect(setup.echo)).await;
@@ -194,8 +217,9 @@ async fn run() {
             &through_bore,
             &tunnel,
         );
-        let through_bore = round_trips(TcpStream::connect(bore.echo).await.unwrap()).await;
-        let tunnel = round_trips(TcpStream::connect(echo_raw).await.unwrap()).await;
+        let through_bore =
+            round_trips(TcpStream::connect(bore.echo).await.unwrap(), ROUND_TRIPS).await;
+        let tunnel = round_trips(TcpStream::connect(echo_raw).await.unwrap(), ROUND_TRIPS).await;
         row_time(
             "round trip p50 vs bore (bore | us)",
             through_bore.p(50),
@@ -273,10 +297,19 @@ async fn memory_after_bulk(setup: &Setup, bulk: usize, echo: SocketAddr) {
 }
 
 /// Single-stream throughput of the raw TCP and HTTPS tunnels, whose agent link crosses
-/// a delay line of `rtt`, against one plain TCP stream across the same kind of line.
-async fn across_delay_line(setup: &Setup, sink_tunnel: &Tunnel, bulk: usize, rtt: Duration) {
+/// a delay line of `rtt`, and round trips idle and under load, against plain TCP across
+/// the same kind of line.
+async fn across_delay_line(
+    setup: &Setup,
+    sink_tunnel: &Tunnel,
+    echo_tunnel: &Tunnel,
+    bulk: usize,
+    rtt: Duration,
+) {
     let sink_raw = raw_addr(sink_tunnel);
+    let echo_raw = raw_addr(echo_tunnel);
     let sink_delayed = delay_line(setup.sink, rtt / 2).await;
+    let echo_delayed = delay_line(setup.echo, rtt / 2).await;
     println!(
         "portferry across an in-process delay line of {} ms round trip ({} MiB bulk)",
         rtt.as_millis(),
@@ -291,6 +324,23 @@ async fn across_delay_line(setup: &Setup, sink_tunnel: &Tunnel, bulk: usize, rtt
     let https = throughput(bulk, &[], || tls_connect(setup, sink_tunnel)).await;
     row_rate("single-stream throughput, raw TCP tunnel", &line, &raw);
     row_rate("single-stream throughput, HTTPS tunnel", &line, &https);
+    let count = DELAYED_ROUND_TRIPS;
+    let line = round_trips(TcpStream::connect(echo_delayed).await.unwrap(), count).await;
+    let raw = round_trips(TcpStream::connect(echo_raw).await.unwrap(), count).await;
+    row_time(
+        "64-byte round trip p50, raw TCP tunnel",
+        line.p(50),
+        raw.p(50),
+    );
+    row_time(
+        "64-byte round trip p99, raw TCP tunnel",
+        line.p(99),
+        raw.p(99),
+    );
+    let line = round_trips_under_load(count, || TcpStream::connect(echo_delayed)).await;
+    let raw = round_trips_under_load(count, || TcpStream::connect(echo_raw)).await;
+    row_time("round trip p50 under load, raw TCP", line.p(50), raw.p(50));
+    row_time("round trip p99 under load, raw TCP", line.p(99), raw.p(99));
 }
 
 /// A loopback TCP proxy to `target` that delivers every byte `one_way` after it
@@ -661,18 +711,44 @@ impl Samples {
     }
 }
 
-async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Samples {
+/// `count` 64-byte round trips on `stream`, after a tenth as many to warm up.
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, count: usize) -> Samples {
     let ping = [7u8; 64];
     let mut pong = [0u8; 64];
-    let mut samples = Vec::with_capacity(ROUND_TRIPS);
-    for _ in 0..ROUND_TRIPS + 100 {
+    let warm_up = count / 10;
+    let mut samples = Vec::with_capacity(count + warm_up);
+    for _ in 0..count + warm_up {
         let start = Instant::now();
         stream.write_all(&ping).await.unwrap();
         stream.read_exact(&mut pong).await.unwrap();
         samples.push(start.elapsed());
     }
-    // The first hundred warm up.
-    Samples::new(samples.split_off(100))
+    Samples::new(samples.split_off(warm_up))
+}
+
+/// [`round_trips`] on one connection from `connect` while another one, to the same
+/// echo service, moves bulk data both ways as fast as it goes: latency under load.
+async fn round_trips_under_load<S, F, Fut>(count: usize, connect: F) -> Samples
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let (mut reader, mut writer) = tokio::io::split(connect().await.expect("connect"));
+    let load = tokio::spawn(async move {
+        let chunk = vec![0x33u8; 256 * 1024];
+        while writer.write_all(&chunk).await.is_ok() {}
+    });
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 * 1024];
+        while matches!(reader.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    // Until the bulk echo runs at full speed and every queue on its way has filled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let samples = round_trips(connect().await.expect("connect"), count).await;
+    load.abort();
+    drain.abort();
+    samples
 }
 
 async fn connection_setup<S, F, Fut>(connect: F) -> Samples

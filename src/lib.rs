@@ -43,9 +43,28 @@
 //! # async fn handler(agent: &portferry::Agent, tunnels: &mut HashMap<String, portferry::Tunnel>,
 //! #                  user: String, port: u16) -> Result<String, portferry::Error> {
 //! let tunnel = agent.forward(port).await?;   // the URL answers within milliseconds
-//! let url = tunnel.url().to_owned();
+//! let url = tunnel.url();
 //! tunnels.insert(user, tunnel);              // lives as long as the user's session; dropping closes it
 //! Ok(url)                                    // answer with a 303 redirect to `url`
+//! # }
+//! ```
+//!
+//! **A tunnel that moves.** While the agent is away, the relay keeps each tunnel's
+//! address for a grace period. An agent back later gets a new one: the handle's
+//! [`Tunnel::url`] and sockets then say the new address, and [`Tunnel::state`] (a
+//! `tokio::sync::watch` of [`TunnelState`]) tells of the move, or that the relay no
+//! longer routes the tunnel at all:
+//!
+//! ```rust,no_run
+//! # async fn watch(tunnel: portferry::Tunnel) {
+//! let mut state = tunnel.state();
+//! while state.changed().await.is_ok() {
+//!     match &*state.borrow_and_update() {
+//!         portferry::TunnelState::Moved(address) => println!("now at {}", address.url()),
+//!         portferry::TunnelState::Lost { error, .. } => eprintln!("tunnel lost: {error}"),
+//!         _ => {}
+//!     }
+//! }
 //! # }
 //! ```
 //!
@@ -144,8 +163,8 @@ pub mod token;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelListener,
-    TunnelStream,
+    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelAddress,
+    TunnelListener, TunnelState, TunnelStream,
 };
 pub use error::{parse_port, Error};
 pub use limit::Limit;

@@ -7,6 +7,20 @@
 //! flush, so one TLS record run and one syscall, per batch), control frames pass
 //! through bounded channels, and heartbeats detect a dead peer.
 //!
+//! # Small queues below the scheduler
+//! The stack's queue decides which flow sends next (see [`crate::netstack::queue`]);
+//! every byte that has left it waits in first-come order behind everything written
+//! before it. So the link keeps that part small: a batch is
+//! [`LinkConfig::write_batch_bytes`] (16 KiB) plus at most one packet, taken from the
+//! queue only once the previous one is written, and [`configure_socket`] bounds the
+//! bytes the kernel holds unsent (`TCP_NOTSENT_LOWAT`, [`LinkConfig::unsent_limit`],
+//! 32 KiB). Control frames and pongs go ahead of packets in every batch. What waits
+//! below the queue is then about 150 KiB (a batch, rustls' buffer of encrypted records,
+//! the unsent bytes): a few milliseconds at the rates a WAN link carries, while one
+//! flow still fills the path, as the kernel's send buffer keeps growing for the bytes
+//! in flight. Measured across a delay line of 10 and 40 ms, larger values (64 KiB
+//! batches, 128 KiB unsent) added latency under load and no throughput.
+//!
 //! # Bounds and timeouts
 //! The reader buffers at most one frame (`HEADER_LEN + MAX_PAYLOAD_LEN` bytes) beyond
 //! what it has parsed; the writer's batch is at most [`LinkConfig::write_batch_bytes`]
@@ -21,6 +35,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
@@ -34,8 +49,12 @@ pub struct LinkConfig {
     pub ping_interval: Duration,
     /// A link with no inbound frame, or no write progress, for this long is dead.
     pub idle_timeout: Duration,
-    /// Bytes of frames collected before they are written out in one go.
+    /// Most bytes of packets taken from the stack's queue for one write; what is not
+    /// taken yet stays where the queue can still put other flows first.
     pub write_batch_bytes: usize,
+    /// Most bytes the kernel holds written but not yet sent on the link's socket
+    /// (`TCP_NOTSENT_LOWAT`; Linux and Android only): a write waits beyond it.
+    pub unsent_limit: u32,
 }
 
 impl Default for LinkConfig {
@@ -43,9 +62,21 @@ impl Default for LinkConfig {
         LinkConfig {
             ping_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
-            write_batch_bytes: 256 * 1024,
+            write_batch_bytes: 16 * 1024,
+            unsent_limit: 32 * 1024,
         }
     }
+}
+
+/// Sets up the TCP socket under a link: no Nagle delay, and at most
+/// [`LinkConfig::unsent_limit`] bytes waiting unsent in the kernel (where supported).
+pub fn configure_socket(tcp: &TcpStream, config: &LinkConfig) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket2::SockRef::from(tcp).set_tcp_notsent_lowat(config.unsent_limit)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = config;
+    Ok(())
 }
 
 /// Why a link ended other than by an orderly close.
@@ -286,7 +317,7 @@ where
     let write_side = async {
         let mut ping = tokio::time::interval(config.ping_interval);
         let mut nonce = 0u64;
-        let mut packets = Vec::with_capacity(256);
+        let mut packets = Vec::with_capacity(64);
         loop {
             tokio::select! {
                 biased;
@@ -302,28 +333,32 @@ where
                     nonce += 1;
                     writer.push(&Frame::Ping(nonce));
                 }
-                n = stack.outbound().drain(&mut packets, 256) => {
+                n = stack.outbound().drain(&mut packets, config.write_batch_bytes) => {
                     if n == 0 {
                         writer.flush_within(config.idle_timeout).await?;
                         return Ok(());
                     }
                 }
             }
-            // Take whatever else is ready now, so that one flush carries it all.
-            loop {
-                for packet in packets.drain(..) {
-                    writer.push_packet(&packet);
+            // Control frames and pongs that are ready go first, then packets up to one
+            // batch: one flush carries them all.
+            while let Ok(frame) = outbound.try_recv() {
+                writer.push(&frame);
+            }
+            while let Ok(nonce) = pong_rx.try_recv() {
+                writer.push(&Frame::Pong(nonce));
+            }
+            if packets.is_empty() {
+                let room = config.write_batch_bytes.saturating_sub(writer.batched());
+                if room > 0 {
+                    let _ = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, room))
+                    })
+                    .await;
                 }
-                if writer.batched() >= config.write_batch_bytes {
-                    break;
-                }
-                let more = std::future::poll_fn(|cx| {
-                    std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, 256))
-                })
-                .await;
-                if !matches!(more, std::task::Poll::Ready(n) if n > 0) {
-                    break;
-                }
+            }
+            for packet in packets.drain(..) {
+                writer.push_packet(&packet);
             }
             writer.flush_within(config.idle_timeout).await?;
         }

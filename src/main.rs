@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::{retry_at_limits, Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{
+    retry_at_limits, Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState,
+};
 use portferry::relay::{Relay, RelayConfig};
 use portferry::token::Token;
 
@@ -148,22 +150,86 @@ struct RelayArgs {
 
 #[derive(Debug, Args)]
 struct ForwardArgs {
-    /// The local port to expose (1 to 65535).
-    #[arg(value_parser = parse_port)]
-    port: u16,
-    /// Also expose the port as raw TCP on a relay port (for SSH and other protocols
-    /// with their own encryption).
+    /// The local ports to expose (1 to 65535), all over one link to the relay. Each may
+    /// carry options of its own after commas: PORT[,h2][,unencrypted][,to=HOST:PORT],
+    /// e.g. `8000,h2 22,unencrypted 8080,to=localhost:9000`.
+    #[arg(value_name = "PORT[,OPTION...]", required = true, value_parser = parse_port_spec)]
+    ports: Vec<PortSpec>,
+    /// Also expose the ports as raw TCP on relay ports (for SSH and other protocols
+    /// with their own encryption); for one port only: `PORT,unencrypted`.
     #[arg(long)]
     unencrypted: bool,
-    /// Offer HTTP/2 (ALPN h2) on the TLS side; the service must speak HTTP/2 with
-    /// prior knowledge.
+    /// Offer HTTP/2 (ALPN h2) on the TLS side; the services must speak HTTP/2 with
+    /// prior knowledge. For one port only: `PORT,h2`.
     #[arg(long, conflicts_with = "unencrypted")]
     h2: bool,
     /// Where the service listens, HOST:PORT (e.g. localhost:8000, 10.1.2.3:80,
     /// [::1]:8000), if not 127.0.0.1:PORT (then [::1]:PORT). Every address HOST
-    /// resolves to at start is tried, IPv4 first.
+    /// resolves to at start is tried, IPv4 first. With several ports, give each its
+    /// own: `PORT,to=HOST:PORT`.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     to: Option<String>,
+}
+
+/// One port of `portferry forward` and its options, as `PORT[,OPTION...]` gives them.
+#[derive(Debug, Clone, PartialEq)]
+struct PortSpec {
+    port: u16,
+    unencrypted: bool,
+    h2: bool,
+    to: Option<String>,
+}
+
+/// Parses `PORT[,h2][,unencrypted][,to=HOST:PORT]`.
+fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+    let mut parts = text.split(',');
+    let port = parse_port(parts.next().unwrap_or_default())?;
+    let mut spec = PortSpec {
+        port,
+        unencrypted: false,
+        h2: false,
+        to: None,
+    };
+    for option in parts {
+        match option {
+            "h2" => spec.h2 = true,
+            "unencrypted" => spec.unencrypted = true,
+            _ => match option.strip_prefix("to=") {
+                Some(to) => spec.to = Some(parse_host_port(to)?),
+                None => {
+                    return Err(format!(
+                        "{option:?} is not an option of a port: h2, unencrypted or to=HOST:PORT"
+                    ))
+                }
+            },
+        }
+    }
+    Ok(spec)
+}
+
+impl ForwardArgs {
+    /// Each port with the command's flags applied: `--h2` and `--unencrypted` to
+    /// every port, `--to` to the only one.
+    fn specs(&self) -> Result<Vec<PortSpec>> {
+        if self.to.is_some() && self.ports.len() > 1 {
+            bail!(
+                "--to names one service; with several ports give each its own: PORT,to=HOST:PORT"
+            );
+        }
+        let mut specs = self.ports.clone();
+        for spec in &mut specs {
+            spec.unencrypted |= self.unencrypted;
+            spec.h2 |= self.h2;
+            spec.to = spec.to.take().or_else(|| self.to.clone());
+            if spec.h2 && spec.unencrypted {
+                bail!(
+                    "port {}: h2 (--h2) and unencrypted (--unencrypted) cannot go together: HTTP/2 needs TLS",
+                    spec.port
+                );
+            }
+        }
+        Ok(specs)
+    }
 }
 
 /// Checks `HOST:PORT` (the host is resolved when forwarding starts).
@@ -453,13 +519,13 @@ impl ShutdownSignals {
         }
     }
 
-    /// After the first signal: runs `closing` for at most [`CLOSE_WAIT`]; a second
-    /// signal exits the process at once, with status 130.
+    /// Runs `closing` (after the first signal, or a failure) for at most
+    /// [`CLOSE_WAIT`]; a signal meanwhile exits the process at once, with status 130.
     async fn closing(
         &mut self,
         closing: impl std::future::Future<Output = Result<(), portferry::Error>>,
     ) {
-        tracing::info!("closing the tunnel; Ctrl-C again to exit at once");
+        tracing::info!("closing the tunnels; Ctrl-C again to exit at once");
         match self.unless(tokio::time::timeout(CLOSE_WAIT, closing)).await {
             Some(Ok(Ok(()))) => {}
             Some(Ok(Err(e))) => tracing::warn!(error = %e, "could not close the tunnel cleanly"),
@@ -502,11 +568,11 @@ fn say(text: &str) {
     let _ = std::io::Write::flush(&mut stdout);
 }
 
-/// The lines describing a tunnel.
-fn describe(tunnel: &Tunnel) -> String {
-    let (host, port) = tunnel.tls_socket();
-    let mut text = format!("url:        {}\ntls socket: {host}:{port}\n", tunnel.url());
-    if let Ok((host, port)) = tunnel.tcp_socket() {
+/// The lines describing a tunnel's address.
+fn describe(address: &TunnelAddress) -> String {
+    let (host, port) = address.tls_socket();
+    let mut text = format!("url:        {}\ntls socket: {host}:{port}\n", address.url());
+    if let Ok((host, port)) = address.tcp_socket() {
         text += &format!("tcp socket: {host}:{port}\n");
     }
     text
@@ -533,43 +599,112 @@ async fn resolve_target(to: &str) -> Result<Vec<SocketAddr>> {
 async fn forward(args: ForwardArgs) -> Result<()> {
     let mut signals = ShutdownSignals::new()?;
     let config = AgentConfig::from_env()?;
-    let local_addrs = match &args.to {
-        Some(to) => resolve_target(to).await?,
-        None => Vec::new(),
-    };
-    // A relay at a limit refuses for now: wait and try again; only a refused token or
-    // version ends the command.
+    let mut requests = Vec::new();
+    for spec in args.specs()? {
+        let local_addrs = match &spec.to {
+            Some(to) => resolve_target(to).await?,
+            None => Vec::new(),
+        };
+        let options = ForwardOptions::new()
+            .unencrypted(spec.unencrypted)
+            .h2(spec.h2)
+            .local_addrs(local_addrs);
+        requests.push((spec.port, options));
+    }
+    // A relay at its sessions' limit (or this token's or address's share of them)
+    // refuses the link for now: wait and try again; only a refused token or version ends
+    // the command. A port refused at a limit fails it (the agent's own tunnels may be
+    // what holds that limit), naming the port and the limit.
     let connect = retry_at_limits(|| Agent::connect(config.clone()), say_retrying);
     let Some(agent) = signals.unless(connect).await else {
         return Ok(());
     };
     let agent = agent?;
-    let options = ForwardOptions::new()
-        .unencrypted(args.unencrypted)
-        .h2(args.h2)
-        .local_addrs(local_addrs);
-    let forward = retry_at_limits(
-        || agent.forward_with(args.port, options.clone()),
-        say_retrying,
-    );
-    let Some(tunnel) = signals.unless(forward).await else {
-        return Ok(());
-    };
-    let tunnel = tunnel?;
-    say(&format!(
-        "{}forwarding; Ctrl-C to stop\n",
-        describe(&tunnel)
-    ));
-    if let Some(reason) = signals.unless(agent.gave_up()).await {
-        bail!("{reason}; the relay refuses this agent, so the tunnel is gone");
+    let mut tunnels = Vec::new();
+    for (port, options) in requests {
+        match signals.unless(agent.forward_with(port, options)).await {
+            Some(Ok(tunnel)) => {
+                say(&format!(
+                    "port:       {port}\n{}\n",
+                    describe(&tunnel.address())
+                ));
+                tunnels.push(tunnel);
+            }
+            Some(Err(e)) => {
+                if !tunnels.is_empty() {
+                    signals.closing(close_all(tunnels)).await;
+                }
+                return Err(e).with_context(|| format!("cannot forward port {port}"));
+            }
+            None => {
+                signals.closing(close_all(tunnels)).await;
+                return Ok(());
+            }
+        }
     }
-    signals.closing(tunnel.close()).await;
+    say("forwarding; Ctrl-C to stop\n");
+    if let Some(stop) = signals.unless(follow(&agent, &tunnels)).await {
+        signals.closing(close_all(tunnels)).await;
+        return Err(stop);
+    }
+    signals.closing(close_all(tunnels)).await;
     Ok(())
 }
 
 /// Tells the user that the relay refused at a limit and when the next try is.
 fn say_retrying(refusal: &portferry::Error, delay: Duration) {
     tracing::warn!("{refusal}; trying again in {delay:.1?}");
+}
+
+/// Prints the new address of each tunnel that moves, until forwarding cannot go on: a
+/// tunnel is lost, or the relay refuses the agent. Says why.
+async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
+    let (changed, mut changes) = tokio::sync::mpsc::channel(tunnels.len().max(1));
+    // Dropped on return, which ends the watchers.
+    let mut watchers = tokio::task::JoinSet::new();
+    for tunnel in tunnels {
+        let (port, mut state, changed) = (tunnel.port(), tunnel.state(), changed.clone());
+        watchers.spawn(async move {
+            while state.changed().await.is_ok() {
+                let now = state.borrow_and_update().clone();
+                if changed.send((port, now)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    loop {
+        tokio::select! {
+            reason = agent.gave_up() => {
+                return anyhow::anyhow!("{reason}; the relay refuses this agent, so the tunnels are gone");
+            }
+            Some((port, state)) = changes.recv() => match state {
+                TunnelState::Lost { error, .. } => {
+                    return anyhow::anyhow!("the tunnel of port {port} is gone: {error}");
+                }
+                moved => say(&format!(
+                    "moved:      port {port}; the relay no longer held its old address\nport:       {port}\n{}\n",
+                    describe(moved.address())
+                )),
+            }
+        }
+    }
+}
+
+/// Closes every tunnel at once and waits for the relay to confirm each; the last error,
+/// if any.
+async fn close_all(tunnels: Vec<Tunnel>) -> Result<(), portferry::Error> {
+    let mut closing = tokio::task::JoinSet::new();
+    for tunnel in tunnels {
+        closing.spawn(tunnel.close());
+    }
+    let mut outcome = Ok(());
+    while let Some(closed) = closing.join_next().await {
+        if let Ok(Err(e)) = closed {
+            outcome = Err(e);
+        }
+    }
+    outcome
 }
 
 async fn demo(args: StateArgs) -> Result<()> {
@@ -589,7 +724,7 @@ async fn demo(args: StateArgs) -> Result<()> {
     say(&format!(
         "a relay, an agent and a sample HTTP service (on {service}) are running.\n{}\n\
          try it from another terminal:\n  curl --cacert {} {}/\n\nCtrl-C to stop\n",
-        describe(&tunnel),
+        describe(&tunnel.address()),
         pki.ca_cert_path.display(),
         tunnel.url()
     ));

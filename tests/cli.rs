@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -385,7 +386,7 @@ async fn relay_prints_a_working_agent_environment() {
         .await
         .unwrap()
         .unwrap();
-    let (host, port, _) = split_url(tunnel.url());
+    let (host, port, _) = split_url(&tunnel.url());
     let response = https_get(&relay.ca, &host, port, "/").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.ends_with("through the CLI relay"), "{response}");
@@ -412,6 +413,127 @@ async fn forward_command_exposes_a_local_port() {
         response.ends_with("through portferry forward"),
         "{response}"
     );
+}
+
+/// The next tunnel `portferry forward` prints: its local port and its URL.
+fn next_tunnel(forward: &mut Running) -> (u16, String) {
+    let lines = forward.lines_starting_with(&["port:", "url:"]);
+    let port = lines[0].trim_start_matches("port:").trim().parse().unwrap();
+    (port, lines[1].trim_start_matches("url:").trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_command_exposes_several_ports_over_one_link() {
+    let relay = start_cli_relay();
+    let (first, second) = (http_service("first").await, http_service("second").await);
+    let mut forward = relay.forward(
+        None,
+        &[&first.port().to_string(), &format!("{},h2", second.port())],
+    );
+    let tunnels = [next_tunnel(&mut forward), next_tunnel(&mut forward)];
+    forward.lines_starting_with(&["forwarding"]);
+    assert_eq!(
+        tunnels.each_ref().map(|(port, _)| *port),
+        [first.port(), second.port()]
+    );
+    assert_ne!(tunnels[0].1, tunnels[1].1);
+    // The first is served over HTTP/1.1 as before; the second offers h2 (and still
+    // http/1.1, which this client asks for).
+    for ((_, url), body) in tunnels.iter().zip(["first", "second"]) {
+        let (host, port, _) = split_url(url);
+        let response = https_get(&relay.ca, &host, port, "/").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with(body), "{url}: {response}");
+    }
+    let h2_host = split_url(&tunnels[1].1).0;
+    let roots = portferry::tls::load_ca_roots(&relay.ca).unwrap();
+    let connector = TlsConnector::from(portferry::tls::client_config(roots, &[&b"h2"[..]]));
+    let port = split_url(&tunnels[1].1).1;
+    let tls = tokio::time::timeout(
+        STEP,
+        tls_connect(&connector, (Ipv4Addr::LOCALHOST, port), &h2_host),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_that_fails_fails_forward_naming_it_and_closes_the_others() {
+    // One lease per token: the second port is refused while the first holds it.
+    let relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--max-leases-per-token",
+            "1",
+        ],
+    );
+    let (first, second) = (http_service("first").await, http_service("second").await);
+    let mut forward = relay.forward(
+        None,
+        &[&first.port().to_string(), &second.port().to_string()],
+    );
+    assert_eq!(next_tunnel(&mut forward).0, first.port());
+    let status = forward.exits_within(STEP).await;
+    assert_eq!(status.code(), Some(1), "{}", forward.stderr());
+    let stderr = forward.stderr_when(|text| text.contains("caused by"));
+    assert!(
+        stderr.contains(&format!("cannot forward port {}", second.port()))
+            && stderr.contains("limit"),
+        "{stderr}"
+    );
+    // The first tunnel was closed, not left to a lease kept for a reconnect: its lease
+    // is free for the next agent of the token at once.
+    let mut again = relay.forward(None, &[&second.port().to_string()]);
+    let (port, url) = next_tunnel(&mut again);
+    assert_eq!(port, second.port());
+    let (host, port, _) = split_url(&url);
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("second"), "{response}");
+}
+
+#[test]
+fn forward_checks_each_ports_options_before_connecting() {
+    for (args, says) in [
+        (
+            &["forward", "8000", "8001", "--to", "localhost:9000"][..],
+            "PORT,to=HOST:PORT",
+        ),
+        (&["forward", "8000,h2,unencrypted"][..], "port 8000"),
+        (
+            &["forward", "8000", "8001,h2", "--unencrypted"][..],
+            "port 8001",
+        ),
+        (
+            &["forward", "8000,http3"][..],
+            "h2, unencrypted or to=HOST:PORT",
+        ),
+        (&["forward", "8000,to=nowhere"][..], "HOST:PORT"),
+        (&["forward", "8000", "70000"][..], "1 to 65535"),
+    ] {
+        let mut command = portferry(args);
+        // A relay that would answer nothing: the options fail first.
+        command
+            .env("PORTFERRY_RELAY", "127.0.0.1:9")
+            .env("PORTFERRY_TOKEN", "unused");
+        let finished = run(command);
+        assert!(!finished.status.success(), "{args:?}");
+        assert!(
+            finished.stderr.contains(says),
+            "{args:?}: {}",
+            finished.stderr
+        );
+        assert!(
+            !finished.stderr.contains("127.0.0.1:9"),
+            "{args:?} tried the relay: {}",
+            finished.stderr
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,6 +632,29 @@ impl Running {
     }
 }
 
+/// A loopback TCP proxy to `target`: every connection accepted is joined to a new one
+/// to `target`, each direction moved by a task running `pipe`. Returns its port.
+async fn proxy<P, Fut>(target: u16, pipe: P) -> u16
+where
+    P: Fn(OwnedReadHalf, OwnedWriteHalf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write));
+            tokio::spawn(pipe(server_read, client_write));
+        }
+    });
+    port
+}
+
 /// A TCP proxy to `target` that can be frozen: it then stops moving bytes but keeps
 /// both sockets open, like a relay that stopped answering.
 struct FreezingProxy {
@@ -521,35 +666,24 @@ impl FreezingProxy {
     async fn start(target: u16) -> FreezingProxy {
         use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = frozen.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
-                {
-                    let frozen = flag.clone();
-                    tokio::spawn(async move {
-                        let mut buf = vec![0; 16 * 1024];
-                        while let Ok(n @ 1..) = from.read(&mut buf).await {
-                            if frozen.load(Ordering::SeqCst) {
-                                // Hold both sockets open, move nothing.
-                                return std::future::pending::<()>().await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                    });
+        let port = proxy(target, move |mut from, mut to| {
+            let frozen = flag.clone();
+            async move {
+                let mut buf = vec![0; 16 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                    if frozen.load(Ordering::SeqCst) {
+                        // Hold both sockets open, move nothing.
+                        return std::future::pending::<()>().await;
+                    }
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
                 }
             }
-        });
+        })
+        .await;
         FreezingProxy { port, frozen }
     }
 
@@ -948,4 +1082,105 @@ fn a_relay_port_in_use_is_named() {
         "{}",
         finished.stderr
     );
+}
+
+// ───────────────────── stopping mid-transfer across a delayed link ─────────────────────
+
+/// A TCP proxy to `target` that hands every byte on `one_way` after it arrived, each
+/// direction a FIFO of at most 16 reads of 64 KiB: the agent's link gets a real round
+/// trip, and a rate (1 MiB per `one_way`) that a bulk transfer fills, so the queues
+/// behind it fill too.
+async fn delay_line(target: u16, one_way: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    proxy(target, move |mut from, mut to| async move {
+        let (line_in, mut line_out) = tokio::sync::mpsc::channel(16);
+        let carry = async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                let due = tokio::time::Instant::now() + one_way;
+                if line_in.send((due, buf[..n].to_vec())).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let deliver = async move {
+            while let Some((due, bytes)) = line_out.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown().await;
+        };
+        tokio::join!(carry, deliver);
+    })
+    .await
+}
+
+/// A `portferry forward --unencrypted` of an endless download, its link through a
+/// 40 ms round trip, with two clients downloading through its raw TCP socket.
+async fn downloads_across_a_delayed_link(relay: &CliRelay) -> Running {
+    use tokio::io::AsyncReadExt;
+    let service = common::stream_service(u64::MAX).await;
+    let line = delay_line(relay.agent_port, Duration::from_millis(20)).await;
+    let mut forward = relay.forward(
+        Some(&format!("localhost:{line}")),
+        &[&service.addr.port().to_string(), "--unencrypted"],
+    );
+    let socket = forward.lines_starting_with(&["tcp socket:"]).remove(0);
+    let port: u16 = socket.rsplit_once(':').unwrap().1.parse().unwrap();
+    for _ in 0..2 {
+        let mut client = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(1..) = client.read(&mut buf).await {}
+        });
+    }
+    // Until data flows and the queues along the link have filled.
+    common::eventually(STEP, "the downloads to start", || {
+        let service = &service;
+        async move {
+            service.accepted() == 2
+                && (0..2).all(|i| {
+                    service
+                        .connection(i)
+                        .written
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        > 4 << 20
+                })
+        }
+    })
+    .await;
+    forward
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_forward_mid_transfer_across_a_delayed_link_exits() {
+    let relay = start_cli_relay();
+    let mut forward = downloads_across_a_delayed_link(&relay).await;
+    forward.signal("TERM");
+    // Its grace is 2 s; a spinning stop never exits at all.
+    let status = forward.exits_within(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "{}", forward.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_the_relay_mid_transfer_across_a_delayed_link_exits() {
+    let mut relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--shutdown-grace",
+            "2",
+        ],
+    );
+    let _forward = downloads_across_a_delayed_link(&relay).await;
+    relay.process.signal("TERM");
+    let status = relay.process.exits_within(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}: {}", relay.process.stderr());
 }

@@ -165,7 +165,7 @@ async fn https_get_reaches_a_local_http1_server() {
     // Several requests, each on its own TLS connection.
     for path in ["/", "/a/b", "/again"] {
         let tls = fixture.tls_to(&tunnel).await.unwrap();
-        let body = hyper_get(tls, host, path).await;
+        let body = hyper_get(tls, &host, path).await;
         assert_eq!(body, format!("hello from hyper GET {path}"));
     }
     timeout(STEP, tunnel.close()).await.unwrap().unwrap();
@@ -437,7 +437,7 @@ async fn same_port_twice_is_refused_until_the_first_closes() {
     // The refusals did not disturb the first tunnel.
     let tls = fixture.tls_to(&first).await.unwrap();
     assert_eq!(
-        hyper_get(tls, first.tls_socket().0, "/").await,
+        hyper_get(tls, &first.tls_socket().0, "/").await,
         "twice GET /"
     );
 
@@ -447,7 +447,7 @@ async fn same_port_twice_is_refused_until_the_first_closes() {
         .expect("the port is free again once its tunnel is closed");
     let tls = fixture.tls_to(&second).await.unwrap();
     assert_eq!(
-        hyper_get(tls, second.tls_socket().0, "/").await,
+        hyper_get(tls, &second.tls_socket().0, "/").await,
         "twice GET /"
     );
 }
@@ -879,7 +879,7 @@ async fn forward_right_after_drop_works() {
     }
     let tls = fixture.tls_to(&tunnel).await.unwrap();
     assert_eq!(
-        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        hyper_get(tls, &tunnel.tls_socket().0, "/").await,
         "dropped GET /"
     );
 }
@@ -902,7 +902,7 @@ async fn the_default_target_falls_back_to_ipv6_loopback() {
     let tunnel = quickly("forward", agent.forward(port)).await.unwrap();
     let tls = fixture.tls_to(&tunnel).await.unwrap();
     assert_eq!(
-        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        hyper_get(tls, &tunnel.tls_socket().0, "/").await,
         "over ipv6 GET /"
     );
 }
@@ -935,7 +935,7 @@ async fn listen_inner_ports_do_not_collide_with_forwarded_ports() {
     assert_eq!(tunnel.port(), inner);
     let tls = fixture.tls_to(&tunnel).await.unwrap();
     assert_eq!(
-        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        hyper_get(tls, &tunnel.tls_socket().0, "/").await,
         "forwarded GET /"
     );
     let tls = fixture.tls(&listen_host, &[b"http/1.1"]).await.unwrap();
@@ -955,7 +955,7 @@ async fn local_addresses_are_tried_in_order() {
         .unwrap();
     let tls = fixture.tls_to(&tunnel).await.unwrap();
     assert_eq!(
-        hyper_get(tls, tunnel.tls_socket().0, "/").await,
+        hyper_get(tls, &tunnel.tls_socket().0, "/").await,
         "second address GET /"
     );
 }

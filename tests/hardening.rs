@@ -393,12 +393,12 @@ async fn routing_follows_sni_not_the_host_header() {
     let a = agent.forward(http_service("A").await.port()).await.unwrap();
     let b = agent.forward(http_service("B").await.port()).await.unwrap();
     let (host_a, host_b) = (a.tls_socket().0, b.tls_socket().0);
-    let body = timeout(STEP, fx.get_as(host_a, host_b))
+    let body = timeout(STEP, fx.get_as(&host_a, &host_b))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(body, "A");
-    let body = timeout(STEP, fx.get_as(host_b, host_a))
+    let body = timeout(STEP, fx.get_as(&host_b, &host_a))
         .await
         .unwrap()
         .unwrap();
@@ -438,14 +438,14 @@ async fn connections_beyond_max_connections_per_tunnel_are_refused() {
         .await
         .unwrap();
     let host = tunnel.tls_socket().0;
-    let mut one = fx.tls(host, HTTP1).await.unwrap();
+    let mut one = fx.tls(&host, HTTP1).await.unwrap();
     echo_once(&mut one, b"one").await;
     let mut two = TcpStream::connect(raw_addr(&tunnel)).await.unwrap();
     echo_once(&mut two, b"two").await;
     assert_eq!(fx.stats().public_connections, 2);
 
     // A third over TLS is closed after its ClientHello...
-    let third = timeout(STEP, fx.connect_tls(host, HTTP1)).await.unwrap();
+    let third = timeout(STEP, fx.connect_tls(&host, HTTP1)).await.unwrap();
     assert!(third.is_err(), "a third TLS connection was served");
     // ...and a third over raw TCP is reset before anything reaches the service.
     // (The reset can come so fast that even the connect reports it.)
@@ -464,7 +464,7 @@ async fn connections_beyond_max_connections_per_tunnel_are_refused() {
     drop(two);
     fx.until_stats("one connection", |s| s.public_connections == 1)
         .await;
-    let mut four = fx.tls(host, HTTP1).await.unwrap();
+    let mut four = fx.tls(&host, HTTP1).await.unwrap();
     echo_once(&mut four, b"four").await;
 }
 
@@ -475,13 +475,13 @@ async fn connections_beyond_max_connections_per_agent_are_refused() {
     let echo = echo_service().await;
     let a = agent.forward(echo.port()).await.unwrap();
     let b = agent.forward_with(1, to(echo)).await.unwrap();
-    let mut one = fx.tls(a.tls_socket().0, HTTP1).await.unwrap();
+    let mut one = fx.tls(&a.tls_socket().0, HTTP1).await.unwrap();
     echo_once(&mut one, b"a").await;
-    let mut two = fx.tls(b.tls_socket().0, HTTP1).await.unwrap();
+    let mut two = fx.tls(&b.tls_socket().0, HTTP1).await.unwrap();
     echo_once(&mut two, b"b").await;
     // Each tunnel is under its own limit, but the agent is at its limit.
     for tunnel in [&a, &b] {
-        let refused = timeout(STEP, fx.connect_tls(tunnel.tls_socket().0, HTTP1))
+        let refused = timeout(STEP, fx.connect_tls(&tunnel.tls_socket().0, HTTP1))
             .await
             .unwrap();
         assert!(refused.is_err());

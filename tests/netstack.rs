@@ -313,7 +313,7 @@ async fn direct_kernel_echo_baseline_sanity() {
 async fn pump_dropping_first_payload(from: Stack, to: Stack) {
     let mut batch = Vec::new();
     let mut dropped = false;
-    while from.outbound().drain(&mut batch, 64).await > 0 {
+    while from.outbound().drain(&mut batch, 64 * 1024).await > 0 {
         for packet in batch.drain(..) {
             let ip = Ipv4Packet::new_checked(&packet[..]).expect("not an IPv4 packet");
             let tcp = TcpPacket::new_checked(ip.payload()).expect("not a TCP segment");

@@ -3,14 +3,17 @@
 //!
 //! A small proxy sits between agent and relay so the test can cut or freeze the link.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portferry::agent::{Agent, Tunnel};
+use portferry::agent::{Agent, AgentConfig, Tunnel, TunnelState};
+use portferry::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
@@ -31,10 +34,17 @@ enum Fault {
     Freeze,
 }
 
+/// One link through the proxy: the fault to apply, and the fault its task has applied
+/// (its sender is dropped when the task ends).
+struct ProxiedLink {
+    fault: watch::Sender<Fault>,
+    applied: watch::Receiver<Fault>,
+}
+
 /// Forwards agent links to the relay; new links are always forwarded normally.
 struct LinkProxy {
     addr: SocketAddr,
-    links: Arc<Mutex<Vec<watch::Sender<Fault>>>>,
+    links: Arc<Mutex<Vec<ProxiedLink>>>,
     /// While set, new links are closed at once: the relay is unreachable.
     refusing: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -43,7 +53,7 @@ impl LinkProxy {
     async fn start(relay: SocketAddr) -> LinkProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let links: Arc<Mutex<Vec<watch::Sender<Fault>>>> = Arc::default();
+        let links: Arc<Mutex<Vec<ProxiedLink>>> = Arc::default();
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (registry, refuse) = (links.clone(), refusing.clone());
         tokio::spawn(async move {
@@ -55,7 +65,11 @@ impl LinkProxy {
                     continue;
                 };
                 let (fault_tx, mut fault) = watch::channel(Fault::None);
-                registry.lock().unwrap().push(fault_tx);
+                let (applied_tx, applied) = watch::channel(Fault::None);
+                registry.lock().unwrap().push(ProxiedLink {
+                    fault: fault_tx,
+                    applied,
+                });
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut agent_side, &mut relay_side) => {}
@@ -63,8 +77,11 @@ impl LinkProxy {
                     }
                     if *fault.borrow() == Fault::Freeze {
                         // Hold both sockets open, carrying nothing, until told to cut.
+                        applied_tx.send_replace(Fault::Freeze);
                         let _ = fault.wait_for(|f| *f == Fault::Cut).await;
                     }
+                    drop((agent_side, relay_side));
+                    applied_tx.send_replace(Fault::Cut);
                 });
             }
         });
@@ -81,10 +98,25 @@ impl LinkProxy {
             .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Applies `fault` to every link open now.
-    fn inflict(&self, fault: Fault) {
-        for link in self.links.lock().unwrap().drain(..) {
-            let _ = link.send(fault);
+    /// Applies `fault` to every link open now, and waits until it has taken effect:
+    /// a frozen link carries no byte more, a cut one is closed. Frozen links stay
+    /// listed, for a cut later.
+    async fn inflict(&self, fault: Fault) {
+        let applying: Vec<watch::Receiver<Fault>> = {
+            let mut links = self.links.lock().unwrap();
+            for link in links.iter() {
+                let _ = link.fault.send(fault);
+            }
+            let applying = links.iter().map(|link| link.applied.clone()).collect();
+            if fault == Fault::Cut {
+                links.clear();
+            }
+            applying
+        };
+        for mut applied in applying {
+            // A link whose task has ended is closed already.
+            let done = applied.wait_for(|applied| *applied == fault);
+            let _ = timeout(STEP, done).await.expect("the proxy hung");
         }
     }
 }
@@ -101,6 +133,11 @@ struct Fixture {
 /// A relay with a short lease grace, an agent with short heartbeats reaching it through
 /// the proxy, and a loopback echo service.
 async fn fixture(lease_grace: Duration) -> Fixture {
+    fixture_with(lease_grace, |_| {}).await
+}
+
+/// [`fixture`], with the agent's configuration changed by `tweak`.
+async fn fixture_with(lease_grace: Duration, tweak: impl FnOnce(&mut AgentConfig)) -> Fixture {
     let (mut relay, bound) = common::Fixture::bind(STEP, |config| {
         config.lease_grace = lease_grace;
         config.link.ping_interval = Duration::from_millis(200);
@@ -114,6 +151,7 @@ async fn fixture(lease_grace: Duration) -> Fixture {
     config.relay = format!("localhost:{}", proxy.addr.port());
     config.ping_interval = Duration::from_millis(200);
     config.idle_timeout = Duration::from_secs(1);
+    tweak(&mut config);
     Fixture {
         agent: timeout(STEP, Agent::connect(config))
             .await
@@ -129,13 +167,16 @@ async fn fixture(lease_grace: Duration) -> Fixture {
 /// put it under a timeout.
 async fn tls_to(fixture: &Fixture, tunnel: &Tunnel) -> std::io::Result<TlsStream<TcpStream>> {
     let (host, port) = tunnel.tls_socket();
-    tls_connect(&fixture.relay.connector(HTTP1), ("127.0.0.1", port), host).await
+    tls_connect(&fixture.relay.connector(HTTP1), ("127.0.0.1", port), &host).await
 }
 
-/// Whether the tunnel's URL echoes within 2 s.
-async fn routes(fixture: &Fixture, tunnel: &Tunnel) -> bool {
-    let echoed = timeout(Duration::from_secs(2), echo_over_tls(fixture, tunnel, b"x")).await;
-    matches!(echoed, Ok(Ok(_)))
+/// Whether `hostname` echoes within 2 s.
+async fn routes_to(fixture: &Fixture, hostname: &str) -> bool {
+    let echo = async {
+        let tls = fixture.relay.connect_tls(hostname, HTTP1).await?;
+        exchange(STEP, tls, b"x").await
+    };
+    matches!(timeout(Duration::from_secs(2), echo).await, Ok(Ok(_)))
 }
 
 /// Echoes `message` through the tunnel's HTTPS URL (TLS to the relay, SNI = hostname).
@@ -191,7 +232,7 @@ async fn a_cut_link_reconnects_and_the_same_url_and_port_serve_again() {
     let mut pong = [0u8; 4];
     in_flight.read_exact(&mut pong).await.unwrap();
 
-    fixture.proxy.inflict(Fault::Cut);
+    fixture.proxy.inflict(Fault::Cut).await;
     let mut rest = Vec::new();
     let ended = timeout(Duration::from_secs(5), in_flight.read_to_end(&mut rest)).await;
     assert!(
@@ -215,7 +256,7 @@ async fn a_link_that_silently_stops_is_detected_and_replaced() {
         b"before"
     );
 
-    fixture.proxy.inflict(Fault::Freeze);
+    fixture.proxy.inflict(Fault::Freeze).await;
     // The heartbeats (idle timeout 1 s here, 15 s by default) notice, and the agent
     // reconnects on a fresh link; the frozen one is never closed by the network.
     eventually(STEP, "a link carrying nothing is detected", || async {
@@ -223,39 +264,172 @@ async fn a_link_that_silently_stops_is_detected_and_replaced() {
     })
     .await;
     until_served(&fixture, &tunnel).await;
-    fixture.proxy.inflict(Fault::Cut);
+    fixture.proxy.inflict(Fault::Cut).await;
+}
+
+/// Cuts the agent's link and keeps it from coming back until the relay has let its
+/// leases run out; new links are still refused when this returns.
+async fn away_past_the_grace(fixture: &Fixture) {
+    fixture.proxy.refuse_new_links(true);
+    fixture.proxy.inflict(Fault::Cut).await;
+    fixture
+        .relay
+        .until_stats("the lease to run out", |stats| stats.leases == 0)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_lease_stops_routing_and_is_never_given_to_anyone_else() {
+async fn an_expired_lease_moves_the_tunnel_and_its_handle_reports_the_new_url() {
     let fixture = fixture(Duration::from_millis(300)).await;
     let tunnel = fixture.agent.forward(fixture.service.port()).await.unwrap();
+    let mut state = tunnel.state();
+    let (old_url, old_host) = (tunnel.url(), tunnel.tls_socket().0);
+    assert!(matches!(&*state.borrow(), TunnelState::Open(a) if a.url() == old_url));
     assert_eq!(
         echo_over_tls(&fixture, &tunnel, b"before").await.unwrap(),
         b"before"
     );
 
     // The agent loses its link and cannot get back before the lease runs out.
-    fixture.proxy.refuse_new_links(true);
-    fixture.proxy.inflict(Fault::Cut);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    away_past_the_grace(&fixture).await;
     assert!(
-        !routes(&fixture, &tunnel).await,
+        !routes_to(&fixture, &old_host).await,
         "an expired lease still routes"
     );
 
     // Back online, the agent asks again; the relay no longer holds that hostname, so
-    // it gets a new one and the old one stays dead.
+    // it gives a new one: the watch fires, and the handle says where the tunnel is.
     fixture.proxy.refuse_new_links(false);
-    eventually(STEP, "the agent reconnects", || async {
-        fixture.agent.is_connected()
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    timeout(STEP, state.changed())
+        .await
+        .expect("the move was never reported")
+        .unwrap();
+    let moved_to = match &*state.borrow_and_update() {
+        TunnelState::Moved(address) => address.clone(),
+        other => panic!("expected the tunnel to have moved, got {other:?}"),
+    };
+    let new_url = tunnel.url();
+    println!("moved: {old_url} -> {new_url}");
+    assert_eq!(new_url, moved_to.url());
+    assert_ne!(new_url, old_url);
+    assert_eq!(tunnel.tls_socket().0, moved_to.tls_socket().0);
+    assert_eq!(tunnel.address(), moved_to);
+    // The new URL serves; the old one stays dead, never handed out again.
+    assert_eq!(
+        echo_over_tls(&fixture, &tunnel, b"after").await.unwrap(),
+        b"after"
+    );
     assert!(
-        !routes(&fixture, &tunnel).await,
+        !routes_to(&fixture, &old_host).await,
         "an expired hostname was handed out again"
     );
+}
+
+/// The rest of the next line from `lines` that starts with `prefix`; panics after a
+/// step.
+async fn next_line(lines: &mut mpsc::UnboundedReceiver<String>, prefix: &str) -> String {
+    let found = async {
+        loop {
+            let line = lines.recv().await.expect("portferry forward exited");
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest.trim().to_owned();
+            }
+        }
+    };
+    timeout(STEP, found)
+        .await
+        .unwrap_or_else(|_| panic!("portferry forward printed no {prefix:?} line"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portferry_forward_prints_the_new_url_when_its_tunnel_moves() {
+    let fixture = fixture(Duration::from_millis(300)).await;
+    let config = fixture.relay.agent_config();
+    let port = fixture.service.port().to_string();
+    let mut command = common::portferry(["forward", &port]);
+    command
+        .env(
+            "PORTFERRY_RELAY",
+            format!("localhost:{}", fixture.proxy.addr.port()),
+        )
+        .env("PORTFERRY_TOKEN", config.token.expose())
+        .env("PORTFERRY_RELAY_CA", config.relay_ca.unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut forward = common::Child(command.spawn().unwrap());
+    let stdout = BufReader::new(forward.0.stdout.take().unwrap());
+    let (send, mut lines) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let old_url = next_line(&mut lines, "url:").await;
+    next_line(&mut lines, "forwarding").await;
+
+    away_past_the_grace(&fixture).await;
+    fixture.proxy.refuse_new_links(false);
+
+    let moved = next_line(&mut lines, "moved:").await;
+    assert!(moved.contains(&format!("port {port}")), "{moved}");
+    let new_url = next_line(&mut lines, "url:").await;
+    println!("portferry forward: moved: {moved}\n  {old_url} -> {new_url}");
+    assert_ne!(new_url, old_url);
+    let host = |url: &str| {
+        let authority = url.strip_prefix("https://").unwrap();
+        authority.split(':').next().unwrap().to_owned()
+    };
+    assert!(
+        routes_to(&fixture, &host(&new_url)).await,
+        "the printed new URL does not serve"
+    );
+    assert!(!routes_to(&fixture, &host(&old_url)).await);
+}
+
+/// Polls `call` once; whether it is still waiting.
+async fn still_pending<F: std::future::Future + Unpin>(call: &mut F) -> bool {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::pin::Pin::new(&mut *call).poll(cx).is_pending())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_or_close_in_flight_when_the_link_drops_fails_at_once() {
+    // Requests may wait an hour for the relay's answer, and heartbeats notice a silent
+    // link only after a minute: within a step, only the link's loss can end them.
+    let fixture = fixture_with(Duration::from_secs(30), |config| {
+        config.request_timeout = Duration::from_secs(3600);
+        config.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let open = fixture.agent.forward(fixture.service.port()).await.unwrap();
+
+    // The relay hears nothing more: both calls are sent and wait for its answer.
+    fixture.proxy.inflict(Fault::Freeze).await;
+    let forward = fixture.agent.forward(common::free_port());
+    let close = open.close();
+    tokio::pin!(forward, close);
+    assert!(
+        still_pending(&mut forward).await,
+        "forward() did not wait for the relay"
+    );
+    assert!(
+        still_pending(&mut close).await,
+        "close() did not wait for the relay"
+    );
+
+    // The link is lost, and no new one comes: nothing but the loss itself can answer.
+    fixture.proxy.refuse_new_links(true);
+    fixture.proxy.inflict(Fault::Cut).await;
+    let (forwarded, closed) = timeout(STEP, async { tokio::join!(forward, close) })
+        .await
+        .expect("a call in flight waited for its deadline after the link was lost");
+    assert!(!fixture.agent.is_connected());
+    assert!(matches!(forwarded, Err(Error::LinkClosed)), "{forwarded:?}");
+    assert!(matches!(closed, Err(Error::LinkClosed)), "{closed:?}");
 }
 
 /// A relay on `agent_port` (0: any) that accepts only `token`, with `pki`'s certificate;
@@ -279,7 +453,7 @@ async fn relay_accepting(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_refused_on_reconnect_says_it_gave_up() {
-    use portferry::{AgentConfig, Error, LinkState, Token};
+    use portferry::{LinkState, Token};
     let state = common::TempDir::new("gave-up");
     let pki = portferry::tls::local_pki(state.path(), portferry::relay::LOCAL_DOMAIN).unwrap();
     let token = Token::generate();

@@ -349,7 +349,7 @@ impl Link {
             } else {
                 (&self.agent, &self.relay)
             };
-            if let Poll::Ready(n) = from.outbound().poll_drain(cx, &mut self.batch, 64) {
+            if let Poll::Ready(n) = from.outbound().poll_drain(cx, &mut self.batch, 64 * 1024) {
                 moved += n;
             }
             for packet in self.batch.drain(..) {

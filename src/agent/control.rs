@@ -10,14 +10,23 @@
 //! expire deadlines with [`handle_timeout`](Control::handle_timeout) at
 //! [`poll_timeout`](Control::poll_timeout).
 //!
+//! It is also the one place a tunnel's state lives: each open tunnel's entry owns the
+//! sending side of a `watch` of its [`TunnelState`], which the tunnel's handle reads
+//! ([`tunnel_state`](Control::tunnel_state)). The table changes it when the relay
+//! answers after a reconnect (a new address, a refusal), when that answer does not come
+//! in time, and when the agent gives up.
+//!
 //! Every entry is made by a local caller (one per `forward`/`listen`/`close` in
 //! flight, one per open tunnel, at most one per inner port), never by the relay: a
 //! relay's frame only completes or drops entries that exist.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ForwardOptions;
+use tokio::sync::watch;
+
+use super::{ForwardOptions, TunnelAddress, TunnelState};
 use crate::error::Error;
 use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame};
 
@@ -64,12 +73,27 @@ pub enum Event {
 }
 
 /// An open tunnel, as asked for again after a reconnect.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Open {
     forwarded: Forwarded,
     /// The local port it forwards to, for `forward`; `None` for `listen`.
     local: Option<u16>,
     options: ForwardOptions,
+    /// Its state, which its handle reads; dropped (so that receivers learn of it) when
+    /// the entry goes.
+    state: watch::Sender<TunnelState>,
+}
+
+impl Open {
+    /// The relay no longer routes the tunnel, for `error`; it is not asked for again.
+    fn lose(&self, error: Arc<Error>) {
+        self.state.send_modify(|state| {
+            *state = TunnelState::Lost {
+                address: state.address().clone(),
+                error,
+            }
+        });
+    }
 }
 
 #[derive(Debug)]
@@ -220,6 +244,12 @@ impl Control {
         )))
     }
 
+    /// The state of the open tunnel on `inner`, now and as it changes; `None` if no
+    /// tunnel is open there.
+    pub fn tunnel_state(&self, inner: u16) -> Option<watch::Receiver<TunnelState>> {
+        self.tunnels.get(&inner).map(|open| open.state.subscribe())
+    }
+
     /// Takes the answer to request `id`, once it has come (or failed). An open
     /// tunnel is recorded when the relay's answer arrives, before it is taken.
     pub fn answer(&mut self, id: RequestId) -> Option<Result<Forwarded, Error>> {
@@ -232,23 +262,25 @@ impl Control {
         Some(answer)
     }
 
-    /// The caller of request `id` went away: forgets it, and closes the tunnel if the
-    /// relay had already opened it.
+    /// The caller of request `id` went away: forgets it, and closes the tunnel the
+    /// relay opened for it, or may still open.
     pub fn cancel(&mut self, id: RequestId) {
         let Some(request) = self.requests.remove(&id) else {
             return;
         };
-        if let Purpose::Open {
-            outcome: Some(Ok(forwarded)),
-            ..
-        } = request.purpose
-        {
-            self.tunnels.remove(&forwarded.port);
-            if self.link_up {
-                self.transmits.push_back(Frame::Close {
-                    port: forwarded.port,
-                });
-            }
+        let opened = match request.purpose {
+            Purpose::Open {
+                outcome: Some(Ok(forwarded)),
+                ..
+            } => forwarded.port,
+            // Not answered yet: the relay may open it still, so it is told to close it
+            // (after the request, on the same link; a close of nothing is harmless).
+            Purpose::Open { outcome: None, .. } => request.inner,
+            _ => return,
+        };
+        self.tunnels.remove(&opened);
+        if self.link_up {
+            self.transmits.push_back(Frame::Close { port: opened });
         }
     }
 
@@ -313,12 +345,14 @@ impl Control {
             } => {}
             Purpose::Open { local, outcome } => {
                 if let Ok(forwarded) = &answer {
+                    let address = TunnelAddress::new(forwarded);
                     self.tunnels.insert(
                         request.inner,
                         Open {
                             forwarded: forwarded.clone(),
                             local: *local,
                             options: request.options.clone(),
+                            state: watch::Sender::new(TunnelState::Open(address)),
                         },
                     );
                 }
@@ -326,25 +360,35 @@ impl Control {
             }
             Purpose::Restore { before } => {
                 let port = before.port;
-                let event = match &answer {
-                    Ok(now)
-                        if now.hostname == before.hostname && now.tcp_port == before.tcp_port =>
-                    {
+                let event = match answer {
+                    Ok(now) if TunnelAddress::new(&now) == TunnelAddress::new(before) => {
                         Event::Restored { port }
                     }
-                    Ok(now) => Event::Moved {
-                        port,
-                        old: before.hostname.clone(),
-                        new: now.hostname.clone(),
-                    },
-                    Err(refusal) => Event::RestoreFailed {
-                        port,
-                        error: refusal_error(refusal.clone()).to_string(),
-                    },
+                    Ok(now) => {
+                        let event = Event::Moved {
+                            port,
+                            old: before.hostname.clone(),
+                            new: now.hostname.clone(),
+                        };
+                        if let Some(open) = self.tunnels.get_mut(&port) {
+                            let address = TunnelAddress::new(&now);
+                            open.forwarded = now;
+                            open.state.send_replace(TunnelState::Moved(address));
+                        }
+                        event
+                    }
+                    Err(refusal) => {
+                        let error = refusal_error(refusal);
+                        let event = Event::RestoreFailed {
+                            port,
+                            error: error.to_string(),
+                        };
+                        if let Some(open) = self.tunnels.get(&port) {
+                            open.lose(Arc::new(error));
+                        }
+                        event
+                    }
                 };
-                if let (Ok(now), Some(open)) = (answer, self.tunnels.get_mut(&port)) {
-                    open.forwarded = now;
-                }
                 self.requests.remove(&id);
                 self.events.push_back(event);
             }
@@ -369,28 +413,40 @@ impl Control {
         }
     }
 
-    /// A new link is up: asks the relay again for every open tunnel (its lease gives
-    /// back the same hostname and port).
+    /// A new link is up: asks the relay again for every open tunnel not lost (its
+    /// lease gives back the same hostname and port).
     pub fn link_up(&mut self, now: Instant) {
         self.link_up = true;
-        let open: Vec<Open> = self.tunnels.values().cloned().collect();
-        for open in open {
+        let kept = self
+            .tunnels
+            .values()
+            .filter(|open| !open.state.borrow().is_lost());
+        let restores: Vec<(Forwarded, ForwardOptions)> = kept
+            .map(|open| (open.forwarded.clone(), open.options.clone()))
+            .collect();
+        for (before, options) in restores {
             let id = self.next_request;
             self.next_request = self.next_request.wrapping_add(1).max(1);
-            let inner = open.forwarded.port;
-            self.transmits
-                .push_back(forward_frame(id, inner, &open.options));
+            let inner = before.port;
+            self.transmits.push_back(forward_frame(id, inner, &options));
             self.requests.insert(
                 id,
                 Request {
                     inner,
-                    options: open.options,
+                    options,
                     deadline: now + self.request_timeout,
-                    purpose: Purpose::Restore {
-                        before: open.forwarded,
-                    },
+                    purpose: Purpose::Restore { before },
                 },
             );
+        }
+    }
+
+    /// The relay refuses the agent itself (`reason`): no tunnel is routed any more.
+    pub fn give_up(&mut self, reason: &Arc<Error>) {
+        for open in self.tunnels.values() {
+            if !open.state.borrow().is_lost() {
+                open.lose(reason.clone());
+            }
         }
     }
 
@@ -408,11 +464,17 @@ impl Control {
                     }));
                 }
                 Purpose::Restore { before } => {
-                    lost.push(*id);
+                    let error = Error::Timeout {
+                        waiting_for: "the relay to restore the tunnel after a reconnect",
+                    };
                     self.events.push_back(Event::RestoreFailed {
                         port: before.port,
-                        error: "no answer from the relay".into(),
+                        error: error.to_string(),
                     });
+                    if let Some(open) = self.tunnels.get(&before.port) {
+                        open.lose(Arc::new(error));
+                    }
+                    lost.push(*id);
                 }
             }
         }

@@ -5,9 +5,11 @@
 //! explicit [`AgentConfig`]. One agent holds one link to the relay, whatever the
 //! number of tunnels and connections.
 //!
-//! Layout: `config` (settings), `control` (the sans-IO request/close table),
-//! `reconnect` (the link and its upkeep), `tunnel` (the handles), `local` (serving a
-//! tunnel from the local service); this file ties them together.
+//! Layout: `config` (settings), `control` (the sans-IO request/close table, and the
+//! tunnels' states), `reconnect` (the link and its upkeep), `tunnel` (the handles),
+//! `state` (what a handle reports), `local` (serving a tunnel from the local service);
+//! this file ties them together and drives the table: after every change to it,
+//! whoever waits is woken, and its deadlines are kept by a task of their own.
 
 mod config;
 mod local;
@@ -16,6 +18,7 @@ mod local;
 #[doc(hidden)]
 pub mod control;
 mod reconnect;
+mod state;
 mod tunnel;
 
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,7 @@ use crate::netstack::{lock, ListenError, Listener, Stack};
 pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN};
 use control::{BindError, Control};
 pub use reconnect::retry_at_limits;
+pub use state::{TunnelAddress, TunnelState};
 pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
 
 /// The state of an agent's link to the relay ([`Agent::link_state`]).
@@ -66,9 +70,11 @@ pub(crate) struct Shared {
     /// One stack for the agent's whole life: listeners survive a lost link, connections
     /// do not.
     stack: Stack,
-    /// Tunnels, requests and closes, each stored once.
+    /// Tunnels, requests and closes, each stored once; fed only through
+    /// [`update`](Shared::update), its outputs taken through [`take`](Shared::take).
     control: Mutex<Control>,
-    /// Signalled whenever `control` has news: an answer, a frame to send, a lost link.
+    /// Signalled after every change to `control`: an answer, a frame to send, a lost
+    /// link, a deadline passed.
     changed: Arc<Notify>,
     state: watch::Sender<LinkState>,
     /// The runtime the agent was connected in, which runs its tasks.
@@ -115,11 +121,10 @@ impl Agent {
                 config,
             }),
         };
-        agent.shared.runtime.spawn(reconnect::maintain(
-            Arc::downgrade(&agent.shared),
-            changed,
-            halves,
-        ));
+        let shared = Arc::downgrade(&agent.shared);
+        let runtime = &agent.shared.runtime;
+        runtime.spawn(keep_deadlines(shared.clone(), changed.clone()));
+        runtime.spawn(reconnect::maintain(shared, changed, halves));
         Ok(agent)
     }
 
@@ -137,7 +142,7 @@ impl Agent {
         if port == 0 {
             return Err(Error::InvalidPort { given: "0".into() });
         }
-        let (forwarded, listener) = self.open(Some(port), &options).await?;
+        let (inner, state, listener) = self.open(Some(port), &options).await?;
         let targets = if options.local_addrs.is_empty() {
             local::default_targets(port)
         } else {
@@ -151,7 +156,8 @@ impl Agent {
             .spawn(local::serve(listener, targets, connect_timeout));
         Ok(Tunnel::new(
             self.clone(),
-            forwarded,
+            inner,
+            state,
             Some(port),
             Some((task, stopper)),
         ))
@@ -160,9 +166,9 @@ impl Agent {
     /// Opens a tunnel whose connections are handed to the program itself, straight
     /// from the userspace stack: no local port is bound.
     pub async fn listen(&self, options: ForwardOptions) -> Result<TunnelListener, Error> {
-        let (forwarded, listener) = self.open(None, &options).await?;
+        let (inner, state, listener) = self.open(None, &options).await?;
         Ok(TunnelListener {
-            tunnel: Tunnel::new(self.clone(), forwarded, None, None),
+            tunnel: Tunnel::new(self.clone(), inner, state, None, None),
             listener,
         })
     }
@@ -172,7 +178,7 @@ impl Agent {
         &self,
         local: Option<u16>,
         options: &ForwardOptions,
-    ) -> Result<(crate::wire::Forwarded, Listener), Error> {
+    ) -> Result<(u16, watch::Receiver<TunnelState>, Listener), Error> {
         if options.h2 && options.unencrypted {
             return Err(Error::H2RequiresTls);
         }
@@ -185,16 +191,22 @@ impl Agent {
                 })
             })
         });
-        let (id, _inner, listener) = match opened {
+        let (id, inner, listener) = match opened {
             // An agent that gave up says why, rather than that its link is closed.
             Err(Error::LinkClosed) => return Err(self.link_closed()),
             opened => opened?,
         };
-        shared.changed.notify_waiters();
-        let forwarded = shared
-            .wait_for(|control| control.answer(id), |control| control.cancel(id))
+        // The tunnel's state is recorded with the answer, before it is taken.
+        let state = shared
+            .wait_for(
+                |control| {
+                    let answer = control.answer(id)?;
+                    Some(answer.and_then(|_| control.tunnel_state(inner).ok_or(Error::LinkClosed)))
+                },
+                |control| control.cancel(id),
+            )
             .await?;
-        Ok((forwarded, listener))
+        Ok((inner, state, listener))
     }
 
     /// The error for a request made while the link is down: why the agent gave up, if
@@ -214,7 +226,7 @@ impl Agent {
 
     /// Whether the link to the relay is up.
     pub fn is_connected(&self) -> bool {
-        self.shared.update(|control| control.is_link_up())
+        self.shared.read(|control| control.is_link_up())
     }
 
     /// The link's state, now and as it changes.
@@ -238,23 +250,41 @@ impl Agent {
 }
 
 impl Shared {
-    /// Runs `f` on the control table.
+    /// Feeds the control table an input (`f` calls one of its `open`, `close`,
+    /// `handle_*`, `link_*` methods), then reports what the table has to tell and wakes
+    /// whoever waits on it (the link's pump, callers awaiting an answer, the deadline
+    /// keeper), so that no change goes unnoticed.
     pub(crate) fn update<T>(&self, f: impl FnOnce(&mut Control) -> T) -> T {
+        let (result, events) = {
+            let mut control = lock(&self.control);
+            let result = f(&mut control);
+            let events: Vec<_> = std::iter::from_fn(|| control.poll_event()).collect();
+            (result, events)
+        };
+        self.changed.notify_waiters();
+        events.into_iter().for_each(reconnect::report);
+        result
+    }
+
+    /// Takes an output of the control table for its caller (a frame to send, an
+    /// answer): nothing anyone else waits for, so no one is woken. (Waking here would
+    /// have every waiter wake every other, for ever.)
+    pub(crate) fn take<T>(&self, f: impl FnOnce(&mut Control) -> T) -> T {
         f(&mut lock(&self.control))
     }
 
-    /// Handles a control frame from the relay and wakes whoever it concerns.
-    fn handle_frame(&self, frame: crate::wire::Frame) {
-        let events: Vec<_> = self.update(|control| {
-            control.handle_frame(frame);
-            std::iter::from_fn(|| control.poll_event()).collect()
-        });
-        self.changed.notify_waiters();
-        events.into_iter().for_each(reconnect::report);
+    /// Reads the control table, changing nothing.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Control) -> T) -> T {
+        f(&lock(&self.control))
     }
 
-    /// Waits until `poll` finds what it is looking for in the control table, expiring
-    /// deadlines as they come. Runs `cancel` if dropped before.
+    /// Handles a control frame from the relay.
+    fn handle_frame(&self, frame: crate::wire::Frame) {
+        self.update(|control| control.handle_frame(frame));
+    }
+
+    /// Waits until `poll` takes what it is looking for from the control table,
+    /// checking after every change to it. Runs `cancel` if dropped before.
     pub(crate) async fn wait_for<T>(
         &self,
         mut poll: impl FnMut(&mut Control) -> Option<T>,
@@ -265,7 +295,6 @@ impl Shared {
             fn drop(&mut self) {
                 if let Some(cancel) = self.1.take() {
                     self.0.update(cancel);
-                    self.0.changed.notify_waiters();
                 }
             }
         }
@@ -274,20 +303,39 @@ impl Shared {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (found, deadline) = self.update(|control| (poll(control), control.poll_timeout()));
-            if let Some(found) = found {
+            if let Some(found) = self.take(&mut poll) {
                 guard.1 = None;
                 return found;
             }
-            let Some(deadline) = deadline else {
-                notified.await;
-                continue;
+            notified.await;
+        }
+    }
+}
+
+/// Expires the control table's deadlines as they come, whether or not anyone waits for
+/// the request concerned (a tunnel's restore after a reconnect has no caller); ends
+/// with the agent.
+async fn keep_deadlines(agent: std::sync::Weak<Shared>, changed: Arc<Notify>) {
+    loop {
+        let notified = changed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let Some(deadline) = agent
+            .upgrade()
+            .map(|shared| shared.read(Control::poll_timeout))
+        else {
+            return;
+        };
+        let Some(deadline) = deadline else {
+            notified.await;
+            continue;
+        };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let Some(shared) = agent.upgrade() else {
+                return;
             };
-            let deadline = tokio::time::Instant::from_std(deadline);
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                self.update(|control| control.handle_timeout(now()));
-                self.changed.notify_waiters();
-            }
+            shared.update(|control| control.handle_timeout(now()));
         }
     }
 }

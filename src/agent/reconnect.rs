@@ -113,7 +113,7 @@ pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<L
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),
     };
-    tcp.set_nodelay(true)?;
+    link::configure_socket(&tcp, &config.link())?;
     let connector = tokio_rustls::TlsConnector::from(tls);
     let mut stream = match timeout(limit, connector.connect(server_name, tcp)).await {
         Ok(Ok(stream)) => stream,
@@ -209,7 +209,9 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
                 }
                 Err(e @ (Error::Unauthorized | Error::VersionMismatch { .. })) => {
                     tracing::error!(error = %e, "the relay refuses this agent; giving up");
-                    shared.state.send_replace(LinkState::GaveUp(Arc::new(e)));
+                    let reason = Arc::new(e);
+                    shared.update(|control| control.give_up(&reason));
+                    shared.state.send_replace(LinkState::GaveUp(reason));
                     return;
                 }
                 // Temporary, and visible: the link's state says why.
@@ -231,7 +233,7 @@ async fn pump(agent: &Weak<Shared>, changed: &Notify, link: ControlSender) {
         tokio::pin!(notified);
         notified.as_mut().enable();
         let frame = match agent.upgrade() {
-            Some(shared) => shared.update(|control| control.poll_transmit()),
+            Some(shared) => shared.take(|control| control.poll_transmit()),
             None => return,
         };
         match frame {

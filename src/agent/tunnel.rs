@@ -1,4 +1,4 @@
-//! Tunnel handles: [`Tunnel`] (URL, sockets; closes when dropped) and
+//! Tunnel handles: [`Tunnel`] (URL, sockets, state; closes when dropped) and
 //! [`TunnelListener`], whose connections the program accepts itself.
 
 use std::io;
@@ -6,23 +6,28 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::Agent;
+use super::{Agent, TunnelAddress, TunnelState};
 use crate::error::Error;
 use crate::netstack::{InnerStream, Listener, ListenerStopper};
-use crate::wire::Forwarded;
 
 /// An open tunnel. Dropping it closes the tunnel; [`close`](Tunnel::close) does the
 /// same and waits for the relay to confirm.
+///
+/// What it reports is what the agent's control table holds now: after a reconnect in
+/// which the relay gave the tunnel a new address, [`url`](Tunnel::url) and the sockets
+/// are the new ones, and [`state`](Tunnel::state) tells of the change.
 #[derive(Debug)]
 pub struct Tunnel {
     agent: Agent,
-    forwarded: Forwarded,
+    /// The inner port: the tunnel's key in the control table.
+    inner: u16,
+    /// Its state, as the control table publishes it.
+    state: watch::Receiver<TunnelState>,
     /// The forwarded local port; `None` for a [`TunnelListener`]'s tunnel.
     local_port: Option<u16>,
-    url: String,
-    tcp_host: String,
     /// Serves the forwarded connections, and stops its listener at once; `None` for a
     /// [`TunnelListener`]'s tunnel.
     forwarder: Option<(JoinHandle<()>, ListenerStopper)>,
@@ -32,66 +37,64 @@ pub struct Tunnel {
 impl Tunnel {
     pub(crate) fn new(
         agent: Agent,
-        forwarded: Forwarded,
+        inner: u16,
+        state: watch::Receiver<TunnelState>,
         local_port: Option<u16>,
         forwarder: Option<(JoinHandle<()>, ListenerStopper)>,
     ) -> Self {
-        let url = if forwarded.tls_port == 443 {
-            format!("https://{}", forwarded.hostname)
-        } else {
-            format!("https://{}:{}", forwarded.hostname, forwarded.tls_port)
-        };
-        // The raw TCP socket is on the relay node: the hostname without the tunnel
-        // label. Every `*.localhost` name is this machine (RFC 6761), but only curl and
-        // browsers resolve them: `localhost` itself resolves everywhere.
-        let node = forwarded
-            .hostname
-            .split_once('.')
-            .map_or(forwarded.hostname.as_str(), |(_, node)| node);
-        let tcp_host = if node.ends_with(".localhost") {
-            "localhost".to_owned()
-        } else {
-            node.to_owned()
-        };
         Tunnel {
             agent,
-            forwarded,
+            inner,
+            state,
             local_port,
-            url,
-            tcp_host,
             forwarder,
             open: true,
         }
     }
 
+    /// The tunnel's state, now and as it changes: `changed()` on the receiver returns
+    /// when the relay gives the tunnel a new address ([`TunnelState::Moved`]) or stops
+    /// routing it ([`TunnelState::Lost`]), and fails once the tunnel is closed.
+    pub fn state(&self) -> watch::Receiver<TunnelState> {
+        let mut state = self.state.clone();
+        state.mark_unchanged();
+        state
+    }
+
+    /// Where the public reaches the tunnel now (for a lost tunnel, where it did).
+    pub fn address(&self) -> TunnelAddress {
+        self.state.borrow().address().clone()
+    }
+
     /// The public URL, `https://<label>.<domain>`, with `:<port>` unless it is 443.
-    pub fn url(&self) -> &str {
-        &self.url
+    pub fn url(&self) -> String {
+        self.state.borrow().address().url()
     }
 
     /// The TLS endpoint: the tunnel's hostname and the relay's public TLS port.
-    pub fn tls_socket(&self) -> (&str, u16) {
-        (&self.forwarded.hostname, self.forwarded.tls_port)
+    pub fn tls_socket(&self) -> (String, u16) {
+        let state = self.state.borrow();
+        let (host, port) = state.address().tls_socket();
+        (host.to_owned(), port)
     }
 
     /// The raw TCP endpoint; only for a tunnel forwarded with `unencrypted`.
-    pub fn tcp_socket(&self) -> Result<(&str, u16), Error> {
-        match self.forwarded.tcp_port {
-            Some(port) => Ok((&self.tcp_host, port)),
-            None => Err(Error::NotUnencrypted),
-        }
+    pub fn tcp_socket(&self) -> Result<(String, u16), Error> {
+        let state = self.state.borrow();
+        let (host, port) = state.address().tcp_socket()?;
+        Ok((host.to_owned(), port))
     }
 
     /// The forwarded local port (for a [`TunnelListener`], the inner port it listens
     /// on).
     pub fn port(&self) -> u16 {
-        self.local_port.unwrap_or(self.forwarded.port)
+        self.local_port.unwrap_or(self.inner)
     }
 
     /// Closes the tunnel and waits until the relay has stopped routing to it, so the
     /// port can be forwarded again at once.
     pub async fn close(mut self) -> Result<(), Error> {
-        let inner = self.forwarded.port;
+        let inner = self.inner;
         if !self.shutdown() {
             // Disconnected: the relay holds no route to the tunnel beyond its lease,
             // and will not renew it.
@@ -118,11 +121,10 @@ impl Tunnel {
             listening.stop();
             forwarder.abort();
         }
-        let inner = self.forwarded.port;
-        let shared = &self.agent.shared;
-        let confirms = shared.update(|control| control.close(inner, super::now()));
-        shared.changed.notify_waiters();
-        confirms
+        let inner = self.inner;
+        self.agent
+            .shared
+            .update(|control| control.close(inner, super::now()))
     }
 }
 

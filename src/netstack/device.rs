@@ -1,5 +1,5 @@
 //! The smoltcp [`Device`] a flow is polled with: at most one inbound packet, and the
-//! stack's shared outbound [`PacketQueue`].
+//! flow's lane of the stack's outbound [`PacketQueue`](super::PacketQueue).
 
 use bytes::Bytes;
 use smoltcp::phy::{ChecksumCapabilities, Device, DeviceCapabilities, Medium, RxToken, TxToken};
@@ -7,19 +7,19 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{IpProtocol, Ipv4Packet, TcpPacket};
 
 use super::pool;
-use super::queue::PacketQueue;
+use super::queue::{QueueLane, Room};
 
 /// A device for one poll of one flow.
 pub(crate) struct FlowDevice<'a> {
     inbound: Option<Bytes>,
-    outbound: &'a PacketQueue,
+    outbound: &'a QueueLane,
     mtu: usize,
-    /// Set when egress was refused because the outbound queue was full.
+    /// Set when egress was refused because the flow's lane was full (not closed).
     pub(crate) refused: bool,
 }
 
 impl<'a> FlowDevice<'a> {
-    pub(crate) fn new(inbound: Option<Bytes>, outbound: &'a PacketQueue, mtu: usize) -> Self {
+    pub(crate) fn new(inbound: Option<Bytes>, outbound: &'a QueueLane, mtu: usize) -> Self {
         FlowDevice {
             inbound,
             outbound,
@@ -59,9 +59,13 @@ impl Device for FlowDevice<'_> {
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<OutboundToken<'_>> {
-        if !self.outbound.has_room() {
-            self.refused = true;
-            return None;
+        match self.outbound.room() {
+            Room::Free => {}
+            Room::Full => {
+                self.refused = true;
+                return None;
+            }
+            Room::Closed => return None,
         }
         Some(OutboundToken {
             queue: self.outbound,
@@ -85,7 +89,7 @@ impl RxToken for InboundToken {
 
 /// Builds one outbound packet and appends it to the queue.
 pub(crate) struct OutboundToken<'a> {
-    queue: &'a PacketQueue,
+    queue: &'a QueueLane,
     reply: bool,
 }
 

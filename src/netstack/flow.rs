@@ -12,7 +12,7 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet
 
 use super::clock::Clock;
 use super::device::FlowDevice;
-use super::queue::PacketQueue;
+use super::queue::{PacketQueue, QueueLane};
 use super::window::{Budget, Sizes, Tuning};
 use super::{lock, StackConfig, MAX_SOCKET_BUFFER};
 
@@ -93,6 +93,8 @@ pub(crate) struct FlowState {
     iface: Interface,
     sockets: SocketSet<'static>,
     handle: SocketHandle,
+    /// The flow's lane of the stack's outbound queue.
+    lane: QueueLane,
     mtu: usize,
     /// The stack's clock, to turn smoltcp's deadlines into tokio ones.
     pub(crate) clock: Clock,
@@ -116,10 +118,11 @@ impl Flow {
         seed: u64,
         clock: Clock,
         budget: &Arc<Budget>,
-        outbound: &PacketQueue,
+        outbound: &Arc<PacketQueue>,
         open: impl FnOnce(&mut tcp::Socket, &mut Interface) -> Result<(), FlowOpenError>,
     ) -> Result<Flow, FlowOpenError> {
-        let mut device = FlowDevice::new(None, outbound, config.mtu);
+        let lane = outbound.open_lane();
+        let mut device = FlowDevice::new(None, &lane, config.mtu);
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = seed;
         let mut iface = Interface::new(iface_config, &mut device, clock.now());
@@ -139,6 +142,7 @@ impl Flow {
                 iface,
                 sockets,
                 handle,
+                lane,
                 mtu: config.mtu,
                 clock,
                 tuning,
@@ -178,14 +182,18 @@ impl Flow {
         packet: Bytes,
         info: &PacketInfo,
         now: Instant,
-        outbound: &PacketQueue,
         egress: impl FnOnce(&mut FlowState),
     ) {
         let (reader, writer) = {
             let mut state = self.lock();
-            let mtu = state.mtu;
-            let mut device = FlowDevice::new(Some(packet), outbound, mtu);
-            let FlowState { iface, sockets, .. } = &mut *state;
+            let FlowState {
+                iface,
+                sockets,
+                lane,
+                mtu,
+                ..
+            } = &mut *state;
+            let mut device = FlowDevice::new(Some(packet), lane, *mtu);
             iface.poll_ingress_single(now, &mut device, sockets);
             if info.rst {
                 state.reset_by_peer = true;
@@ -214,12 +222,24 @@ impl FlowState {
         self.sockets.get_mut::<tcp::Socket>(self.handle)
     }
 
-    /// Sends everything the socket has to send. Returns true if the outbound queue
+    /// The flow's lane of the stack's outbound queue.
+    pub(crate) fn lane(&self) -> &QueueLane {
+        &self.lane
+    }
+
+    /// Sends everything the socket has to send. Returns true if the flow's lane
     /// refused some of it and no retry is registered yet: the caller must register one
-    /// (see `Stack::egress`), after which this returns false until the retry runs.
-    pub(crate) fn egress(&mut self, now: Instant, outbound: &PacketQueue) -> bool {
-        let mut device = FlowDevice::new(None, outbound, self.mtu);
-        let FlowState { iface, sockets, .. } = self;
+    /// (see `Stack::egress`), after which this returns false until the retry runs. A
+    /// closed queue takes nothing and asks for no retry: the stack is going away.
+    pub(crate) fn egress(&mut self, now: Instant) -> bool {
+        let FlowState {
+            iface,
+            sockets,
+            lane,
+            mtu,
+            ..
+        } = self;
+        let mut device = FlowDevice::new(None, lane, *mtu);
         while iface.poll_egress(now, &mut device, sockets) != smoltcp::iface::PollResult::None {}
         self.egress_pending = device.refused;
         if device.refused && !self.retry_registered {

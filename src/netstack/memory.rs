@@ -30,7 +30,7 @@ pub async fn connect_in_memory_delayed(a: Stack, b: Stack, one_way: Duration) {
 /// Drains `from`'s outbound queue into `to`'s ingress; closes `to` when `from` closes.
 async fn pump(from: Stack, to: Stack) {
     let mut batch = Vec::with_capacity(64);
-    while from.outbound().drain(&mut batch, 64).await > 0 {
+    while from.outbound().drain(&mut batch, 64 * 1024).await > 0 {
         for packet in batch.drain(..) {
             // Drops are counted by the receiving stack.
             let _ = to.ingress(packet);
@@ -44,7 +44,7 @@ async fn delayed_pump(from: Stack, to: Stack, one_way: Duration) {
     let (line_in, mut line_out) = mpsc::channel::<(Instant, Bytes)>(DELAYED_PACKETS);
     let send = async move {
         let mut batch = Vec::with_capacity(64);
-        while from.outbound().drain(&mut batch, 64).await > 0 {
+        while from.outbound().drain(&mut batch, 64 * 1024).await > 0 {
             let due = Instant::now() + one_way;
             for packet in batch.drain(..) {
                 if line_in.send((due, packet)).await.is_err() {

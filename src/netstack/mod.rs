@@ -27,6 +27,7 @@
 mod clock;
 mod device;
 mod error;
+mod fair;
 mod flow;
 mod memory;
 mod pool;
@@ -51,6 +52,7 @@ pub use error::{ConnectError, Dropped, ListenError};
 pub(crate) use flow::FlowState;
 pub use memory::{connect_in_memory, connect_in_memory_delayed};
 pub use queue::PacketQueue;
+use queue::{QueueLane, Registration};
 pub use smoltcp::wire::Ipv4Address;
 pub(crate) use stream::FlowTimer;
 pub use stream::{InnerStream, Listener, ListenerStopper, PendingConnection};
@@ -190,9 +192,11 @@ struct Shared {
     config: StackConfig,
     flows: Mutex<FlowTable>,
     listeners: Mutex<HashMap<u16, mpsc::Sender<PendingConnection>>>,
-    outbound: PacketQueue,
+    outbound: Arc<PacketQueue>,
     /// Answers SYNs that no listener takes with a RST; holds no sockets.
     refuser: Mutex<Interface>,
+    /// The refuser's lane of the outbound queue.
+    refuser_lane: QueueLane,
     counters: Counters,
     clock: Clock,
     budget: Arc<Budget>,
@@ -219,8 +223,9 @@ impl Stack {
     /// Creates a stack with the given settings.
     pub fn new(config: StackConfig) -> Stack {
         let clock = Clock::new();
-        let outbound = PacketQueue::new(config.outbound_queue_bytes);
-        let mut device = FlowDevice::new(None, &outbound, config.mtu);
+        let outbound = Arc::new(PacketQueue::new(config.outbound_queue_bytes));
+        let refuser_lane = outbound.open_lane();
+        let mut device = FlowDevice::new(None, &refuser_lane, config.mtu);
         let mut refuser =
             Interface::new(Config::new(HardwareAddress::Ip), &mut device, clock.now());
         refuser.update_ip_addrs(|addrs| {
@@ -236,6 +241,7 @@ impl Stack {
                 listeners: Mutex::new(HashMap::new()),
                 outbound,
                 refuser: Mutex::new(refuser),
+                refuser_lane,
                 counters: Counters::default(),
                 clock,
                 budget: Arc::new(Budget::new(
@@ -350,29 +356,24 @@ impl Stack {
     /// Feeds a packet to its flow; if the flow's answer did not fit in the outbound
     /// queue, arranges for it to be sent when there is room.
     fn deliver(&self, flow: &Arc<Flow>, packet: Bytes, info: &PacketInfo, now: Instant) {
-        flow.ingress(packet, info, now, &self.shared.outbound, |state| {
-            self.egress(flow, state, now)
-        });
+        flow.ingress(packet, info, now, |state| self.egress(flow, state, now));
     }
 
-    /// Sends what a flow has to send (the caller holds its lock); if the outbound queue
-    /// refuses, the flow is polled again when there is room, whoever owns it.
+    /// Sends what a flow has to send (the caller holds its lock); if the flow's lane
+    /// refuses, the flow is polled again when there is room, whoever owns it. Once the
+    /// queue is closed nothing is sent or retried.
     fn egress(&self, flow: &Arc<Flow>, state: &mut FlowState, now: Instant) {
         state.tune(now);
-        while state.egress(now, &self.shared.outbound) {
+        while state.egress(now) {
             let retry = EgressRetry {
                 flow: Arc::downgrade(flow),
                 shared: Arc::downgrade(&self.shared),
             };
-            if self
-                .shared
-                .outbound
-                .wake_when_room(&Waker::from(Arc::new(retry)))
-            {
-                return;
+            match state.lane().wake_when_room(&Waker::from(Arc::new(retry))) {
+                Registration::Registered | Registration::Closed => return,
+                // The writer made room meanwhile: go again.
+                Registration::RoomNow => state.retry_fired(),
             }
-            // The writer made room meanwhile: go again.
-            state.retry_fired();
         }
     }
 
@@ -382,8 +383,11 @@ impl Stack {
             .counters
             .refused_syns
             .fetch_add(1, Ordering::Relaxed);
-        let mut device =
-            FlowDevice::new(Some(packet), &self.shared.outbound, self.shared.config.mtu);
+        let mut device = FlowDevice::new(
+            Some(packet),
+            &self.shared.refuser_lane,
+            self.shared.config.mtu,
+        );
         let mut no_sockets = SocketSet::new(Vec::new());
         lock(&self.shared.refuser).poll_ingress_single(now, &mut device, &mut no_sockets);
         Err(why)

@@ -28,6 +28,8 @@ type SessionPlace = Place<usize, Source>;
 pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let from = tcp.peer_addr().ok().map(|addr| addr.ip());
+    // Without it the link still works, with a longer queue below the scheduler.
+    let _ = link::configure_socket(&tcp, &shared.config.link);
     let accept = timeout_at(deadline, shared.agent_tls.accept(tcp));
     let Some(Ok(Ok(tls))) = handshake.run(CLIENT_HELLO_DEADLINE, accept).await else {
         shared.count_failed_handshake();

@@ -233,7 +233,7 @@ impl Fixture {
 
     /// TLS to a tunnel, offering `http/1.1` only.
     pub async fn tls_to(&self, tunnel: &Tunnel) -> io::Result<TlsStream<TcpStream>> {
-        self.tls(tunnel.tls_socket().0, HTTP1).await
+        self.tls(&tunnel.tls_socket().0, HTTP1).await
     }
 
     /// `GET /` over TLS with `sni`, naming `host` in the `Host` header; the body.
@@ -245,7 +245,7 @@ impl Fixture {
     /// `GET /` from a tunnel's URL, within [`step`](Self::step); the body.
     pub async fn get(&self, tunnel: &Tunnel) -> io::Result<String> {
         let host = tunnel.tls_socket().0;
-        timeout(self.step, self.get_as(host, host))
+        timeout(self.step, self.get_as(&host, &host))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
     }
@@ -316,7 +316,7 @@ pub async fn echo_via_url(
     limit: Duration,
 ) -> io::Result<Vec<u8>> {
     let (host, port) = tunnel.tls_socket();
-    let tls = timeout(limit, tls_connect(connector, ("127.0.0.1", port), host))
+    let tls = timeout(limit, tls_connect(connector, ("127.0.0.1", port), &host))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake hung"))??;
     exchange(limit, tls, message).await

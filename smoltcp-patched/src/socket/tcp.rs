@@ -985,7 +985,6 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-
         self.state = State::Closed;
         self.timer = Timer::new();
         self.rtte = RttEstimator::default();
@@ -4653,7 +4652,9 @@ mod test {
                 ..RECV_TEMPL
             })
         );
-        let old = s.replace_recv_buffer(SocketBuffer::new(vec![0; 128])).unwrap();
+        let old = s
+            .replace_recv_buffer(SocketBuffer::new(vec![0; 128]))
+            .unwrap();
         assert_eq!(old.capacity(), 64);
         assert_eq!(s.recv_capacity(), 128);
         // The doubled window is advertised at once.
@@ -4709,8 +4710,14 @@ mod test {
                 ..RECV_TEMPL
             }]
         );
-        assert!(s.replace_recv_buffer(SocketBuffer::new(vec![0; 4])).is_err());
-        assert!(s.replace_recv_buffer(SocketBuffer::new(vec![0; 16])).is_ok());
+        assert!(
+            s.replace_recv_buffer(SocketBuffer::new(vec![0; 4]))
+                .is_err()
+        );
+        assert!(
+            s.replace_recv_buffer(SocketBuffer::new(vec![0; 16]))
+                .is_ok()
+        );
         // The smaller window is advertised at once.
         recv!(
             s,
@@ -4750,8 +4757,13 @@ mod test {
     fn test_replace_send_buffer_keeps_unsent_data() {
         let mut s = socket_established();
         s.send_slice(b"abcdef").unwrap();
-        assert!(s.replace_send_buffer(SocketBuffer::new(vec![0; 4])).is_err());
-        let old = s.replace_send_buffer(SocketBuffer::new(vec![0; 128])).unwrap();
+        assert!(
+            s.replace_send_buffer(SocketBuffer::new(vec![0; 4]))
+                .is_err()
+        );
+        let old = s
+            .replace_send_buffer(SocketBuffer::new(vec![0; 128]))
+            .unwrap();
         assert_eq!(old.capacity(), 64);
         assert_eq!(s.send_capacity(), 128);
         assert_eq!(s.send_window(), 256);

@@ -508,6 +508,7 @@ fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
         .unwrap();
     h.exchange(link, &mut agent);
     let granted = agent.answer(id).unwrap().unwrap();
+    let state = agent.tunnel_state(inner).unwrap();
     assert_eq!(h.route(&granted.hostname).unwrap().link, Some(link));
     assert_eq!(granted.port, inner);
 
@@ -532,6 +533,11 @@ fn an_agents_control_table_gets_its_tunnels_back_after_a_lost_link() {
         Some(Event::Moved { port, old, new }) => {
             assert_eq!((port, &old), (inner, &granted.hostname));
             assert_eq!(h.route(&new).unwrap().link, Some(late));
+            // What the tunnel's handle reads is the new address.
+            assert!(matches!(
+                &*state.borrow(),
+                crate::agent::TunnelState::Moved(address) if address.tls_socket().0 == new
+            ));
         }
         other => panic!("expected the tunnel to move, got {other:?}"),
     }
