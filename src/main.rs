@@ -15,6 +15,8 @@ use portferry::agent::{
 use portferry::relay::{Relay, RelayConfig};
 use portferry::token::Token;
 
+mod os;
+
 /// Expose a port from inside a container through a relay.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
@@ -271,52 +273,9 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     Ok((first, last))
 }
 
-/// Allocations of 64 KiB and more (every connection's socket buffers) get mappings of
-/// their own, given back to the OS when freed. glibc's default raises that threshold
-/// as soon as such a buffer is freed and then keeps them in its heap: after a burst of
-/// 400 downloads the relay stayed at 37 MiB instead of 14 (`HOSTILE_ONLY=memory cargo
-/// bench --bench hostile`; jemalloc and mimalloc measured there too, see issue 12).
-fn return_big_buffers_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of glibc's allocator, under its own lock.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-    }
-}
-
-/// Raises the soft limit on open files to the hard one, as far as the system lets it;
-/// the soft limit then in force (`u64::MAX`: none known).
-fn raise_open_files_limit() -> u64 {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-        unsafe {
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-                return u64::MAX;
-            }
-            if limit.rlim_cur < limit.rlim_max {
-                let raised = libc::rlimit {
-                    rlim_cur: limit.rlim_max,
-                    rlim_max: limit.rlim_max,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                    limit = raised;
-                }
-            }
-        }
-        limit.rlim_cur
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    u64::MAX
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    return_big_buffers_to_the_os();
+    os::return_big_buffers_to_the_os();
     let cli = Cli::parse();
     let default_level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
     tracing_subscriber::fmt()
@@ -407,7 +366,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     config.max_tunnels_per_agent = args.max_tunnels_per_agent;
     // The limits whose pools hold file descriptors fit what the process may open; a
     // limit set by a flag is taken as given.
-    let open_files = raise_open_files_limit();
+    let open_files = os::raise_open_files_limit();
     tracing::info!(open_files, "open-file limit");
     config.fit_open_files(open_files);
     let set = |limit: &mut usize, flag: Option<usize>| *limit = flag.unwrap_or(*limit);
