@@ -12,9 +12,10 @@
 //! while they wait: shares even out under pressure, no first-come flood locks anyone
 //! out, and two holders never take the same place back and forth.
 //!
-//! The place taken back is the victim's oldest *yielding* place (a handshake past its
-//! first deadline, a lease of an agent that is away), else — in pools whose places can
-//! be taken back at any time ([`TakeBack::Any`]) — its oldest place.
+//! The place taken back is a *yielding* place (a handshake past its first deadline, a
+//! lease of an agent that is away) of any holder that holds more, the richest first,
+//! else — in pools whose places can be taken back at any time ([`TakeBack::Any`]) — the
+//! oldest place of the holder of the most.
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
@@ -59,12 +60,23 @@ impl Held {
         self.places.len()
     }
 
-    /// The place it gives back first, if it may give one.
-    fn victim(&self, take_back: TakeBack) -> Option<PlaceId> {
-        let yielding = self.yielding.first().copied();
+    /// The place to take back from the first of `candidates` (richest first) that has
+    /// one: the oldest yielding place of any of them, else, if `take_back` allows, the
+    /// oldest place of the first.
+    fn first_victim<'a>(
+        candidates: impl Iterator<Item = &'a Held> + Clone,
+        take_back: TakeBack,
+    ) -> Option<PlaceId> {
+        let mut yielding = candidates.clone().filter_map(|held| held.yielding.first());
+        if let Some(&id) = yielding.next() {
+            return Some(id);
+        }
         match take_back {
-            TakeBack::Any => yielding.or_else(|| self.places.first().copied()),
-            TakeBack::Yielding => yielding,
+            TakeBack::Any => candidates
+                .filter_map(|held| held.places.first())
+                .next()
+                .copied(),
+            TakeBack::Yielding => None,
         }
     }
 
@@ -243,21 +255,21 @@ where
     }
 
     /// The place to take back for a newcomer of `member` of `holder`, if any: from the
-    /// richest holder that holds more than `holder` will with the place and has a place
-    /// to give, else from the richest member of `holder` that holds more than `member`
-    /// will and has one.
+    /// holders that hold more than `holder` will with the place (a yielding place of any
+    /// of them first, else the oldest of the richest), else likewise from the members of
+    /// `holder` that hold more than `member` will.
     fn victim(&self, holder: H, member: M) -> Option<PlaceId> {
         let own = self.held_by(holder);
         if own < self.cap {
-            let from_holders = self
+            let richer = self
                 .by_count
                 .iter()
                 .rev()
                 .take_while(|(count, _)| *count > own + 1)
                 .filter(|(_, other)| *other != holder)
-                .find_map(|(_, other)| self.holders[other].all.victim(self.take_back));
-            if from_holders.is_some() {
-                return from_holders;
+                .map(|(_, other)| &self.holders[other].all);
+            if let Some(id) = Held::first_victim(richer, self.take_back) {
+                return Some(id);
             }
         }
         let entry = self.holders.get(&holder)?;
@@ -269,9 +281,7 @@ where
             .map(|(_, held)| held)
             .collect();
         richer.sort_by_key(|held| std::cmp::Reverse(held.count()));
-        richer
-            .into_iter()
-            .find_map(|held| held.victim(self.take_back))
+        Held::first_victim(richer.into_iter(), self.take_back)
     }
 
     fn take(&mut self, holder: H, member: M) -> PlaceId {
@@ -367,6 +377,25 @@ mod tests {
         assert_eq!(leases.admit(2, 0), Admission::Refused, "no longer yields");
         leases.set_yielding(held[0], true);
         assert!(matches!(leases.admit(2, 0), Admission::TakenBack { from, .. } if from == held[0]));
+    }
+
+    #[test]
+    fn a_yielding_place_of_any_richer_holder_goes_before_the_richest_ones_oldest() {
+        // Holder 1 holds three busy places; holder 2 two, one of them yielding (a
+        // handshake past its first deadline): a newcomer takes that one.
+        let mut pool = Shares::new(5, TakeBack::Any);
+        for _ in 0..3 {
+            take(&mut pool, 1, 0);
+        }
+        take(&mut pool, 2, 0);
+        let late = take(&mut pool, 2, 0);
+        pool.set_yielding(late, true);
+        assert!(matches!(pool.admit(3, 0), Admission::TakenBack { from, .. } if from == late));
+        // With none yielding, the richest gives its oldest.
+        assert!(matches!(
+            pool.admit(4, 0),
+            Admission::TakenBack { from: 0, .. }
+        ));
     }
 
     #[test]
