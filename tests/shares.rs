@@ -240,3 +240,71 @@ async fn raw_tcp_ports_are_shared_by_token() {
         kept.push(tunnel);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_without_its_client_hello_after_the_first_deadline_goes_first() {
+    const POOL: usize = 4;
+    let fx = Fixture::start_with(STEP, |config| {
+        config.max_pending_handshakes = POOL;
+        config.handshake_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let agent = fx.agent().await;
+    let tunnel = agent
+        .forward(http_service("ok").await.port())
+        .await
+        .unwrap();
+    let host = tunnel.tls_socket().0.to_owned();
+    // One address sends nothing; another sends its whole ClientHello, then stalls.
+    let mut silent = Vec::new();
+    for _ in 0..POOL / 2 {
+        silent.push(
+            timeout(STEP, connect_from(loopback(3), fx.public))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let mut hello = Vec::new();
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).unwrap();
+    let config = fx.connector(HTTP1).config().clone();
+    rustls::ClientConnection::new(config, name)
+        .unwrap()
+        .write_tls(&mut hello)
+        .unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..POOL / 2 {
+        let mut tcp = timeout(STEP, connect_from(loopback(4), fx.public))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, &hello)
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    fx.until_stats("the pool full", |s| s.pending_handshakes == POOL)
+        .await;
+    // Past the first deadline (2.5 s), the silent ones yield: a newcomer closes one of
+    // them, not one of those that sent their ClientHello.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(fx.get(&tunnel).await.unwrap(), "ok");
+    let mut byte = [0u8; 1];
+    let closed = timeout(STEP, silent[0].read(&mut byte)).await.unwrap();
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    // The others are still open: what the relay sent them is its handshake's flight,
+    // and no end.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for tcp in &stalled {
+        let mut flight = [0u8; 4096];
+        let open = loop {
+            match tcp.try_read(&mut flight) {
+                Ok(0) => break false,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break true,
+                Err(_) => break false,
+            }
+        };
+        assert!(open, "a connection that sent its ClientHello was closed");
+    }
+}
