@@ -36,11 +36,11 @@ fn free_ports(n: u16) -> u16 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handshake_flood_from_two_addresses_keeps_a_third_out_of_nothing() {
-    const POOL: usize = 8;
+/// A relay with `pool` public handshake places and a long handshake timeout, and an
+/// agent's tunnel to a page that says "ok".
+async fn handshake_pool(pool: usize) -> (Fixture, Agent, portferry::agent::Tunnel) {
     let fx = Fixture::start_with(STEP, |config| {
-        config.max_pending_handshakes = POOL;
+        config.max_pending_handshakes = pool;
         config.handshake_timeout = Duration::from_secs(60);
     })
     .await;
@@ -49,6 +49,13 @@ async fn a_handshake_flood_from_two_addresses_keeps_a_third_out_of_nothing() {
         .forward(http_service("ok").await.port())
         .await
         .unwrap();
+    (fx, agent, tunnel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_from_two_addresses_keeps_a_third_out_of_nothing() {
+    const POOL: usize = 8;
+    let (fx, _agent, tunnel) = handshake_pool(POOL).await;
 
     // Two addresses send a TLS record header each and nothing more, five times what the
     // pool holds between them; whatever is refused or closed, they hold the pool.
@@ -244,16 +251,7 @@ async fn raw_tcp_ports_are_shared_by_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_without_its_client_hello_after_the_first_deadline_goes_first() {
     const POOL: usize = 4;
-    let fx = Fixture::start_with(STEP, |config| {
-        config.max_pending_handshakes = POOL;
-        config.handshake_timeout = Duration::from_secs(60);
-    })
-    .await;
-    let agent = fx.agent().await;
-    let tunnel = agent
-        .forward(http_service("ok").await.port())
-        .await
-        .unwrap();
+    let (fx, _agent, tunnel) = handshake_pool(POOL).await;
     let host = tunnel.tls_socket().0.to_owned();
     // One address sends nothing; another sends its whole ClientHello, then stalls.
     let mut silent = Vec::new();
