@@ -16,11 +16,15 @@
 //! - `idle`: [`IDLE_CLIENTS`] clients send to the service that never reads, half-close,
 //!   and wait; how many of their connections the relay has ended after a while (item 4);
 //! - `memory`: on a fresh relay, the relay's and a CLI agent's resident memory before, at
-//!   the peak of and after a burst of downloads (item 10).
+//!   the peak of and after a burst of downloads (item 10);
+//! - `shares` (issue 21, in `hostile/shares.rs`): on a fresh relay, a two-address
+//!   handshake flood, one address holding a tunnel's slots, clients that read then
+//!   stall (with and without a trickle), and a session flood of the token, each beside
+//!   that relay's baseline.
 //!
 //! Every line is a ratio or a count next to the same run's baseline. Environment:
 //! `HOSTILE_BIN` (default: this build's `portferry`) to measure another build,
-//! `HOSTILE_ONLY=memory` to run only the memory phase, and
+//! `HOSTILE_ONLY=memory` or `HOSTILE_ONLY=shares` to run only that phase, and
 //! `HOSTILE_RELAY_ARGS` (space-separated relay flags, default [`RELAY_ARGS`]; set it
 //! empty for a build without `--idle-timeout`).
 
@@ -72,9 +76,20 @@ fn main() {
     runtime.block_on(run());
 }
 
+#[path = "hostile/shares.rs"]
+mod shares;
+
 async fn run() {
-    if std::env::var("HOSTILE_ONLY").as_deref() != Ok("memory") {
+    let only = std::env::var("HOSTILE_ONLY").ok();
+    if only.as_deref() == Some("shares") {
+        shares::shares().await;
+        shares::tenants().await;
+        return;
+    }
+    if only.as_deref() != Some("memory") {
         attacks().await;
+        shares::shares().await;
+        shares::tenants().await;
     }
     // Item 10: memory after a load burst, on a fresh relay so that only the burst counts.
     let relay = RelayProcess::start().await;
@@ -150,13 +165,39 @@ struct RelayProcess {
     _state: tempdir::TempDir,
 }
 
+/// How a relay of a phase is started, beyond [`RELAY_ARGS`].
+#[derive(Default)]
+struct RelaySetup {
+    /// More flags.
+    args: Vec<String>,
+    /// Tokens it takes (`--tokens`); the first is the one agents use. `None`: the one it
+    /// makes.
+    tokens: Option<Vec<String>>,
+    /// The `ulimit` flags it runs under (like `-Sn 1024`), if not the bench's.
+    ulimit: Option<&'static str>,
+}
+
 impl RelayProcess {
     async fn start() -> RelayProcess {
+        RelayProcess::start_with(RelaySetup::default()).await
+    }
+
+    async fn start_with(setup: RelaySetup) -> RelayProcess {
         let bin = std::env::var("HOSTILE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_portferry").to_owned());
         let state = tempdir::TempDir::new();
         let extra = std::env::var("HOSTILE_RELAY_ARGS").unwrap_or_else(|_| RELAY_ARGS.into());
-        let mut command = Command::new(&bin);
+        let mut command = match setup.ulimit {
+            None => Command::new(&bin),
+            Some(ulimit) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit {ulimit} && exec \"$0\" \"$@\""))
+                    .arg(&bin);
+                shell
+            }
+        };
         command
             .args([
                 "relay",
@@ -167,7 +208,14 @@ impl RelayProcess {
             ])
             .arg("--state-dir")
             .arg(state.path())
-            .args(extra.split_whitespace());
+            .args(extra.split_whitespace())
+            .args(&setup.args)
+            .args(
+                setup
+                    .tokens
+                    .iter()
+                    .map(|tokens| format!("--tokens={}", tokens.join(","))),
+            );
         let (child, mut lines) = spawn_with_lines(command);
         let (mut addr, mut token, mut ca) = (None, None, None);
         let read = async {
@@ -190,11 +238,15 @@ impl RelayProcess {
         timeout(Duration::from_secs(30), read)
             .await
             .expect("the relay never said it was ready");
+        let token = match setup.tokens {
+            Some(tokens) => tokens[0].clone(),
+            None => token.expect("PORTFERRY_TOKEN"),
+        };
         RelayProcess {
             child,
             bin,
             addr: addr.expect("PORTFERRY_RELAY"),
-            token: token.expect("PORTFERRY_TOKEN"),
+            token,
             ca: ca.expect("PORTFERRY_RELAY_CA"),
             _state: state,
         }

@@ -56,6 +56,8 @@ pub enum Error {
     /// The relay refused: a limit (tunnels per agent, agents at once) is reached.
     /// Close something, or retry later.
     LimitReached {
+        /// Which limit; match on it to decide what to do.
+        limit: crate::Limit,
         /// The relay's message, naming the limit.
         message: String,
     },
@@ -124,7 +126,7 @@ impl fmt::Display for Error {
                     "the relay speaks another protocol version ({message}): upgrade the older side"
                 )
             }
-            Error::LimitReached { message } => {
+            Error::LimitReached { message, .. } => {
                 write!(f, "the relay refused: a limit is reached ({message})")
             }
             Error::Refused { message } => write!(f, "the relay refused: {message}"),

@@ -152,6 +152,7 @@ pub mod agent;
 #[doc(hidden)]
 pub mod demo;
 mod error;
+mod limit;
 #[cfg(feature = "relay")]
 pub mod relay;
 mod task;
@@ -167,4 +168,5 @@ pub use agent::{
     TunnelListener, TunnelState, TunnelStream,
 };
 pub use error::{parse_port, Error};
+pub use limit::Limit;
 pub use token::Token;

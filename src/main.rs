@@ -9,9 +9,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState};
+use portferry::agent::{
+    retry_at_limits, Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState,
+};
 use portferry::relay::{Relay, RelayConfig};
 use portferry::token::Token;
+
+mod os;
 
 /// Expose a port from inside a container through a relay.
 #[derive(Debug, Parser)]
@@ -97,21 +101,28 @@ struct RelayArgs {
     /// Tunnels one agent may have open at once; more are refused (LIMIT_REACHED).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_TUNNELS_PER_AGENT, value_parser = parse_limit)]
     max_tunnels_per_agent: usize,
-    /// Public connections (TLS and raw TCP) one tunnel may have open at once; more are
-    /// closed (TLS) or reset (raw TCP).
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL, value_parser = parse_limit)]
-    max_connections_per_tunnel: usize,
-    /// Public connections all tunnels of one agent may have open at once; more are
-    /// closed (TLS) or reset (raw TCP).
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_CONNECTIONS_PER_AGENT, value_parser = parse_limit)]
-    max_connections_per_agent: usize,
-    /// Public TLS handshakes in progress at once (one address may hold half); more
-    /// are closed at once. Agents' handshakes have a pool of their own, as large.
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_PENDING_HANDSHAKES, value_parser = parse_limit)]
-    max_pending_handshakes: usize,
-    /// Agents connected at once; more are refused (LIMIT_REACHED) and retry later.
-    #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_AGENT_SESSIONS, value_parser = parse_limit)]
-    max_agent_sessions: usize,
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once, shared by
+    /// source address (at the limit, an address holding fewer takes one back from the
+    /// address holding the most) [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections_per_tunnel: Option<usize>,
+    /// Public connections all tunnels of one agent may have open at once, shared the
+    /// same way [default: 10000, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections_per_agent: Option<usize>,
+    /// Public connections of the whole relay, shared the same way [default: 60000, or
+    /// what `ulimit -n` leaves after the agents' share and a reserve].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_connections: Option<usize>,
+    /// Public TLS handshakes in progress at once, shared the same way (first to go: one
+    /// without its ClientHello after 2.5 s). Agents' handshakes have a pool of their
+    /// own, as large [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_pending_handshakes: Option<usize>,
+    /// Agents connected at once, shared by token; more are refused (LIMIT_REACHED) and
+    /// retry later [default: 1024, or less to fit `ulimit -n`].
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    max_agent_sessions: Option<usize>,
     /// Tunnel leases (kept for a reconnecting agent) the agents of one token may hold at
     /// once; a tunnel beyond it is refused (LIMIT_REACHED).
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES_PER_TOKEN, value_parser = parse_limit)]
@@ -119,6 +130,10 @@ struct RelayArgs {
     /// Tunnel leases the relay holds at once, all tokens together; the same.
     #[arg(long, value_name = "N", default_value_t = RelayConfig::DEFAULT_MAX_LEASES, value_parser = parse_limit)]
     max_leases: usize,
+    /// MiB of socket buffers all agent sessions together may hold before windows stop
+    /// growing [default: a quarter of the machine's memory].
+    #[arg(long, value_name = "MIB", value_parser = parse_limit)]
+    buffer_budget: Option<usize>,
     /// Seconds a connection may take for its TLS handshake (an agent: TLS and hello
     /// together) before it is closed.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
@@ -258,22 +273,9 @@ fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
     Ok((first, last))
 }
 
-/// Allocations of 64 KiB and more (every connection's socket buffers) get mappings of
-/// their own, given back to the OS when freed. glibc's default raises that threshold
-/// as soon as such a buffer is freed and then keeps them in its heap: after a burst of
-/// 400 downloads the relay stayed at 37 MiB instead of 14 (`HOSTILE_ONLY=memory cargo
-/// bench --bench hostile`; jemalloc and mimalloc measured there too, see issue 12).
-fn return_big_buffers_to_the_os() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a parameter of glibc's allocator, under its own lock.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
-    }
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    return_big_buffers_to_the_os();
+    os::return_big_buffers_to_the_os();
     let cli = Cli::parse();
     let default_level = ["info", "debug", "trace"][usize::from(cli.verbose.min(2))];
     tracing_subscriber::fmt()
@@ -362,11 +364,33 @@ async fn relay(args: RelayArgs) -> Result<()> {
     // Leases survive a restart, so agents that reconnect keep their URLs.
     config.lease_file = Some(state.join("leases"));
     config.max_tunnels_per_agent = args.max_tunnels_per_agent;
-    config.max_connections_per_tunnel = args.max_connections_per_tunnel;
-    config.max_connections_per_agent = args.max_connections_per_agent;
-    config.max_pending_handshakes = args.max_pending_handshakes;
-    config.max_pending_agent_handshakes = args.max_pending_handshakes;
-    config.max_agent_sessions = args.max_agent_sessions;
+    // The limits whose pools hold file descriptors fit what the process may open; a
+    // limit set by a flag is taken as given.
+    let open_files = os::raise_open_files_limit();
+    tracing::info!(open_files, "open-file limit");
+    config.fit_open_files(open_files);
+    let set = |limit: &mut usize, flag: Option<usize>| *limit = flag.unwrap_or(*limit);
+    set(
+        &mut config.max_connections_per_tunnel,
+        args.max_connections_per_tunnel,
+    );
+    set(
+        &mut config.max_connections_per_agent,
+        args.max_connections_per_agent,
+    );
+    set(&mut config.max_connections, args.max_connections);
+    set(
+        &mut config.max_pending_handshakes,
+        args.max_pending_handshakes,
+    );
+    set(
+        &mut config.max_pending_agent_handshakes,
+        args.max_pending_handshakes,
+    );
+    set(&mut config.max_agent_sessions, args.max_agent_sessions);
+    if let Some(mib) = args.buffer_budget {
+        config.buffer_budget = mib.saturating_mul(1024 * 1024);
+    }
     config.max_leases_per_token = args.max_leases_per_token;
     config.max_leases = args.max_leases;
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
@@ -546,7 +570,12 @@ async fn forward(args: ForwardArgs) -> Result<()> {
             .local_addrs(local_addrs);
         requests.push((spec.port, options));
     }
-    let Some(agent) = signals.unless(Agent::connect(config)).await else {
+    // A relay at its sessions' limit (or this token's or address's share of them)
+    // refuses the link for now: wait and try again; only a refused token or version ends
+    // the command. A port refused at a limit fails it (the agent's own tunnels may be
+    // what holds that limit), naming the port and the limit.
+    let connect = retry_at_limits(|| Agent::connect(config.clone()), say_retrying);
+    let Some(agent) = signals.unless(connect).await else {
         return Ok(());
     };
     let agent = agent?;
@@ -579,6 +608,11 @@ async fn forward(args: ForwardArgs) -> Result<()> {
     }
     signals.closing(close_all(tunnels)).await;
     Ok(())
+}
+
+/// Tells the user that the relay refused at a limit and when the next try is.
+fn say_retrying(refusal: &portferry::Error, delay: Duration) {
+    tracing::warn!("{refusal}; trying again in {delay:.1?}");
 }
 
 /// Prints the new address of each tunnel that moves, until forwarding cannot go on: a

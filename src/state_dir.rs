@@ -144,6 +144,24 @@ impl StateDir {
         self.sync().map_err(|source| StateError { path, source })
     }
 
+    /// Appends `contents` to the file `name` (created mode 0600 if missing) and makes
+    /// them durable. Not atomic: a crash may leave part of `contents` at the end, so a
+    /// reader must tell a cut last record from a whole one.
+    pub fn append(&self, name: impl AsRef<Path>, contents: &[u8]) -> Result<(), StateError> {
+        let path = self.file(name);
+        let created = !path.exists();
+        let mut options = fs::OpenOptions::new();
+        options.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, FILE_MODE);
+        let appended = options.open(&path).and_then(|mut file| {
+            file.write_all(contents)?;
+            file.sync_data()
+        });
+        let synced = appended.and_then(|()| if created { self.sync() } else { Ok(()) });
+        synced.map_err(|source| StateError { path, source })
+    }
+
     /// Makes the directory's entries (a rename) durable.
     fn sync(&self) -> io::Result<()> {
         #[cfg(unix)]

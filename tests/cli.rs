@@ -322,6 +322,11 @@ fn start_cli_relay_in(state: TempDir, args: &[&str]) -> CliRelay {
         state.path().as_os_str(),
     ]);
     command.args(args);
+    start_cli_relay_as(command, state)
+}
+
+/// The relay `command` runs, keeping its state in `state`.
+fn start_cli_relay_as(command: Command, state: TempDir) -> CliRelay {
     let mut process = Running::spawn(command);
     let lines = process.lines_starting_with(&[
         "PORTFERRY_RELAY=",
@@ -748,6 +753,73 @@ async fn sigterm_closes_the_tunnel_and_exits_zero() {
         !stderr.contains("did not confirm") && !stderr.contains("could not close"),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_refused_at_a_relay_limit_waits_and_gets_its_tunnel_later() {
+    let relay = start_cli_relay_in(
+        TempDir::new("cli"),
+        &[
+            "--agent-addr",
+            "127.0.0.1:0",
+            "--public-addr",
+            "127.0.0.1:0",
+            "--max-agent-sessions",
+            "1",
+        ],
+    );
+    let service = http_service("patient").await;
+    let port = service.port().to_string();
+    let mut first = relay.forward(None, &[&port]);
+    first.lines_starting_with(&["url:"]);
+    // The relay serves its one session: the second is refused, says so, and waits.
+    let mut second = relay.forward(None, &[&port]);
+    let stderr = second.stderr_when(|e| e.contains("trying again"));
+    assert!(stderr.contains("max_agent_sessions"), "{stderr}");
+    assert!(second.child.0.try_wait().unwrap().is_none(), "{stderr}");
+    // Once the first leaves, the second gets its tunnel.
+    first.signal("TERM");
+    assert_eq!(first.exits_within(STEP).await.code(), Some(0));
+    let url = second.lines_starting_with(&["url:"]).remove(0);
+    let (host, port, _) = split_url(url.trim_start_matches("url:").trim());
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("patient"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_short_of_file_descriptors_still_serves_agents_and_clients() {
+    // 256 open files, and a flood of 300 silent connections to the public port: its
+    // pools fit the limit, so the flood holds a few and the rest are closed at once.
+    let state = TempDir::new("cli");
+    let public = common::free_port();
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "ulimit -n 256 && exec \"$0\" \"$@\""])
+        .arg(portferry::<[&str; 0], &str>([]).get_program())
+        .args(["relay", "--state-dir"])
+        .arg(state.path())
+        .args(["--agent-addr", "127.0.0.1:0", "--handshake-timeout", "60"])
+        .arg("--public-addr")
+        .arg(format!("127.0.0.1:{public}"))
+        .env_remove("RUST_LOG")
+        .env_remove("PORTFERRY_TOKENS");
+    let relay = start_cli_relay_as(command, state);
+    let stderr = relay.process.stderr_when(|e| e.contains("open-file limit"));
+    assert!(stderr.contains("open_files=256"), "{stderr}");
+    let flooder: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        let to = std::net::SocketAddr::new(Ipv4Addr::LOCALHOST.into(), public);
+        let tcp = tokio::time::timeout(STEP, common::connect_from(flooder, to));
+        silent.push(tcp.await.unwrap().unwrap());
+    }
+    // An agent still connects and gets a URL, and a client still gets the page.
+    let service = http_service("enough files").await;
+    let mut forward = relay.forward(None, &[&service.port().to_string()]);
+    let url = forward.lines_starting_with(&["url:"]).remove(0);
+    let (host, port, _) = split_url(url.trim_start_matches("url:").trim());
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("enough files"), "{response}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

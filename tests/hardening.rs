@@ -16,7 +16,7 @@ use portferry::netstack::{ConnectError, Stack, StackConfig};
 use portferry::relay::{RelayConfig, LOCAL_DOMAIN};
 use portferry::token::Token;
 use portferry::wire::{ErrorCode, Frame, Hello, PROTOCOL_VERSION};
-use portferry::Error;
+use portferry::{Error, Limit};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -414,8 +414,9 @@ async fn a_forward_beyond_max_tunnels_per_agent_is_refused() {
     let _second = agent.forward_with(1, to(service)).await.unwrap();
     let third = agent.forward_with(2, to(service)).await;
     match third {
-        Err(Error::LimitReached { message }) => {
-            assert!(message.contains("max_tunnels_per_agent"), "{message}");
+        Err(Error::LimitReached { limit, message }) => {
+            assert_eq!(limit, Limit::TunnelsPerAgent);
+            assert!(message.contains(limit.name()), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -518,7 +519,7 @@ async fn handshakes_beyond_max_pending_handshakes_are_closed_at_once() {
     assert_eq!(fx.get(&tunnel).await.unwrap(), "h");
 }
 
-/// Handshake places in each pool of the flood test: the flooder may hold half.
+/// Handshake places in each pool of the flood test.
 const POOL: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,7 +538,7 @@ async fn a_flood_of_silent_connections_from_one_address_keeps_out_neither_agents
         .unwrap();
 
     // One address floods both ports with silent connections, five times what a pool
-    // holds.
+    // holds: it fills each pool, and the rest are refused.
     let flooder = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     let mut silent = Vec::new();
     for port in [fx.public.port(), fx.agent_port] {
@@ -554,7 +555,9 @@ async fn a_flood_of_silent_connections_from_one_address_keeps_out_neither_agents
     })
     .await;
 
-    // Other clients still get their pages, and other agents connect and forward.
+    assert_eq!(fx.stats().pending_handshakes, 2 * POOL);
+    // Other clients still get their pages, and other agents connect and forward: each
+    // takes a place back from the flooder, whose connection is closed.
     for round in 0..3 {
         assert_eq!(fx.get(&tunnel).await.unwrap(), "one", "round {round}");
     }
@@ -564,7 +567,11 @@ async fn a_flood_of_silent_connections_from_one_address_keeps_out_neither_agents
         .await
         .unwrap();
     assert_eq!(fx.get(&other).await.unwrap(), "two");
-    assert_eq!(fx.stats().pending_handshakes, POOL, "{:?}", fx.stats());
+    let stats = fx.stats();
+    // The first page took one public place back and the second agent one agent place;
+    // the later pages took the place the first one had left.
+    assert_eq!(stats.failed_handshakes, 2, "{stats:?}");
+    assert_eq!(stats.pending_handshakes, 2 * POOL - 2, "{stats:?}");
     drop(silent);
     fx.until_stats("no pending handshake", |s| s.pending_handshakes == 0)
         .await;
@@ -578,8 +585,9 @@ async fn an_agent_beyond_max_agent_sessions_is_refused() {
         .await
         .unwrap();
     match refused {
-        Err(Error::LimitReached { message }) => {
-            assert!(message.contains("max_agent_sessions"), "{message}");
+        Err(Error::LimitReached { limit, message }) => {
+            assert_eq!(limit, Limit::AgentSessions);
+            assert!(message.contains(limit.name()), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
     }

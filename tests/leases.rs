@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{echo_service, echo_via_url, eventually, Fixture, RawAgent, TempDir, HTTP1};
 
 use portferry::wire::{ErrorCode, NEW_AGENT};
-use portferry::Error;
+use portferry::{Error, Limit};
 
 const STEP: Duration = Duration::from_secs(20);
 /// The agent's port the hand-driven links forward.
@@ -26,7 +26,7 @@ async fn leases_are_bounded_per_token_refused_with_a_code_and_counted() {
     let _c = second.forward(1001).await.unwrap();
     let refused = second.forward(1002).await.unwrap_err();
     assert!(
-        matches!(&refused, Error::LimitReached { message } if message.contains("max_leases_per_token")),
+        matches!(&refused, Error::LimitReached { limit: Limit::LeasesPerToken, message } if message.contains("max_leases_per_token")),
         "{refused:?}"
     );
     let stats = fx.stats();

@@ -493,3 +493,68 @@ async fn an_agent_refused_on_reconnect_says_it_gave_up() {
         .unwrap();
     assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_at_a_limit_on_reconnect_says_so_and_keeps_trying() {
+    use portferry::wire::handshake;
+    use portferry::{AgentConfig, Error, Limit, LinkState, Token};
+    let state = common::TempDir::new("refused");
+    let pki = portferry::tls::local_pki(state.path(), portferry::relay::LOCAL_DOMAIN).unwrap();
+    let token = Token::generate();
+    let (first, first_run, port) = relay_accepting(&pki, token.clone(), 0).await;
+    let config = AgentConfig::new(format!("localhost:{port}"), token.clone())
+        .with_relay_ca(&pki.ca_cert_path);
+    let agent = timeout(STEP, Agent::connect(config))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut states = agent.link_state();
+    first.shutdown();
+    timeout(STEP, first_run).await.unwrap().unwrap();
+
+    // The relay comes back with one session, which another agent of the token takes
+    // before the relay accepts anything on its port.
+    let mut config =
+        portferry::relay::RelayConfig::local(pki.identity.clone(), vec![token.clone()], port, 0);
+    config.max_agent_sessions = 1;
+    let relay = portferry::relay::Relay::bind(config).await.unwrap();
+    let (mut other, served) = tokio::io::duplex(4096);
+    let serving = tokio::spawn(relay.handle().serve_agent_stream(served));
+    let hello = handshake::hello(token.expose(), &[]).unwrap();
+    handshake::send(&mut other, &hello).await.unwrap();
+    let welcome = timeout(STEP, handshake::read_answer(&mut other))
+        .await
+        .unwrap();
+    assert!(matches!(welcome, Ok(Ok(_))), "{welcome:?}");
+    let _run = tokio::spawn(relay.run());
+
+    // The agent is refused at the limit: it says so, and keeps trying.
+    timeout(
+        STEP,
+        states.wait_for(|s| matches!(s, LinkState::Refused(_))),
+    )
+    .await
+    .expect("never reported the refusal")
+    .unwrap();
+    let refused = match &*agent.link_state().borrow() {
+        LinkState::Refused(reason) => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        matches!(
+            *refused,
+            Error::LimitReached {
+                limit: Limit::AgentSessions,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // Once the other agent leaves, it gets its link back.
+    drop(other);
+    timeout(STEP, serving).await.unwrap().unwrap();
+    timeout(STEP, states.wait_for(|s| matches!(s, LinkState::Connected)))
+        .await
+        .expect("never reconnected")
+        .unwrap();
+}

@@ -155,6 +155,51 @@ async fn windows_grow_shrink_and_regrow_with_every_byte_in_order() {
     assert_eq!(agent.stats().buffer_bytes, 0, "{:?}", agent.stats());
 }
 
+/// A reader that stops reading keeps what it holds, not the window it grew to: its
+/// buffer shrinks to the power of two that holds the unread bytes, and those bytes
+/// are all delivered once it reads again.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_keeps_what_it_holds_not_its_grown_window() {
+    let (relay, agent) = linked(StackConfig::relay(), StackConfig::agent());
+    let mut pairs = connections(&relay, &agent, 1).await;
+    let (client, server) = &mut pairs[0];
+    let idle = idle_flow_bytes();
+    let run = async {
+        let up = pseudo_random(5, 16 << 20);
+        let (at_server, _) = both_ways(client, server, &up, &[], false).await;
+        assert!(at_server == up, "bytes to the agent differ");
+        let grown = agent.stats().buffer_bytes;
+        assert!(grown >= 16 * idle, "the window did not grow: {grown}");
+
+        // The server is spliced, as a tunnel is, to a client that stops reading after
+        // 4 KiB; 100 KiB more arrive for it.
+        let (mut stalled, outer) = tokio::io::duplex(4 << 10);
+        let mut outer = outer;
+        let spliced = async {
+            let _ = portferry::splice::splice(server, &mut outer).await;
+        };
+        let unread = pseudo_random(6, 100 << 10);
+        let held = async {
+            client.write_all(&unread).await.unwrap();
+            tokio::time::sleep(IDLE_SHRINK * 3).await;
+            let held = agent.stats().buffer_bytes;
+            assert!(
+                held <= (128 << 10) + idle,
+                "{held} bytes held for 100 KiB unread"
+            );
+            assert_eq!(relay.stats().buffer_bytes, idle);
+            // It reads again: every byte arrives.
+            let read = read_exactly(&mut stalled, unread.len(), false).await;
+            assert!(read == unread, "the unread bytes differ");
+        };
+        tokio::select! {
+            () = spliced => panic!("the splice ended"),
+            () = held => {}
+        }
+    };
+    timeout(STEP, run).await.expect("transfer hung");
+}
+
 /// With a budget far below what the flows' windows want, the stacks never hold more
 /// than the budget and every flow still delivers every byte.
 #[tokio::test(start_paused = true)]

@@ -33,7 +33,8 @@
 //! a fresh one never issued before; a forward is
 //! answered with its request id, refused as `INVALID_REQUEST` exactly for port 0 or h2
 //! with unencrypted, as `PORT_IN_USE` exactly when the link holds the port, with
-//! `LIMIT_REACHED` only at the tunnel limit or for a raw TCP port, and `INTERNAL` only
+//! the limit `max_tunnels_per_agent` only at the tunnel limit and `tcp_ports` only for a
+//! raw TCP port, and `INTERNAL` only
 //! once shutting down; a grant names a fresh hostname under the domain (or, for the
 //! same agent and port with the same options, the hostname it leased before), a raw TCP
 //! port exactly when unencrypted, and routes to the link that asked; a close is echoed
@@ -59,6 +60,7 @@ use portferry::wire::{
     handshake, ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, Welcome, HEADER_LEN,
     NEW_AGENT, PROTOCOL_VERSION, TICKET_LEN,
 };
+use portferry::Limit;
 use shared::Input;
 use tokio::runtime::Runtime;
 
@@ -334,11 +336,14 @@ impl Run {
                 );
                 match code {
                     ErrorCode::INVALID_REQUEST | ErrorCode::PORT_IN_USE => {}
-                    ErrorCode::LIMIT_REACHED => assert!(
-                        link.held.len() >= MAX_TUNNELS || request.unencrypted,
+                    code if code.limit() == Some(Limit::TunnelsPerAgent) => assert!(
+                        link.held.len() >= MAX_TUNNELS,
                         "{request:?} refused at {} tunnels",
                         link.held.len()
                     ),
+                    code if code.limit() == Some(Limit::TcpPorts) => {
+                        assert!(request.unencrypted, "{request:?}: no TCP port")
+                    }
                     ErrorCode::INTERNAL => assert!(self.shut_down, "{request:?}: INTERNAL"),
                     other => panic!("{request:?} refused with {other:?}"),
                 }

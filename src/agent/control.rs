@@ -533,11 +533,14 @@ pub(crate) fn refusal_error(refusal: ErrorFrame) -> Error {
         ErrorCode::BAD_VERSION => Error::VersionMismatch {
             message: refusal.message,
         },
-        ErrorCode::LIMIT_REACHED => Error::LimitReached {
-            message: refusal.message,
-        },
-        code => Error::Refused {
-            message: format!("{} ({code})", refusal.message),
+        code => match code.limit() {
+            Some(limit) => Error::LimitReached {
+                limit,
+                message: refusal.message,
+            },
+            None => Error::Refused {
+                message: format!("{} ({code})", refusal.message),
+            },
         },
     }
 }

@@ -31,6 +31,7 @@ use crate::netstack::{lock, ListenError, Listener, Stack};
 
 pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN};
 use control::{BindError, Control};
+pub use reconnect::retry_at_limits;
 pub use state::{TunnelAddress, TunnelState};
 pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
 
@@ -42,6 +43,10 @@ pub enum LinkState {
     Connected,
     /// The link was lost; the agent is reconnecting.
     Reconnecting,
+    /// The relay turned the last reconnect away at a limit (its sessions, or this
+    /// token's or this address's share of them; the error names it): the agent keeps
+    /// retrying with backoff.
+    Refused(Arc<Error>),
     /// The relay refused this agent on a reconnect (token or version): the agent has
     /// stopped trying and its tunnels are dead.
     GaveUp(Arc<Error>),

@@ -22,6 +22,50 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Capped, jittered exponential backoff between attempts: from [`FIRST_BACKOFF`],
+/// doubling up to [`MAX_BACKOFF`].
+pub(crate) struct Backoff(Duration);
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff(FIRST_BACKOFF)
+    }
+
+    /// The delay before the next attempt, with full jitter in `[b/2, b)` so that agents
+    /// that lost the same relay spread out; the next one doubles.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let backoff = self.0;
+        self.0 = (backoff * 2).min(MAX_BACKOFF);
+        let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
+        backoff / 2 + Duration::from_millis(jitter)
+    }
+}
+
+/// Runs `attempt` until it succeeds, or fails for another reason than a relay limit
+/// ([`Error::LimitReached`]: the relay's sessions, tunnels, leases or ports are taken
+/// for now). After each refusal at a limit it calls `refused` with the error and the
+/// delay, waits with capped, jittered exponential backoff (100 ms to 10 s), and tries
+/// again: a limit is temporary, a wrong token or version is not.
+pub async fn retry_at_limits<T, Fut>(
+    mut attempt: impl FnMut() -> Fut,
+    mut refused: impl FnMut(&Error, Duration),
+) -> Result<T, Error>
+where
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match attempt().await {
+            Err(e @ Error::LimitReached { .. }) => {
+                let delay = backoff.next_delay();
+                refused(&e, delay);
+                tokio::time::sleep(delay).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// The two halves of an established, welcomed link.
 pub(crate) type LinkHalves = (
     FrameReader<ReadHalf<TlsStream<TcpStream>>>,
@@ -151,11 +195,9 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
                 }
             }
         }
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new();
         halves = loop {
-            // Full jitter in [backoff/2, backoff): agents that lost the same relay spread out.
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64 / 2);
-            tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter)).await;
+            tokio::time::sleep(backoff.next_delay()).await;
             let Some(shared) = agent.upgrade() else {
                 return;
             };
@@ -172,9 +214,13 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
                     shared.state.send_replace(LinkState::GaveUp(reason));
                     return;
                 }
-                Err(e) => tracing::debug!(error = %e, ?backoff, "reconnect failed"),
+                // Temporary, and visible: the link's state says why.
+                Err(e @ Error::LimitReached { .. }) => {
+                    tracing::warn!(error = %e, "the relay refused the link for now; retrying");
+                    shared.state.send_replace(LinkState::Refused(Arc::new(e)));
+                }
+                Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         };
         tracing::info!("reconnected to the relay");
     }

@@ -61,6 +61,7 @@ use clock::Clock;
 use device::FlowDevice;
 use flow::{Flow, FlowKey, FlowOpenError, PacketInfo, Unclassified};
 use window::Budget;
+pub use window::SharedBudget;
 
 /// The relay's address on the inner link.
 pub const RELAY_ADDR: Ipv4Address = Ipv4Address::new(100, 64, 0, 1);
@@ -103,6 +104,9 @@ pub struct StackConfig {
     /// Bytes of socket buffers all flows of the stack may hold together before windows
     /// stop growing. New flows still get their initial buffers beyond it.
     pub buffer_budget: usize,
+    /// A budget this stack shares with others (a relay's sessions), checked beside
+    /// [`buffer_budget`](Self::buffer_budget); `None`: only that one.
+    pub shared_budget: Option<SharedBudget>,
     /// Soft bound on the bytes waiting in the outbound queue.
     pub outbound_queue_bytes: usize,
     /// Connections a listener holds before they are accepted; SYNs beyond it get a RST.
@@ -123,6 +127,7 @@ impl StackConfig {
             socket_buffer: DEFAULT_SOCKET_BUFFER,
             max_socket_buffer: DEFAULT_MAX_SOCKET_BUFFER,
             buffer_budget: DEFAULT_BUFFER_BUDGET,
+            shared_budget: None,
             outbound_queue_bytes: 1024 * 1024,
             accept_backlog: 1024,
             handshake_timeout: Duration::from_secs(10),
@@ -239,7 +244,10 @@ impl Stack {
                 refuser_lane,
                 counters: Counters::default(),
                 clock,
-                budget: Arc::new(Budget::new(config.buffer_budget)),
+                budget: Arc::new(Budget::new(
+                    config.buffer_budget,
+                    config.shared_budget.as_ref(),
+                )),
                 config,
             }),
         }

@@ -16,12 +16,16 @@
 //! - **Send side**: when the writer has filled the send buffer and the buffer is
 //!   smaller than twice the peer's window, it grows to that: a window in flight and as
 //!   much read ahead, so the source is never the step the transfer waits on.
-//! - **Idle**: after [`IDLE_SHRINK`] without a byte moving, with both buffers empty,
-//!   they go back to their initial size (the receive window retracted that way is
+//! - **Idle or stalled**: after [`IDLE_SHRINK`] without a byte moving, each buffer goes
+//!   back to its initial size, or, if it holds bytes nobody takes (a reader that
+//!   stopped), to the power of two that holds them: a stalled connection keeps what it
+//!   holds, not the window it grew to (the receive window retracted that way is
 //!   advertised at once; should the peer have sent into the old window meanwhile, that
 //!   data is trimmed and retransmitted).
-//! - **Budget**: growth is taken from the stack's [`Budget`]; when it runs out,
-//!   windows stop growing (new flows still get their small initial buffers).
+//! - **Budget**: growth is taken from the stack's [`Budget`], and from the budget its
+//!   stacks share ([`SharedBudget`], a relay's for all its sessions) if there is one;
+//!   when either runs out, windows stop growing (new flows still get their small
+//!   initial buffers).
 //!
 //! [`StackConfig::socket_buffer`]: super::StackConfig::socket_buffer
 //! [`StackConfig::max_socket_buffer`]: super::StackConfig::max_socket_buffer
@@ -35,52 +39,91 @@ use smoltcp::time::{Duration, Instant};
 /// How long a connection moves no byte before its buffers shrink to their initial size.
 pub const IDLE_SHRINK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// The buffer memory of one stack: what its flows hold, against a limit.
+/// A buffer budget several stacks share, beside each one's own
+/// ([`StackConfig::shared_budget`](super::StackConfig::shared_budget)): a relay's, so
+/// that all its sessions together hold no more. Cheap to clone (one budget).
+#[derive(Debug, Clone)]
+pub struct SharedBudget(Arc<Budget>);
+
+impl SharedBudget {
+    /// A budget of `limit` bytes of socket buffers.
+    pub fn new(limit: usize) -> SharedBudget {
+        SharedBudget(Arc::new(Budget::new(limit, None)))
+    }
+
+    /// Bytes of socket buffers its stacks hold now.
+    pub fn used(&self) -> usize {
+        self.0.used()
+    }
+
+    /// Its limit.
+    pub fn limit(&self) -> usize {
+        self.0.limit
+    }
+}
+
+/// The buffer memory of one stack: what its flows hold, against a limit, and against
+/// the budget it shares with other stacks, if any.
 #[derive(Debug)]
 pub(crate) struct Budget {
     limit: usize,
     used: AtomicUsize,
     peak: AtomicUsize,
     refused: AtomicU64,
+    shared: Option<Arc<Budget>>,
 }
 
 impl Budget {
-    pub(crate) fn new(limit: usize) -> Self {
+    pub(crate) fn new(limit: usize, shared: Option<&SharedBudget>) -> Self {
         Budget {
             limit,
             used: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            shared: shared.map(|shared| shared.0.clone()),
         }
     }
 
-    /// Counts `bytes` whatever the limit (a new flow's initial buffers).
+    /// Counts `bytes` whatever the limits (a new flow's initial buffers).
     fn charge(&self, bytes: usize) {
         let used = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(used, Ordering::Relaxed);
+        if let Some(shared) = &self.shared {
+            shared.charge(bytes);
+        }
     }
 
-    /// Takes `bytes` more if they fit under the limit.
+    /// Takes `bytes` more if they fit under this limit and the shared one.
     fn try_grow(&self, bytes: usize) -> bool {
         let fits = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
                 used.checked_add(bytes).filter(|&total| total <= self.limit)
             });
-        match fits {
-            Ok(used) => {
-                self.peak.fetch_max(used + bytes, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                false
-            }
+        let grown = match fits {
+            Ok(used) => match &self.shared {
+                Some(shared) if !shared.try_grow(bytes) => {
+                    self.used.fetch_sub(bytes, Ordering::Relaxed);
+                    false
+                }
+                _ => {
+                    self.peak.fetch_max(used + bytes, Ordering::Relaxed);
+                    true
+                }
+            },
+            Err(_) => false,
+        };
+        if !grown {
+            self.refused.fetch_add(1, Ordering::Relaxed);
         }
+        grown
     }
 
     fn release(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
+        if let Some(shared) = &self.shared {
+            shared.release(bytes);
+        }
     }
 
     /// Bytes of socket buffers held now.
@@ -178,11 +221,21 @@ impl Tuning {
     }
 
     /// When the flow must be looked at again to shrink its buffers, if they are larger
-    /// than the initial ones.
+    /// than what they would shrink to.
     pub(crate) fn poll_at(&self, socket: &tcp::Socket<'static>) -> Option<Instant> {
-        let grown =
-            socket.recv_capacity() > self.sizes.rx || socket.send_capacity() > self.sizes.tx;
+        let (rx, tx) = self.shrunk_sizes();
+        let grown = socket.recv_capacity() > rx || socket.send_capacity() > tx;
         grown.then(|| self.last_active + Duration::from(IDLE_SHRINK))
+    }
+
+    /// What the buffers shrink to: their initial sizes, or the power of two that holds
+    /// what they hold.
+    fn shrunk_sizes(&self) -> (usize, usize) {
+        let fit = |initial: usize, held: usize| match held {
+            0 => initial,
+            held => initial.max(held.next_power_of_two()),
+        };
+        (fit(self.sizes.rx, self.rx_len), fit(self.sizes.tx, self.tx_len))
     }
 
     fn measure_rtt(&mut self, socket: &tcp::Socket<'static>, now: Instant) {
@@ -238,18 +291,14 @@ impl Tuning {
         }
     }
 
-    /// Shrinks both buffers to their initial size if both are empty. A send buffer
-    /// that holds data means a connection that is stalled, not idle: its peer may still
-    /// be sending into the window a shrink would retract.
+    /// Shrinks both buffers to [`shrunk_sizes`](Self::shrunk_sizes).
     fn shrink(&mut self, socket: &mut tcp::Socket<'static>) {
-        if self.rx_len > 0 || self.tx_len > 0 {
-            return;
+        let (rx, tx) = self.shrunk_sizes();
+        if socket.recv_capacity() > rx {
+            self.resize(socket, Side::Rx, rx);
         }
-        if socket.recv_capacity() > self.sizes.rx {
-            self.resize(socket, Side::Rx, self.sizes.rx);
-        }
-        if socket.send_capacity() > self.sizes.tx {
-            self.resize(socket, Side::Tx, self.sizes.tx);
+        if socket.send_capacity() > tx {
+            self.resize(socket, Side::Tx, tx);
         }
     }
 
@@ -302,4 +351,26 @@ enum Side {
 
 fn buffer(len: usize) -> tcp::SocketBuffer<'static> {
     tcp::SocketBuffer::new(vec![0; len])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stacks_sharing_a_budget_grow_within_both_limits() {
+        let shared = SharedBudget::new(100);
+        let (a, b) = (Budget::new(80, Some(&shared)), Budget::new(80, Some(&shared)));
+        a.charge(10);
+        assert!(a.try_grow(50));
+        assert!(!b.try_grow(50), "the shared budget holds 60 of 100");
+        assert_eq!((b.used(), b.refused()), (0, 1), "nothing kept of a refused growth");
+        assert!(b.try_grow(40));
+        assert_eq!(shared.used(), 100);
+        assert!(!a.try_grow(1));
+        a.release(60);
+        assert!(b.try_grow(30), "what one stack gives back, another may take");
+        assert!(!b.try_grow(20), "its own limit");
+        assert_eq!(shared.used(), 70);
+    }
 }

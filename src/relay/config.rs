@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::limit::Limit;
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
 use crate::splice::SpliceOptions;
@@ -51,25 +52,36 @@ pub struct RelayConfig {
     /// Tunnels one agent session may have open at once; the next `Forward` is refused
     /// with `LIMIT_REACHED`.
     pub max_tunnels_per_agent: usize,
-    /// Public connections (TLS and raw TCP) one tunnel may have open at once; the next
-    /// one is closed (TLS) or reset (raw TCP).
+    /// Public connections (TLS and raw TCP) one tunnel may have open at once, shared by
+    /// source address (an IPv4 address, or an IPv6 /48 and within it each /64): at the
+    /// limit, a connection from an address that holds fewer than the address holding
+    /// the most takes a place back from it (that address's oldest connection is
+    /// ended); from any other, it is closed (TLS) or reset (raw TCP).
     pub max_connections_per_tunnel: usize,
-    /// Public connections all tunnels of one agent session may have open at once; the
-    /// next one is closed (TLS) or reset (raw TCP).
+    /// Public connections all tunnels of one agent session may have open at once,
+    /// shared by source address in the same way.
     pub max_connections_per_agent: usize,
-    /// TLS handshakes in progress on the public port, of which one source address (an
-    /// IPv4 address or an IPv6 /64) may hold half, rounded up; a connection beyond
-    /// either is closed as soon as it is accepted.
+    /// Public connections the whole relay may have open at once, shared by source
+    /// address in the same way: each holds a file descriptor, and the relay keeps
+    /// enough for its agents ([`fit_open_files`](Self::fit_open_files)).
+    pub max_connections: usize,
+    /// TLS handshakes in progress on the public port, shared by source address in the
+    /// same way: at the limit, a newcomer from an address holding fewer closes a
+    /// handshake of the address holding the most — first one that has not sent its
+    /// whole ClientHello within 2.5 s — and any other newcomer is closed at once.
     pub max_pending_handshakes: usize,
     /// Handshakes in progress on the agent port (TLS and hello: until the hello is
     /// answered) and streams given to [`RelayHandle::serve_agent_stream`] until their
-    /// hello is answered, of which one source address may hold half, rounded up; a
-    /// connection or stream beyond either is closed as soon as it is accepted. Apart
+    /// hello is answered (those count as one address), shared in the same way. Apart
     /// from [`max_pending_handshakes`](Self::max_pending_handshakes), so that a flood
     /// of the public port cannot keep agents out.
     pub max_pending_agent_handshakes: usize,
-    /// Authenticated agent sessions at once; an agent beyond it is refused with
-    /// `LIMIT_REACHED` (and tries again later).
+    /// Authenticated agent sessions at once, shared by token: each token is kept
+    /// `max_agent_sessions / tokens` of them until it uses them, and the rest go to
+    /// whoever comes first. Within a token, at its limit, an agent from an address
+    /// holding fewer of the token's sessions ends the oldest session of the address
+    /// holding the most. An agent refused is told `LIMIT_REACHED` for
+    /// [`Limit::AgentSessions`] and tries again later.
     pub max_agent_sessions: usize,
     /// How long a shutting-down relay lets open public connections finish before it
     /// drops them.
@@ -100,6 +112,12 @@ pub struct RelayConfig {
     /// is written mode 0600, atomically and fsynced, by a thread of its own, shortly after
     /// each change. `None`: leases live in memory.
     pub lease_file: Option<PathBuf>,
+    /// Bytes of socket buffers all sessions' stacks together may hold before windows
+    /// stop growing (each stack also keeps to its own
+    /// [`StackConfig::buffer_budget`]): new connections still get their small initial
+    /// buffers, and a stalled one is ended by the [`idle_timeout`](Self::idle_timeout).
+    /// By default a quarter of the machine's memory ([`machine_buffer_budget`]).
+    pub buffer_budget: usize,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -115,6 +133,8 @@ impl RelayConfig {
     pub const DEFAULT_MAX_CONNECTIONS_PER_TUNNEL: usize = 1024;
     /// Default of [`max_connections_per_agent`](Self::max_connections_per_agent).
     pub const DEFAULT_MAX_CONNECTIONS_PER_AGENT: usize = 10_000;
+    /// Default of [`max_connections`](Self::max_connections).
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 60_000;
     /// Default of [`max_pending_handshakes`](Self::max_pending_handshakes).
     pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
     /// Default of [`max_pending_agent_handshakes`](Self::max_pending_agent_handshakes).
@@ -158,6 +178,7 @@ impl RelayConfig {
             max_tunnels_per_agent: Self::DEFAULT_MAX_TUNNELS_PER_AGENT,
             max_connections_per_tunnel: Self::DEFAULT_MAX_CONNECTIONS_PER_TUNNEL,
             max_connections_per_agent: Self::DEFAULT_MAX_CONNECTIONS_PER_AGENT,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_pending_handshakes: Self::DEFAULT_MAX_PENDING_HANDSHAKES,
             max_pending_agent_handshakes: Self::DEFAULT_MAX_PENDING_AGENT_HANDSHAKES,
             max_agent_sessions: Self::DEFAULT_MAX_AGENT_SESSIONS,
@@ -168,6 +189,7 @@ impl RelayConfig {
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
+            buffer_budget: machine_buffer_budget(),
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
@@ -200,27 +222,61 @@ impl RelayConfig {
         if let Some((setting, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return Err(ConfigError::Zero { setting });
         }
-        let limits = [
-            ("max_tunnels_per_agent", self.max_tunnels_per_agent),
-            (
-                "max_connections_per_tunnel",
-                self.max_connections_per_tunnel,
-            ),
-            ("max_connections_per_agent", self.max_connections_per_agent),
-            ("max_pending_handshakes", self.max_pending_handshakes),
-            (
-                "max_pending_agent_handshakes",
-                self.max_pending_agent_handshakes,
-            ),
-            ("max_agent_sessions", self.max_agent_sessions),
-            ("max_leases", self.max_leases),
-            ("max_leases_per_token", self.max_leases_per_token),
-        ];
-        if let Some((setting, _)) = limits.iter().find(|(_, n)| *n == 0) {
-            return Err(ConfigError::Zero { setting });
+        if self.buffer_budget == 0 {
+            return Err(ConfigError::Zero {
+                setting: "buffer_budget",
+            });
+        }
+        if let Some(limit) = Limit::ALL.into_iter().find(|l| self.limit(*l) == Some(0)) {
+            return Err(ConfigError::Zero {
+                setting: limit.name(),
+            });
         }
         Ok(())
     }
+
+    /// The count `limit` is set to; `None` for a limit that is not a count.
+    pub fn limit(&self, limit: Limit) -> Option<usize> {
+        Some(match limit {
+            Limit::PendingHandshakes => self.max_pending_handshakes,
+            Limit::PendingAgentHandshakes => self.max_pending_agent_handshakes,
+            Limit::AgentSessions => self.max_agent_sessions,
+            Limit::TunnelsPerAgent => self.max_tunnels_per_agent,
+            Limit::ConnectionsPerTunnel => self.max_connections_per_tunnel,
+            Limit::ConnectionsPerAgent => self.max_connections_per_agent,
+            Limit::Leases => self.max_leases,
+            Limit::LeasesPerToken => self.max_leases_per_token,
+            Limit::TcpPorts => self.tcp_ports.clone().count(),
+            Limit::Connections => self.max_connections,
+            Limit::TakeoverInterval | Limit::Unknown(_) => return None,
+        })
+    }
+
+    /// Lowers the limits whose pools hold file descriptors so that together they fit
+    /// `open_files` (the process's limit, `RLIMIT_NOFILE`), keeping
+    /// [`RESERVED_FILES`](Self::RESERVED_FILES) for the relay's own files and listeners:
+    /// an eighth of the rest each for agent sessions, agents' handshakes and public
+    /// handshakes, and what remains for public connections. A limit already lower
+    /// stays.
+    pub fn fit_open_files(&mut self, open_files: u64) {
+        let usable = usize::try_from(open_files)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(Self::RESERVED_FILES)
+            .max(8);
+        let eighth = usable / 8;
+        let lower = |limit: &mut usize, to: usize| *limit = (*limit).min(to.max(1));
+        lower(&mut self.max_agent_sessions, eighth);
+        lower(&mut self.max_pending_agent_handshakes, eighth);
+        lower(&mut self.max_pending_handshakes, eighth);
+        let connections = usable - 3 * eighth;
+        lower(&mut self.max_connections, connections);
+        lower(&mut self.max_connections_per_agent, connections);
+        lower(&mut self.max_connections_per_tunnel, connections);
+    }
+
+    /// File descriptors [`fit_open_files`](Self::fit_open_files) keeps out of every
+    /// pool: listeners, the lease file, certificates, raw TCP ports of a few tunnels.
+    pub const RESERVED_FILES: usize = 128;
 
     /// How the edge splices its public connections.
     pub(super) fn splice_options(&self) -> SpliceOptions {
@@ -234,6 +290,21 @@ impl RelayConfig {
             None => self.domain.clone(),
         }
     }
+}
+
+/// The default relay-wide buffer budget ([`RelayConfig::buffer_budget`]): a quarter of
+/// the machine's memory (`MemTotal` of `/proc/meminfo`), at least 64 MiB; 1 GiB where
+/// that is not known.
+pub fn machine_buffer_budget() -> usize {
+    const MIB: usize = 1024 * 1024;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|meminfo| {
+            let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        });
+    total.map_or(1024 * MIB, |bytes| (bytes / 4).max(64 * MIB))
 }
 
 /// A snapshot of a relay's gauges and counters ([`RelayHandle::stats`]). Counters
@@ -300,21 +371,17 @@ pub enum ConfigError {
     },
 }
 
-/// The `portferry relay` flag that sets `setting`.
+/// The `portferry relay` flag that sets `setting`: a limit's from [`Limit::flag`].
 fn flag(setting: &str) -> &'static str {
+    if let Some(limit) = Limit::ALL.into_iter().find(|l| l.name() == setting) {
+        return limit.flag().unwrap_or("no flag");
+    }
     match setting {
         "agent_addr" => "--agent-addr",
         "public_tls_addr" => "--public-addr",
         "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
-        "tcp_ports" => "--tcp-ports",
         "handshake_timeout" => "--handshake-timeout",
-        "max_tunnels_per_agent" => "--max-tunnels-per-agent",
-        "max_connections_per_tunnel" => "--max-connections-per-tunnel",
-        "max_connections_per_agent" => "--max-connections-per-agent",
-        "max_pending_handshakes" | "max_pending_agent_handshakes" => "--max-pending-handshakes",
-        "max_agent_sessions" => "--max-agent-sessions",
-        "max_leases" => "--max-leases",
-        "max_leases_per_token" => "--max-leases-per-token",
+        "buffer_budget" => "--buffer-budget",
         _ => "no flag",
     }
 }
@@ -358,3 +425,44 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::PrivateKeyDer;
+
+    /// Settings whose identity is never used.
+    fn settings() -> RelayConfig {
+        let identity = ServerIdentity {
+            cert_chain: Vec::new(),
+            key: PrivateKeyDer::Pkcs8(Vec::new().into()),
+        };
+        RelayConfig::local(identity, vec![Token::new("t")], 0, 0)
+    }
+
+    #[test]
+    fn the_pools_holding_files_fit_the_open_file_limit() {
+        let mut config = settings();
+        config.fit_open_files(1024);
+        let pools = config.max_agent_sessions
+            + config.max_pending_agent_handshakes
+            + config.max_pending_handshakes
+            + config.max_connections;
+        assert_eq!(pools, 1024 - RelayConfig::RESERVED_FILES);
+        assert_eq!(config.max_agent_sessions, 112);
+        assert!(config.max_connections_per_tunnel <= config.max_connections);
+        // A limit already lower stays; no limit known changes nothing.
+        config.max_agent_sessions = 3;
+        config.fit_open_files(1024);
+        assert_eq!(config.max_agent_sessions, 3);
+        let mut unlimited = settings();
+        unlimited.fit_open_files(u64::MAX);
+        assert_eq!(
+            unlimited.max_connections,
+            RelayConfig::DEFAULT_MAX_CONNECTIONS
+        );
+        // Even a tiny limit leaves every pool a place.
+        config.fit_open_files(10);
+        assert!(Limit::ALL.iter().all(|l| config.limit(*l) != Some(0)));
+    }
+}

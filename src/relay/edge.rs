@@ -2,24 +2,24 @@
 //! within its tunnel's and its agent's limits and spliced into an inner connection to
 //! the agent.
 
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{timeout_at, Instant};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::budget::HandshakePermit;
+use super::accept::AcceptErrors;
+use super::pool::AddressPlace;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
+use crate::limit::Limit;
 use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
-
-/// Tries at binding a random free raw TCP port before giving up.
-const BIND_TRIES: usize = 64;
 
 /// A public connection admitted within its tunnel's and its agent's limits.
 pub(super) struct ConnectionPermit {
@@ -30,15 +30,33 @@ pub(super) struct ConnectionPermit {
     places: Places,
 }
 
-/// A connection's places in its tunnel's and its agent's limits. The relay's stack
-/// holds them with the inner flow ([`Stack::connect_holding`]), so a connection counts
-/// until its flow is gone, lingering close included: closing connections fast cannot
-/// make a session hold more flows than the limits allow.
+/// A connection's places in its tunnel's and its agent's limits, shared by source
+/// address. The relay's stack holds them with the inner flow
+/// ([`Stack::connect_holding`]), so a connection counts until its flow is gone,
+/// lingering close included: closing connections fast cannot make a session hold more
+/// flows than the limits allow. A place taken back for a newcomer from an address that
+/// holds fewer ends the connection at once (both sides reset).
 ///
 /// [`Stack::connect_holding`]: crate::netstack::Stack::connect_holding
 struct Places {
-    _tunnel: OwnedSemaphorePermit,
-    _agent: OwnedSemaphorePermit,
+    relay: AddressPlace,
+    tunnel: AddressPlace,
+    agent: AddressPlace,
+}
+
+impl Places {
+    /// Completes once any of the places is taken back.
+    fn taken_back(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let relay = self.relay.taken_back();
+        let (tunnel, agent) = (self.tunnel.taken_back(), self.agent.taken_back());
+        async move {
+            tokio::select! {
+                () = relay => {}
+                () = tunnel => {}
+                () = agent => {}
+            }
+        }
+    }
 }
 
 /// One public connection in the relay's count.
@@ -51,23 +69,43 @@ impl Drop for Counted {
 }
 
 impl Route {
-    /// Admits one more public connection, or counts a refusal if a limit is reached.
-    fn admit(&self, shared: &Arc<Shared>) -> Option<ConnectionPermit> {
-        let admitted = match self.tunnel_connections.clone().try_acquire_owned() {
-            Err(_) => Err("max_connections_per_tunnel"),
-            Ok(tunnel) => match self.agent_connections.clone().try_acquire_owned() {
-                Err(_) => Err("max_connections_per_agent"),
-                Ok(agent) => Ok((tunnel, agent)),
-            },
+    /// Admits one more public connection from `from`, taking places back from the
+    /// address holding the most if it must, or counts a refusal if its address holds
+    /// as many as anyone.
+    fn admit(&self, shared: &Arc<Shared>, from: IpAddr) -> Option<ConnectionPermit> {
+        let from = Some(from);
+        let pools = [
+            (&shared.connections, Limit::Connections),
+            (&self.tunnel_connections, Limit::ConnectionsPerTunnel),
+            (&self.agent_connections, Limit::ConnectionsPerAgent),
+        ];
+        // Checked in all three first, so that no place is taken back from anyone for
+        // a connection that another pool then refuses.
+        let refused = pools.iter().find(|(pool, _)| !pool.would_admit_from(from));
+        let admitted = match refused {
+            Some((_, limit)) => Err(*limit),
+            None => shared
+                .connections
+                .admit_from(from)
+                .ok_or(Limit::Connections)
+                .and_then(|relay| {
+                    let tunnel = self.tunnel_connections.admit_from(from);
+                    Ok((relay, tunnel.ok_or(Limit::ConnectionsPerTunnel)?))
+                })
+                .and_then(|(relay, tunnel)| {
+                    let agent = self.agent_connections.admit_from(from);
+                    Ok((relay, tunnel, agent.ok_or(Limit::ConnectionsPerAgent)?))
+                }),
         };
         match admitted {
-            Ok((tunnel, agent)) => {
+            Ok((relay, tunnel, agent)) => {
                 shared.public_connections.fetch_add(1, Ordering::Relaxed);
                 Some(ConnectionPermit {
                     counted: Counted(shared.clone()),
                     places: Places {
-                        _tunnel: tunnel,
-                        _agent: agent,
+                        relay,
+                        tunnel,
+                        agent,
                     },
                 })
             }
@@ -79,16 +117,80 @@ impl Route {
     }
 }
 
+/// How long a public connection may take to send its whole ClientHello before its
+/// handshake place is the first to be taken back when the pool is full (it may still
+/// finish within [`handshake_timeout`](super::RelayConfig::handshake_timeout) while the
+/// pool has room).
+pub(super) const CLIENT_HELLO_DEADLINE: Duration = Duration::from_millis(2500);
+
 /// One public TLS connection: route by SNI, finish the TLS handshake, and only then
-/// open the inner connection and splice the two.
-pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
+/// open the inner connection and splice the two. Its handshake place ends it if taken
+/// back before then; its connection places, while it is spliced.
+pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
+    let Ok(from) = tcp.peer_addr() else {
+        return;
+    };
+    let tcp = SharedTcp::new(tcp);
+    let transport = tcp.clone();
+    let taken_back = handshake.taken_back();
+    let admitted = tokio::select! {
+        admitted = handshake_public(&shared, tcp, &handshake, from.ip()) => admitted,
+        () = taken_back => {
+            shared.count_failed_handshake();
+            None
+        }
+    };
+    let Some((route, tls, permit)) = admitted else {
+        return;
+    };
+    let ConnectionPermit {
+        counted: _counted,
+        places,
+    } = permit;
+    let taken_back = places.taken_back();
+    // Nothing reaches the agent before the client has finished its handshake.
+    let Ok(inner) = route.stack.connect_holding(route.port, places).await else {
+        // Refused by the agent (nothing listens on the port).
+        return;
+    };
+    drop(handshake);
+    // Ends with close_notify only after the service's clean end; a reset or an idle
+    // connection ends with a RST, so the client never takes a cut response as whole.
+    tokio::select! {
+        _ = splice_tls(&inner, tls, shared.config.splice_options()) => {}
+        () = taken_back => {
+            inner.abort();
+            let _ = transport.get_ref().set_zero_linger();
+        }
+    }
+}
+
+/// The handshake of a public TLS connection from `from`: its ClientHello (the place
+/// yields after [`CLIENT_HELLO_DEADLINE`]), its route and admission, and the rest of the
+/// TLS handshake, all by the handshake deadline. `None` (counted) if it fails.
+async fn handshake_public(
+    shared: &Arc<Shared>,
+    tcp: SharedTcp,
+    handshake: &AddressPlace,
+    from: IpAddr,
+) -> Option<(Route, TlsStream<SharedTcp>, ConnectionPermit)> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
-    let tcp = SharedTcp::new(tcp);
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp.clone());
-    let Ok(Ok(start)) = timeout_at(deadline, acceptor).await else {
-        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-        return;
+    tokio::pin!(acceptor);
+    let early = Instant::now() + CLIENT_HELLO_DEADLINE;
+    let hello = match timeout_at(early.min(deadline), &mut acceptor).await {
+        Ok(hello) => Ok(hello),
+        Err(_) => {
+            handshake.set_yielding(true);
+            let late = timeout_at(deadline, &mut acceptor).await;
+            handshake.set_yielding(false);
+            late
+        }
+    };
+    let Ok(Ok(start)) = hello else {
+        shared.count_failed_handshake();
+        return None;
     };
     let Some(route) = start
         .client_hello()
@@ -99,35 +201,20 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         counters.unknown_sni.fetch_add(1, Ordering::Relaxed);
         drop(start);
         let _ = timeout_at(deadline, refuse_unknown_name(tcp)).await;
-        return;
+        return None;
     };
-    drop(tcp);
     // Counted by `admit`; the client sees the connection closed.
-    let Some(ConnectionPermit {
-        counted: _counted,
-        places,
-    }) = route.admit(&shared)
-    else {
-        return;
-    };
+    let permit = route.admit(shared, from)?;
     let tls_config = if route.h2 {
         &shared.http2
     } else {
         &shared.http1
     };
     let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(tls_config.clone())).await else {
-        counters.failed_handshakes.fetch_add(1, Ordering::Relaxed);
-        return;
+        shared.count_failed_handshake();
+        return None;
     };
-    // Nothing reaches the agent before the client has finished its handshake.
-    let Ok(inner) = route.stack.connect_holding(route.port, places).await else {
-        // Refused by the agent (nothing listens on the port).
-        return;
-    };
-    drop(handshake);
-    // Ends with close_notify only after the service's clean end; a reset or an idle
-    // connection ends with a RST, so the client never takes a cut response as whole.
-    let _ = splice_tls(&inner, tls, shared.config.splice_options()).await;
+    Some((route, tls, permit))
 }
 
 /// Answers a ClientHello for no tunnel with a fatal TLS `unrecognized_name` alert, in
@@ -149,16 +236,18 @@ async fn refuse_unknown_name(mut tcp: SharedTcp) -> std::io::Result<()> {
     tcp.shutdown().await
 }
 
-/// Binds a random free port of the configured range for the tunnel `hostname` and
-/// starts accepting its connections.
+/// Binds a free port of the configured range for the tunnel `hostname`, trying every
+/// port once from a random one on, and starts accepting its connections. A port is
+/// found whenever one is free, however full the range is.
 pub(super) async fn bind_tunnel_port(
     shared: &Arc<Shared>,
     hostname: &str,
 ) -> Result<TcpPort, Unbound> {
     let range = shared.config.tcp_ports.clone();
     let span = u32::from(range.end() - range.start()) + 1;
-    for _ in 0..BIND_TRIES {
-        let port = range.start() + (rand::random::<u32>() % span) as u16;
+    let first = rand::random::<u32>() % span;
+    for offset in 0..span {
+        let port = range.start() + ((first + offset) % span) as u16;
         if let Ok(listener) = TcpListener::bind((shared.config.tcp_bind, port)).await {
             return serve_tunnel_port(shared, listener, port, hostname)
                 .ok_or(Unbound::ShuttingDown);
@@ -186,21 +275,26 @@ pub(super) fn serve_tunnel_port(
 /// drains.
 async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: String) {
     let mut phase = shared.phase.subscribe();
+    let mut errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = phase.wait_for(|phase| *phase != Phase::Running) => return,
         };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (stream, from) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                errors.failed("a raw TCP port", error).await;
+                continue;
+            }
         };
+        errors.accepted();
         // Looked up per connection: a reconnected agent's session takes the route over.
         let Some(route) = shared.route(&hostname) else {
             let _ = stream.set_zero_linger();
             continue;
         };
-        let Some(permit) = route.admit(&shared) else {
+        let Some(permit) = route.admit(&shared, from.ip()) else {
             // At a limit (counted): the client sees a reset, as from a closed port.
             let _ = stream.set_zero_linger();
             continue;
@@ -212,10 +306,13 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
                 counted: _counted,
                 places,
             } = permit;
+            let taken_back = places.taken_back();
             match route.stack.connect_holding(route.port, places).await {
-                Ok(inner) => {
-                    let _ = splice_tcp_with(&inner, stream, options).await;
-                }
+                Ok(inner) => tokio::select! {
+                    _ = splice_tcp_with(&inner, stream, options) => {}
+                    // The client sees the connection closed; the service, a reset.
+                    () = taken_back => inner.abort(),
+                },
                 // Refused by the agent: the client sees a reset, as from a closed port.
                 Err(_) => drop(stream.set_zero_linger()),
             }

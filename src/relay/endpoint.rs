@@ -6,52 +6,62 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
-use super::budget::HandshakePermit;
-use super::edge::bind_tunnel_port;
+use super::edge::{bind_tunnel_port, CLIENT_HELLO_DEADLINE};
+use super::pool::{AddressPlace, Place, Source};
 use super::session::{admit, Admission, Counted, Session, Step};
 use super::Shared;
+use crate::limit::Limit;
 use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
 use crate::netstack::Stack;
 use crate::task::AbortOnDrop;
 use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VERSION};
 
+/// A session's place in [`RelayConfig::max_agent_sessions`](super::RelayConfig::max_agent_sessions):
+/// shared by token, and within a token by source address.
+type SessionPlace = Place<usize, Source>;
+
 /// One connection to the agent endpoint: its TLS handshake, then its link as
 /// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
-pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: HandshakePermit) {
+pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
+    let from = tcp.peer_addr().ok().map(|addr| addr.ip());
     // Without it the link still works, with a longer queue below the scheduler.
     let _ = link::configure_socket(&tcp, &shared.config.link);
-    let Ok(Ok(tls)) = timeout_at(deadline, shared.agent_tls.accept(tcp)).await else {
+    let accept = timeout_at(deadline, shared.agent_tls.accept(tcp));
+    let Some(Ok(Ok(tls))) = handshake.run(CLIENT_HELLO_DEADLINE, accept).await else {
         shared.count_failed_handshake();
         return;
     };
-    serve_agent_link(shared, tls, handshake, deadline).await;
+    serve_agent_link(shared, tls, from, handshake, deadline).await;
 }
 
-/// One agent session on a secured stream: the hello by `deadline`, then tunnel requests
-/// until the link ends.
+/// One agent session on a secured stream from `from`: the hello by `deadline`, then
+/// tunnel requests until the link ends, or until its session place is taken back.
 pub(super) async fn serve_agent_link<S>(
     shared: Arc<Shared>,
     stream: S,
-    handshake: HandshakePermit,
+    from: Option<std::net::IpAddr>,
+    handshake: AddressPlace,
     deadline: Instant,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (stream, slot, admission) = match timeout_at(deadline, authenticate(&shared, stream)).await
-    {
-        Ok(Some(admitted)) => admitted,
+    let hello = timeout_at(deadline, authenticate(&shared, stream, from));
+    let (stream, slot, admission) = match handshake.run(CLIENT_HELLO_DEADLINE, hello).await {
+        Some(Ok(Some(admitted))) => admitted,
         // Counted where it failed.
-        Ok(None) => return,
-        Err(_) => {
+        Some(Ok(None)) => return,
+        Some(Err(_)) | None => {
             shared.count_failed_handshake();
             return;
         }
     };
     drop(handshake);
+    let taken_back = slot.taken_back();
+    tokio::pin!(taken_back);
 
     let (read_half, write_half) = tokio::io::split(stream);
     let stack = Stack::new(shared.config.stack.clone());
@@ -71,7 +81,13 @@ pub(super) async fn serve_agent_link<S>(
         shared: shared.clone(),
         _slot: slot,
     };
-    while let Some(frame) = inbound.recv().await {
+    loop {
+        let frame = tokio::select! {
+            frame = inbound.recv() => frame,
+            // A newcomer of a token or an address holding fewer sessions took the place.
+            () = &mut taken_back => None,
+        };
+        let Some(frame) = frame else { break };
         let answer = match shared.update(|registry| session.session.handle(registry, frame)) {
             Step::Answer(answer) => answer,
             Step::BindTcp(pending) => {
@@ -97,7 +113,7 @@ struct Live {
     session: Session,
     shared: Arc<Shared>,
     /// This session's place in [`RelayConfig::max_agent_sessions`](super::RelayConfig::max_agent_sessions).
-    _slot: OwnedSemaphorePermit,
+    _slot: SessionPlace,
 }
 
 impl Drop for Live {
@@ -114,7 +130,8 @@ impl Drop for Live {
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
     mut stream: S,
-) -> Option<(S, OwnedSemaphorePermit, Admission)> {
+    from: Option<std::net::IpAddr>,
+) -> Option<(S, SessionPlace, Admission)> {
     let hello = match handshake::read_hello(&mut stream).await {
         Ok(hello) => hello,
         Err(error) => {
@@ -141,13 +158,18 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
             return None;
         }
     };
-    let Ok(slot) = shared.session_slots.clone().try_acquire_owned() else {
-        shared.count_refusal("max_agent_sessions");
+    let Some(slot) = shared
+        .session_slots
+        .admit(admission.token, Source::of(from).0)
+    else {
+        let limit = Limit::AgentSessions;
+        shared.count_refusal(limit);
         let message = format!(
-            "the relay serves its maximum of {} agent sessions (max_agent_sessions)",
+            "the relay serves its maximum of {} agent sessions, and this token (or, within \
+             it, this address) holds as many as it may ({limit}); try again later",
             shared.config.max_agent_sessions
         );
-        refuse(&mut stream, ErrorCode::LIMIT_REACHED, message).await;
+        refuse(&mut stream, ErrorCode::limit_reached(limit), message).await;
         return None;
     };
     let welcome = Frame::Welcome(Welcome {

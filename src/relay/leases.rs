@@ -1,14 +1,20 @@
 //! The lease file: what a relay keeps across restarts so that reconnecting agents get
-//! their hostnames and TCP ports back. One line per lease; a damaged line is skipped.
+//! their hostnames and TCP ports back. A log of changes, one line each: a lease's line
+//! puts it (replacing one with its key), a line `- <selector> <token> <port>` removes
+//! it; read in order, they give the leases. A damaged line is skipped, and so is a last
+//! line without its newline (an append cut by a crash).
 //!
 //! The file is written by a thread of its own ([`Writer`]), never on the runtime's
 //! threads and never under the registry's lock. The registry reports each change of a
 //! lease as a [`LeaseChange`]; the relay applies them, in order, to the writer's [`Book`]
 //! (the leases as the file should hold them, as many as the relay's lease limits
-//! allow); the thread writes the whole book through the [`StateDir`] (atomically,
-//! fsynced, mode 0600) whenever it changed. Changes made while a write is under way are
-//! coalesced into the next write, and the thread waits [`BATCH`] after a change for
-//! more, so a burst of changes costs a write or two.
+//! allow) and to its log of lines to append. The thread appends the log through the
+//! [`StateDir`] (fsynced, mode 0600), so a write costs what changed, not the whole
+//! table; once the file holds more than twice the leases' lines (and
+//! [`COMPACT_SLACK`] more), and at the first write after a start, it compacts instead:
+//! it replaces the file with the book's lines, atomically. Changes made while a write
+//! is under way are coalesced into the next write, and the thread waits [`BATCH`] after
+//! a change for more, so a burst of changes costs a write or two.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -105,6 +111,25 @@ impl LeaseRecord {
     }
 }
 
+/// The line of the lease file that removes the lease `key`.
+fn removal_line(key: LeaseKey) -> String {
+    let ((selector, token), port) = key;
+    let selector: String = selector.iter().map(|b| format!("{b:02x}")).collect();
+    format!("- {selector} {token} {port}\n")
+}
+
+/// Reads a line written by [`removal_line`]; `None` if it is not one.
+fn parse_removal(line: &str) -> Option<LeaseKey> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let ["-", selector, token, port] = fields[..] else {
+        return None;
+    };
+    Some((
+        (from_hex(selector)?, token.parse().ok()?),
+        port.parse().ok()?,
+    ))
+}
+
 /// The leases as the file should hold them: the registry's changes applied in order,
 /// each with its line made once (so that the writer only joins lines).
 #[derive(Debug, Default)]
@@ -113,17 +138,24 @@ pub(crate) struct Book {
 }
 
 impl Book {
-    /// Applies one change.
-    pub(crate) fn apply(&mut self, change: LeaseChange) {
+    /// Applies one change; the line that logs it.
+    pub(crate) fn apply(&mut self, change: LeaseChange) -> String {
         match change {
             LeaseChange::Put(record) => {
                 let line = record.to_line();
-                self.records.insert(record.key(), (record, line));
+                self.records.insert(record.key(), (record, line.clone()));
+                line
             }
             LeaseChange::Remove(key) => {
                 self.records.remove(&key);
+                removal_line(key)
             }
         }
+    }
+
+    /// Leases in the book.
+    fn len(&self) -> usize {
+        self.records.len()
     }
 
     /// The leases, in the order of their keys.
@@ -150,25 +182,69 @@ pub(crate) fn open(path: &Path) -> std::io::Result<(Writer, Vec<LeaseRecord>)> {
     Ok((Writer::start(dir, name)?, saved))
 }
 
-/// The leases in the file `name` of `dir`; none if there is no such file.
+/// The leases in the file `name` of `dir`, its lines replayed in order; none if there
+/// is no such file.
 pub(crate) fn load(dir: &StateDir, name: &OsStr) -> Result<Vec<LeaseRecord>, StateError> {
     let Some(bytes) = dir.read(name)? else {
         return Ok(Vec::new());
     };
     let text = String::from_utf8_lossy(&bytes);
-    Ok(text.lines().filter_map(LeaseRecord::from_line).collect())
+    // A last line without its newline is an append a crash cut short.
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    let mut leases = BTreeMap::new();
+    for line in whole.lines() {
+        if let Some(key) = parse_removal(line) {
+            leases.remove(&key);
+        } else if let Some(record) = LeaseRecord::from_line(line) {
+            leases.insert(record.key(), record);
+        }
+    }
+    Ok(leases.into_values().collect())
 }
 
 /// How long the writing thread waits after a change for more, before it writes.
 const BATCH: Duration = Duration::from_millis(10);
 
+/// Lines the file may hold beyond twice the leases' before it is compacted.
+const COMPACT_SLACK: usize = 1024;
+
 /// What the writing thread and the relay share.
 struct Pending {
     book: Book,
+    /// Lines logging the changes since the thread last took them, and how many.
+    log: String,
+    log_lines: usize,
     /// The book changed since the thread last took it.
     dirty: bool,
     /// No more writes after the pending one: the thread ends.
     closing: bool,
+}
+
+impl Pending {
+    /// Takes what is to be written next into a file of `file_lines` lines (`None`: not
+    /// compacted since the start, or a write failed): the log's lines to append, or the
+    /// whole book once the file would hold too many lines.
+    fn next_write(&mut self, file_lines: Option<usize>) -> Write {
+        self.dirty = false;
+        let log = std::mem::take(&mut self.log);
+        let log_lines = std::mem::take(&mut self.log_lines);
+        let leases = self.book.len();
+        match file_lines {
+            Some(lines) if lines + log_lines <= 2 * leases + COMPACT_SLACK => {
+                Write::Append(log, lines + log_lines)
+            }
+            _ => Write::Compact(self.book.text(), leases),
+        }
+    }
+}
+
+/// What the thread writes next, and how many lines the file then holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Write {
+    /// These lines, appended.
+    Append(String, usize),
+    /// The whole book, replacing the file.
+    Compact(String, usize),
 }
 
 /// The thread that keeps the lease file up to date; see the module's docs.
@@ -184,6 +260,8 @@ impl Writer {
         let pending = Arc::new((
             Mutex::new(Pending {
                 book: Book::default(),
+                log: String::new(),
+                log_lines: 0,
                 dirty: false,
                 closing: false,
             }),
@@ -207,7 +285,9 @@ impl Writer {
         let mut pending = lock(pending);
         let mut changed = false;
         for change in changes {
-            pending.book.apply(change);
+            let line = pending.book.apply(change);
+            pending.log.push_str(&line);
+            pending.log_lines += 1;
             changed = true;
         }
         if changed && !pending.closing {
@@ -243,12 +323,14 @@ impl Drop for Writer {
     }
 }
 
-/// The writing thread: waits for a change, writes the whole book, again, until closed
-/// with nothing pending.
+/// The writing thread: waits for a change, appends its lines or compacts the file,
+/// again, until closed with nothing pending.
 fn write_while_open(pending: &(Mutex<Pending>, Condvar), dir: &StateDir, name: &OsString) {
     let (pending, wake) = pending;
+    // Lines in the file, once it has been compacted since the start.
+    let mut file_lines: Option<usize> = None;
     loop {
-        let text = {
+        let write = {
             let mut guard = lock(pending);
             while !guard.dirty && !guard.closing {
                 guard = wake.wait(guard).unwrap_or_else(PoisonError::into_inner);
@@ -262,12 +344,20 @@ fn write_while_open(pending: &(Mutex<Pending>, Condvar), dir: &StateDir, name: &
                 std::thread::sleep(BATCH);
                 guard = lock(pending);
             }
-            guard.dirty = false;
-            guard.book.text()
+            guard.next_write(file_lines)
         };
-        if let Err(error) = dir.write(name, text.as_bytes()) {
-            tracing::warn!(%error, "could not save the tunnel leases");
-        }
+        let (written, lines) = match write {
+            Write::Append(log, lines) => (dir.append(name, log.as_bytes()), lines),
+            Write::Compact(text, lines) => (dir.write(name, text.as_bytes()), lines),
+        };
+        file_lines = match written {
+            Ok(()) => Some(lines),
+            Err(error) => {
+                tracing::warn!(%error, "could not save the tunnel leases");
+                // Lines may be lost: the next write replaces the file.
+                None
+            }
+        };
     }
 }
 
@@ -334,6 +424,67 @@ mod tests {
         book.apply(LeaseChange::Remove(record(3, 80).key()));
         assert_eq!(book.records().collect::<Vec<_>>(), [&moved]);
         assert_eq!(book.text(), moved.to_line());
+    }
+
+    #[test]
+    fn the_file_is_a_log_whose_writes_follow_the_changes_until_it_is_compacted() {
+        let mut pending = Pending {
+            book: Book::default(),
+            log: String::new(),
+            log_lines: 0,
+            dirty: false,
+            closing: false,
+        };
+        let log = |pending: &mut Pending, change: LeaseChange| {
+            let line = pending.book.apply(change);
+            pending.log.push_str(&line);
+            pending.log_lines += 1;
+        };
+        for port in 0..2000 {
+            log(&mut pending, LeaseChange::Put(record(1, port)));
+        }
+        // The first write after a start compacts.
+        let Write::Compact(text, 2000) = pending.next_write(None) else {
+            panic!("not compacted");
+        };
+        assert_eq!(text.lines().count(), 2000);
+        // Then each write appends just its changes, however many leases there are.
+        let new = record(2, 7);
+        log(&mut pending, LeaseChange::Remove(record(1, 7).key()));
+        log(&mut pending, LeaseChange::Put(new.clone()));
+        let appended = pending.next_write(Some(2000));
+        let expected = removal_line(record(1, 7).key()) + &new.to_line();
+        assert_eq!(appended, Write::Append(expected, 2002));
+        // Until the file would hold more than twice the leases' lines and the slack
+        // (one lease more now, changed again and again).
+        let most = 2 * 2001 + COMPACT_SLACK;
+        for _ in 2002..most {
+            log(&mut pending, LeaseChange::Put(record(3, 1)));
+        }
+        assert!(matches!(pending.next_write(Some(2002)), Write::Append(_, n) if n == most));
+        log(&mut pending, LeaseChange::Put(record(3, 1)));
+        assert!(matches!(
+            pending.next_write(Some(most)),
+            Write::Compact(_, 2001)
+        ));
+    }
+
+    #[test]
+    fn a_log_read_back_replays_removals_and_skips_a_cut_last_line() {
+        let path =
+            std::env::temp_dir().join(format!("portferry-leases-{:016x}", rand::random::<u64>()));
+        let file = path.join("leases");
+        let (dir, name) = StateDir::open_parent_of(&file).unwrap();
+        let (a, b, c) = (record(1, 80), record(2, 80), record(3, 80));
+        let mut moved = b.clone();
+        moved.hostname = "moved.portferry.localhost".into();
+        dir.write(name, (a.to_line() + &b.to_line()).as_bytes())
+            .unwrap();
+        let log = removal_line(a.key()) + &moved.to_line() + &c.to_line();
+        // Killed in the middle of the last line.
+        dir.append(name, &log.as_bytes()[..log.len() - 5]).unwrap();
+        assert_eq!(load(&dir, name).unwrap(), [moved]);
+        std::fs::remove_dir_all(&path).unwrap();
     }
 
     #[tokio::test]

@@ -23,20 +23,26 @@
 //!
 //! # Bounds and failure behaviour
 //!
-//! Every count a client or an agent can raise has a limit in [`RelayConfig`]; at a
-//! limit the new piece of work is refused at once and counted in
-//! [`RelayStats::refused_by_limit`], and nothing already running slows down:
+//! Every count a client or an agent can raise has a limit in [`RelayConfig`], and every
+//! such pool is shared (`share`: by source address — an IPv4 address, or an IPv6 /48
+//! and within it each /64 — or by token), so that a flood fills it only until someone
+//! else comes: at the limit, the holder of the most gives a place back to a newcomer
+//! that holds fewer, and any other newcomer is refused at once and counted in
+//! [`RelayStats::refused_by_limit`]. Nothing already running slows down:
 //!
 //! | limit | counts | at the limit |
 //! |---|---|---|
-//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | public TLS handshakes in progress; one source address (IPv4, or IPv6 /64) may hold half | the new TCP connection is closed |
-//! | [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes) | agents' handshakes in progress (until the hello is answered) and agent streams waiting for their hello; one source address may hold half | the new TCP connection or stream is closed |
-//! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links | the agent gets `LIMIT_REACHED` |
+//! | [`max_pending_handshakes`](RelayConfig::max_pending_handshakes) | public TLS handshakes in progress, shared by source address | a newcomer from an address holding fewer closes one of the address holding the most (first one without a whole ClientHello after 2.5 s); else the new connection is closed |
+//! | [`max_pending_agent_handshakes`](RelayConfig::max_pending_agent_handshakes) | agents' handshakes in progress (until the hello is answered) and agent streams waiting for their hello, shared by source address | the same |
+//! | [`max_agent_sessions`](RelayConfig::max_agent_sessions) | authenticated agent links, shared by token (each kept its share) and within a token by address | the agent gets `LIMIT_REACHED`, or ends the oldest session of its token's address holding the most |
 //! | [`max_tunnels_per_agent`](RelayConfig::max_tunnels_per_agent) | a session's open tunnels | the `Forward` gets `LIMIT_REACHED` |
-//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel, each until its inner flow is gone | a TLS connection is closed after its ClientHello; a raw TCP one is reset |
-//! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels | the same |
-//! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel gets `LIMIT_REACHED` |
-//! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens | the same |
+//! | [`max_connections_per_tunnel`](RelayConfig::max_connections_per_tunnel) | public connections of one tunnel, each until its inner flow is gone, shared by source address | a newcomer from an address holding fewer ends the oldest connection of the address holding the most; else a TLS connection is closed after its ClientHello, a raw TCP one reset |
+//! | [`max_connections_per_agent`](RelayConfig::max_connections_per_agent) | public connections of all of an agent's tunnels, shared by source address | the same |
+//! | [`max_connections`](RelayConfig::max_connections) | public connections of the relay, shared by source address | the same |
+//! | [`tcp_ports`](RelayConfig::tcp_ports) | raw TCP ports, shared by token (each kept its share) | the `Forward` gets `LIMIT_REACHED` |
+//! | [`max_leases_per_token`](RelayConfig::max_leases_per_token) | tunnel leases of one token's agents, here or away | the `Forward` of a new tunnel takes back the oldest lease of an away agent of the token holding the most, or gets `LIMIT_REACHED` |
+//! | [`max_leases`](RelayConfig::max_leases) | tunnel leases of all tokens, shared by token (each kept its share) | the same |
+//! | [`buffer_budget`](RelayConfig::buffer_budget) | socket buffers of all sessions' stacks | windows stop growing |
 //!
 //! Before it is authenticated, a connection to the agent endpoint gets one deadline,
 //! [`handshake_timeout`](RelayConfig::handshake_timeout), for the TLS handshake *and*
@@ -62,15 +68,16 @@
 
 mod accept;
 mod agents;
-mod budget;
 mod config;
 mod edge;
 mod endpoint;
 #[cfg(any(test, feature = "harness"))]
 pub mod harness;
 mod leases;
+mod pool;
 mod registry;
 mod session;
+mod share;
 mod shutdown;
 mod tasks;
 mod ticket;
@@ -83,18 +90,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
-pub use config::{ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
+pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
-use crate::netstack::{lock, StackStats};
-use accept::{accept_loop, Pool};
-use budget::HandshakeBudget;
-use registry::{semaphore, Registry, Route};
+use crate::limit::Limit;
+use crate::netstack::{lock, SharedBudget, StackStats};
+use accept::{accept_loop, Handshakes};
+use pool::{AddressPool, Pool, Source};
+use registry::{Registry, Route};
 use shutdown::{Phase, StopOnDrop};
 use tasks::TaskSet;
 
@@ -131,14 +139,17 @@ struct Shared {
     lease_expiry: Arc<Notify>,
     /// Places for public TLS handshakes in progress
     /// ([`RelayConfig::max_pending_handshakes`]).
-    public_handshakes: HandshakeBudget,
+    public_handshakes: AddressPool,
     /// Places for agents' handshakes in progress
     /// ([`RelayConfig::max_pending_agent_handshakes`]).
-    agent_handshakes: HandshakeBudget,
-    /// Permits for authenticated sessions ([`RelayConfig::max_agent_sessions`]).
-    session_slots: Arc<Semaphore>,
+    agent_handshakes: AddressPool,
+    /// Places for authenticated sessions ([`RelayConfig::max_agent_sessions`]), shared
+    /// by token (each kept its share) and within a token by source address.
+    session_slots: Pool<usize, Source>,
     /// Public connections admitted and not yet ended.
     public_connections: AtomicUsize,
+    /// Places for public connections ([`RelayConfig::max_connections`]).
+    connections: AddressPool,
     counters: Counters,
     phase: watch::Sender<Phase>,
     tasks: TaskSet,
@@ -174,8 +185,10 @@ impl Relay {
     ///
     /// Fails with [`ConfigError`] (as [`Error::RelayConfig`]) for settings that cannot
     /// work ([`RelayConfig::validate`]) or an address that cannot be listened on.
-    pub async fn bind(config: RelayConfig) -> Result<Relay, Error> {
+    pub async fn bind(mut config: RelayConfig) -> Result<Relay, Error> {
         config.validate()?;
+        // Every session's stack grows its windows within the relay's budget too.
+        config.stack.shared_budget = Some(SharedBudget::new(config.buffer_budget));
         let listen = |setting: &'static str, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
@@ -212,10 +225,11 @@ impl Relay {
                 ))),
                 lease_writer,
                 lease_expiry: Arc::new(Notify::new()),
-                public_handshakes: HandshakeBudget::new(config.max_pending_handshakes),
-                agent_handshakes: HandshakeBudget::new(config.max_pending_agent_handshakes),
-                session_slots: semaphore(config.max_agent_sessions),
+                public_handshakes: AddressPool::new(config.max_pending_handshakes),
+                agent_handshakes: AddressPool::new(config.max_pending_agent_handshakes),
+                session_slots: Pool::with_known(config.max_agent_sessions, config.tokens.len()),
                 public_connections: AtomicUsize::new(0),
+                connections: AddressPool::new(config.max_connections),
                 counters: Counters::default(),
                 phase: watch::Sender::new(Phase::Running),
                 tasks: TaskSet::default(),
@@ -295,8 +309,18 @@ impl Relay {
         };
         // Each loop returns, dropping (closing) its listener, once the relay drains.
         tokio::join!(
-            accept_loop(agents, shared.clone(), Pool::Agents, endpoint::serve_agent),
-            accept_loop(public, shared.clone(), Pool::Public, edge::serve_public),
+            accept_loop(
+                agents,
+                shared.clone(),
+                Handshakes::Agents,
+                endpoint::serve_agent
+            ),
+            accept_loop(
+                public,
+                shared.clone(),
+                Handshakes::Public,
+                edge::serve_public
+            ),
             signal,
         );
         let grace = shared.config.shutdown_grace;
@@ -354,14 +378,14 @@ impl RelayHandle {
     {
         let shared = self.shared.clone();
         async move {
-            let Some(handshake) = shared.agent_handshakes.try_acquire(None) else {
-                shared.count_refusal("max_pending_agent_handshakes");
+            let Some(handshake) = shared.agent_handshakes.admit_from(None) else {
+                shared.count_refusal(Limit::PendingAgentHandshakes);
                 return;
             };
             let deadline = Instant::now() + shared.config.handshake_timeout;
             let mut phase = shared.phase.subscribe();
             tokio::select! {
-                () = endpoint::serve_agent_link(shared.clone(), stream, handshake, deadline) => {}
+                () = endpoint::serve_agent_link(shared.clone(), stream, None, handshake, deadline) => {}
                 // Ended by a stop, like the sessions of the agent endpoint.
                 _ = phase.wait_for(|phase| *phase == Phase::Stopped) => {}
             }
@@ -493,12 +517,12 @@ impl Shared {
         self.public_handshakes.in_use() + self.agent_handshakes.in_use()
     }
 
-    /// Counts a refusal at the limit named by its setting.
-    fn count_refusal(&self, limit: &'static str) {
+    /// Counts a refusal at `limit`.
+    fn count_refusal(&self, limit: Limit) {
         self.counters
             .refused_by_limit
             .fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(limit, "refused: limit reached");
+        tracing::debug!(limit = limit.name(), "refused: limit reached");
     }
 
     /// Counts a connection closed during its handshake.

@@ -10,8 +10,10 @@
 use tokio::time::Instant;
 
 use super::agents::Claim;
+use super::pool::PortPlace;
 use super::registry::{AgentKey, Registry, SessionId, TcpPort};
 use super::ticket::Verifier;
+use crate::limit::Limit;
 use crate::netstack::Stack;
 use crate::token::Token;
 use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, PROTOCOL_VERSION};
@@ -23,9 +25,9 @@ pub(crate) enum Counted {
     FailedHandshake,
     /// In [`RelayStats::unauthorized`](super::RelayStats::unauthorized).
     Unauthorized,
-    /// In [`RelayStats::refused_by_limit`](super::RelayStats::refused_by_limit), at the
-    /// limit of this name.
-    Limit(&'static str),
+    /// In [`RelayStats::refused_by_limit`](super::RelayStats::refused_by_limit), at this
+    /// limit.
+    Limit(Limit),
     /// Nowhere.
     Uncounted,
 }
@@ -38,9 +40,11 @@ pub(crate) struct Refusal {
     pub(crate) counted: Counted,
 }
 
-/// A welcomed hello: the agent its tunnels are leased to, if they are.
+/// A welcomed hello: its token, and the agent its tunnels are leased to, if they are.
 #[derive(Debug)]
 pub(crate) struct Admission {
+    /// The token's place in the relay's tokens.
+    pub(crate) token: usize,
     claim: Option<Claim>,
 }
 
@@ -91,18 +95,25 @@ pub(crate) fn admit(
         });
     }
     if hello.resume.is_empty() {
-        return Ok(Admission { claim: None });
+        return Ok(Admission {
+            token: token_index,
+            claim: None,
+        });
     }
     match registry.claim(token_index, &hello.resume, now) {
-        Ok(claim) => Ok(Admission { claim: Some(claim) }),
+        Ok(claim) => Ok(Admission {
+            token: token_index,
+            claim: Some(claim),
+        }),
         Err(too_soon) => Err(Refusal {
             code: ErrorCode::TOO_SOON,
             message: format!(
                 "another link of this agent was admitted less than {:?} ago and still holds \
-                 its session; try again later (min_takeover_interval)",
-                too_soon.interval
+                 its session; try again later ({})",
+                too_soon.interval,
+                Limit::TakeoverInterval
             ),
-            counted: Counted::Limit("min_takeover_interval"),
+            counted: Counted::Limit(Limit::TakeoverInterval),
         }),
     }
 }
@@ -112,7 +123,7 @@ pub(crate) fn admit(
 pub(crate) struct Answer {
     pub(crate) frame: Frame,
     /// The limit a refusal was at, to count in `refused_by_limit`.
-    pub(crate) refused: Option<&'static str>,
+    pub(crate) refused: Option<Limit>,
 }
 
 impl Answer {
@@ -129,6 +140,13 @@ impl Answer {
             code,
             message,
         }))
+    }
+
+    /// The refusal of request `request_id` at `limit`, counted in `refused_by_limit`.
+    fn at_limit(request_id: u32, limit: Limit, message: String) -> Answer {
+        let mut answer = Answer::error(request_id, ErrorCode::limit_reached(limit), message);
+        answer.refused = Some(limit);
+        answer
     }
 
     fn shutting_down(request_id: u32) -> Answer {
@@ -150,11 +168,21 @@ pub(crate) enum Step {
 }
 
 /// An unencrypted tunnel waiting for its raw TCP port.
-#[derive(Debug)]
 pub(crate) struct PendingTunnel {
     pub(crate) request: ForwardRequest,
     /// Its hostname, which the port's acceptor routes by.
     pub(crate) hostname: String,
+    /// Its port's place in the token's share of the range.
+    place: PortPlace,
+}
+
+impl std::fmt::Debug for PendingTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTunnel")
+            .field("request", &self.request)
+            .field("hostname", &self.hostname)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a pending tunnel got no raw TCP port.
@@ -170,6 +198,8 @@ pub(crate) enum Unbound {
 #[derive(Debug)]
 pub(crate) struct Session {
     id: SessionId,
+    /// The token's place in the relay's tokens.
+    token: usize,
     /// The agent its tunnels are leased to, if they are, and its ticket's verifier.
     agent: Option<(AgentKey, Verifier)>,
 }
@@ -184,6 +214,7 @@ impl Session {
     ) -> Session {
         Session {
             id: registry.start_session(stack, admission.claim.as_ref(), now),
+            token: admission.token,
             agent: admission
                 .claim
                 .as_ref()
@@ -237,14 +268,12 @@ impl Session {
         }
         // A tunnel taken back counts against the limit like a new one.
         if registry.at_tunnel_limit(self.id) {
-            let max = registry.max_tunnels_per_agent();
-            let mut answer = Answer::error(
+            let (max, limit) = (registry.max_tunnels_per_agent(), Limit::TunnelsPerAgent);
+            return Step::Answer(Answer::at_limit(
                 id,
-                ErrorCode::LIMIT_REACHED,
-                format!("this agent has its maximum of {max} tunnels open (max_tunnels_per_agent)"),
-            );
-            answer.refused = Some("max_tunnels_per_agent");
-            return Step::Answer(answer);
+                limit,
+                format!("this agent has its maximum of {max} tunnels open ({limit})"),
+            ));
         }
         if let Some((agent, _)) = self.agent {
             if let Some(forwarded) = registry.reclaim(self.id, agent, &request) {
@@ -259,7 +288,22 @@ impl Session {
         }
         let hostname = registry.fresh_hostname();
         if request.unencrypted {
-            return Step::BindTcp(PendingTunnel { request, hostname });
+            let Some(place) = registry.tcp_port_place(self.token) else {
+                return Step::Answer(Answer::at_limit(
+                    id,
+                    Limit::TcpPorts,
+                    format!(
+                        "the agents of this token hold their share of the relay's raw TCP \
+                         ports ({})",
+                        Limit::TcpPorts
+                    ),
+                ));
+            };
+            return Step::BindTcp(PendingTunnel {
+                request,
+                hostname,
+                place,
+            });
         }
         let forwarded = registry.open(self.id, self.agent, &request, hostname, None);
         Step::Answer(Answer::frame(Frame::Forwarded(forwarded)))
@@ -272,7 +316,12 @@ impl Session {
         pending: PendingTunnel,
         tcp: Result<TcpPort, Unbound>,
     ) -> Answer {
-        let PendingTunnel { request, hostname } = pending;
+        let PendingTunnel {
+            request,
+            hostname,
+            place,
+        } = pending;
+        let tcp = tcp.map(|tcp| tcp.holding(Some(place)));
         if tcp.is_ok() {
             // Other sessions may have taken the last leases meanwhile.
             if let Some(refusal) = self.over_lease_limit(registry, request.request_id) {
@@ -284,15 +333,11 @@ impl Session {
                 let forwarded = registry.open(self.id, self.agent, &request, hostname, Some(tcp));
                 Answer::frame(Frame::Forwarded(forwarded))
             }
-            Err(Unbound::NoFreePort) => {
-                let mut answer = Answer::error(
-                    request.request_id,
-                    ErrorCode::LIMIT_REACHED,
-                    "no free raw TCP port on the relay".into(),
-                );
-                answer.refused = Some("tcp_ports");
-                answer
-            }
+            Err(Unbound::NoFreePort) => Answer::at_limit(
+                request.request_id,
+                Limit::TcpPorts,
+                format!("no free raw TCP port on the relay ({})", Limit::TcpPorts),
+            ),
             Err(Unbound::ShuttingDown) => Answer::shutting_down(request.request_id),
         }
     }
@@ -301,16 +346,14 @@ impl Session {
     fn over_lease_limit(&self, registry: &Registry, request_id: u32) -> Option<Answer> {
         let (limit, max) = registry.lease_limit(self.agent?.0)?;
         let holder = match limit {
-            "max_leases_per_token" => "the agents of this token hold their",
+            Limit::LeasesPerToken => "the agents of this token hold their",
             _ => "the relay holds its",
         };
-        let mut answer = Answer::error(
+        Some(Answer::at_limit(
             request_id,
-            ErrorCode::LIMIT_REACHED,
+            limit,
             format!("{holder} maximum of {max} tunnel leases ({limit})"),
-        );
-        answer.refused = Some(limit);
-        Some(answer)
+        ))
     }
 
     /// Ends the session at `now` (its link is gone): see [`Registry::end_session`].

@@ -58,7 +58,10 @@ pub struct SpliceStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SpliceOptions {
-    /// Resets both sides once no byte has moved either way for this long; `None`: never.
+    /// Resets both sides once the connection has made no progress for this long:
+    /// no byte moved either way, or while the inner connection holds bytes the stream
+    /// does not take, none of them moved (bytes the stream sends meanwhile do not
+    /// count). `None`: never.
     pub idle_timeout: Option<Duration>,
 }
 
@@ -143,10 +146,19 @@ where
     let mut idle_sleep = pin!(idle.as_ref().map(|idle| tokio::time::sleep(idle.limit)));
     let result = poll_fn(|cx| {
         let before = splice.stats;
-        if let Poll::Ready(result) = inner.with_flow(|state, now| splice.poll(cx, state, now)) {
+        let (polled, waiting_out) = inner.with_flow(|state, now| {
+            let polled = splice.poll(cx, state, now);
+            (polled, state.socket().recv_queue() > 0)
+        });
+        if let Poll::Ready(result) = polled {
             return Poll::Ready(result);
         }
         let moved = splice.stats != before;
+        // Progress: bytes the stream took, or bytes from it while it takes what there
+        // is for it. A peer that stopped reading cannot keep the connection by
+        // trickling bytes in.
+        let moved_out = splice.stats.inner_to_outer != before.inner_to_outer;
+        let progress = moved_out || (moved && !waiting_out);
         // Checked when nothing moved, so a busy transfer does not pay for it; its waiter
         // stays registered in between, and a stalled connection moves nothing.
         if !moved {
@@ -155,7 +167,7 @@ where
             }
         }
         if let (Some(idle), Some(sleep)) = (&mut idle, idle_sleep.as_mut().as_pin_mut()) {
-            if idle.expired(cx, sleep, moved) {
+            if idle.expired(cx, sleep, progress) {
                 return Poll::Ready(Err(SpliceError::Idle));
             }
         }

@@ -9,6 +9,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes};
 
 use super::field::{check16, len16, put_bytes16, Reader};
+use crate::limit::Limit;
 use super::{FrameError, FrameKind};
 
 /// Length of a resume ticket ([`Welcome::ticket`]), in bytes: a 16-byte selector and a
@@ -280,7 +281,8 @@ impl ErrorCode {
     pub const PORT_IN_USE: Self = Self(3);
     /// The request was malformed or asked for something not allowed.
     pub const INVALID_REQUEST: Self = Self(4);
-    /// A limit (tunnels, connections, rate) was reached.
+    /// A limit was reached, without saying which: what a relay from before
+    /// [`ErrorCode::limit_reached`] sends.
     pub const LIMIT_REACHED: Self = Self(5);
     /// The sender failed internally.
     pub const INTERNAL: Self = Self(6);
@@ -290,6 +292,31 @@ impl ErrorCode {
     /// too recently ([`min_takeover_interval`](crate::relay::RelayConfig::min_takeover_interval)):
     /// try again later.
     pub const TOO_SOON: Self = Self(8);
+
+    /// Where the codes naming a limit start: `NAMED_LIMIT + n` says that the limit
+    /// numbered `n` ([`Limit::code`], 1 to 255) was reached.
+    const NAMED_LIMIT: u16 = 0x0100;
+
+    /// The code saying that `limit` was reached. A code of its own per limit keeps the
+    /// frame's layout: an agent that does not know the code still reads the refusal
+    /// (and its message, which names the limit too).
+    pub fn limit_reached(limit: Limit) -> Self {
+        Self(Self::NAMED_LIMIT + u16::from(limit.code()))
+    }
+
+    /// The limit this code says was reached ([`Limit::Unknown`]`(0)` for
+    /// [`LIMIT_REACHED`](Self::LIMIT_REACHED)); `None` for a code that is not about a
+    /// limit.
+    pub fn limit(self) -> Option<Limit> {
+        if self == Self::LIMIT_REACHED {
+            return Some(Limit::Unknown(0));
+        }
+        let number = self.0.checked_sub(Self::NAMED_LIMIT)?;
+        u8::try_from(number)
+            .ok()
+            .filter(|&n| n != 0)
+            .map(Limit::from_code)
+    }
 
     /// Name of the constant for a known code.
     fn name(self) -> Option<&'static str> {
@@ -309,19 +336,22 @@ impl ErrorCode {
 
 impl fmt::Debug for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => write!(f, "ErrorCode::{name}"),
-            None => write!(f, "ErrorCode({})", self.0),
+        match (self.name(), self.limit()) {
+            (Some(name), _) => write!(f, "ErrorCode::{name}"),
+            (None, Some(limit)) => write!(f, "ErrorCode::limit_reached({limit:?})"),
+            (None, None) => write!(f, "ErrorCode({})", self.0),
         }
     }
 }
 
 impl fmt::Display for ErrorCode {
-    /// The constant's name and value, like `PORT_IN_USE (3)`, or the bare value.
+    /// The constant's name and value, like `PORT_IN_USE (3)` or
+    /// `LIMIT_REACHED max_leases (263)`, or the bare value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => write!(f, "{name} ({})", self.0),
-            None => write!(f, "{}", self.0),
+        match (self.name(), self.limit()) {
+            (Some(name), _) => write!(f, "{name} ({})", self.0),
+            (None, Some(limit)) => write!(f, "LIMIT_REACHED {limit} ({})", self.0),
+            (None, None) => write!(f, "{}", self.0),
         }
     }
 }

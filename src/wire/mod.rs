@@ -32,6 +32,9 @@
 //! | `0x08` | [`Frame::Pong`]    | both          | `nonce: u64`                                                                                   |
 //! | `0x10` | [`Frame::Packet`]  | both          | the whole payload is one raw IP packet, 1 to 65 535 bytes                                      |
 //!
+//! An [`ErrorFrame`]'s `code` is one of [`ErrorCode`]'s; a refusal at a limit names the
+//! limit in it ([`ErrorCode::limit_reached`]: `0x0100` plus the limit's number).
+//!
 //! A control frame (every kind but `Packet`) must end exactly after its last field. The
 //! encoding is canonical: every frame that parses re-encodes to exactly the same bytes.
 //! The link speaks [`PROTOCOL_VERSION`], sent in [`Hello`] and [`Welcome`].

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -285,6 +285,26 @@ pub async fn tls_connect(
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     connector.connect(name, tcp).await
+}
+
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
+pub async fn connect_from(from: IpAddr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(to).await?;
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
+/// [`tls_connect`] from the loopback address `from`.
+pub async fn tls_connect_from(
+    connector: &TlsConnector,
+    from: IpAddr,
+    to: SocketAddr,
+    sni: &str,
+) -> io::Result<TlsStream<TcpStream>> {
+    let name = ServerName::try_from(sni.to_owned()).map_err(io::Error::other)?;
+    connector.connect(name, connect_from(from, to).await?).await
 }
 
 /// Echoes `message` through a tunnel's URL: TLS to the relay's public port on loopback
@@ -613,14 +633,22 @@ impl RawAgent {
         token: &Token,
         resume: &[u8],
     ) -> Result<RawAgent, portferry::wire::ErrorFrame> {
+        RawAgent::try_connect_from(fx, IpAddr::V4(Ipv4Addr::LOCALHOST), token, resume).await
+    }
+
+    /// [`try_connect`](Self::try_connect) from the loopback address `from`.
+    pub async fn try_connect_from(
+        fx: &Fixture,
+        from: IpAddr,
+        token: &Token,
+        resume: &[u8],
+    ) -> Result<RawAgent, portferry::wire::ErrorFrame> {
         let connector = fx.connector(&[]);
-        let mut tls = timeout(
-            fx.step,
-            tls_connect(&connector, ("127.0.0.1", fx.agent_port), "localhost"),
-        )
-        .await
-        .expect("TLS to the agent port hung")
-        .expect("TLS to the agent port failed");
+        let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), fx.agent_port);
+        let mut tls = timeout(fx.step, tls_connect_from(&connector, from, to, "localhost"))
+            .await
+            .expect("TLS to the agent port hung")
+            .expect("TLS to the agent port failed");
         let hello = handshake::hello(token.expose(), resume).unwrap();
         let answer = timeout(fx.step, async {
             handshake::send(&mut tls, &hello).await.unwrap();

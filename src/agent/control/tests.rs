@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::Limit;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -337,12 +338,15 @@ fn a_refusal_is_a_typed_error() {
     let (id, _) = t.open(Some(9)).unwrap();
     t.control.handle_frame(Frame::Error(ErrorFrame {
         request_id: id,
-        code: ErrorCode::LIMIT_REACHED,
+        code: ErrorCode::limit_reached(Limit::TunnelsPerAgent),
         message: "too many".into(),
     }));
     assert!(matches!(
         t.control.answer(id),
-        Some(Err(Error::LimitReached { .. }))
+        Some(Err(Error::LimitReached {
+            limit: Limit::TunnelsPerAgent,
+            ..
+        }))
     ));
     // Answers to requests that do not exist change nothing.
     t.control.handle_frame(Frame::Close { port: 9 });

@@ -112,6 +112,8 @@ impl Harness {
             max_connections_per_agent: 64,
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
+            tokens: config.tokens.len(),
+            tcp_ports: config.tcp_ports.clone().count(),
             min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: StackConfig::relay(),

@@ -3,6 +3,7 @@
 //! file across a restart.
 
 use super::*;
+use crate::limit::Limit;
 use crate::token::Token;
 use crate::wire::{ErrorCode, ForwardRequest, Forwarded, PROTOCOL_VERSION};
 use crate::wire::{Frame, Hello};
@@ -122,10 +123,16 @@ fn invalid_requests_and_limits_are_refused_with_their_codes() {
     assert_eq!(open(&mut h, link, 1, true).unwrap().tcp_port, Some(20_000));
     assert_eq!(open(&mut h, link, 2, true).unwrap().tcp_port, Some(20_001));
     // The TCP ports are used up; a TLS-only tunnel still opens.
-    assert_eq!(open(&mut h, link, 3, true), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, link, 3, true),
+        Err(ErrorCode::limit_reached(Limit::TcpPorts))
+    );
     open(&mut h, link, 3, false).unwrap();
     open(&mut h, link, 4, false).unwrap();
-    assert_eq!(open(&mut h, link, 5, false), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, link, 5, false),
+        Err(ErrorCode::limit_reached(Limit::TunnelsPerAgent))
+    );
     assert_eq!(h.tunnel_count(), 4);
     h.check();
 }
@@ -257,18 +264,29 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     open(&mut h, second, 1, false).unwrap();
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
     );
-    assert_eq!(open(&mut h, second, 3, true), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, second, 3, true),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
+    );
     // An agent without a ticket holds no lease: it is not limited by them.
     let unleased = h.connect(&hello(TOKEN, &[])).unwrap();
     open(&mut h, unleased, 2, false).unwrap();
-    // Another token has its own three, until the relay's five are taken.
+    // Another token has its own, but no more than leaves the third token its share of
+    // the relay's five (5 / 3 tokens = 1).
     let other = h.connect(&new_agent("other")).unwrap();
     open(&mut h, other, 1, false).unwrap();
-    open(&mut h, other, 2, false).unwrap();
+    assert_eq!(
+        open(&mut h, other, 2, false),
+        Err(ErrorCode::limit_reached(Limit::Leases))
+    );
     let third = h.connect(&new_agent("third")).unwrap();
-    assert_eq!(open(&mut h, third, 1, false), Err(ErrorCode::LIMIT_REACHED));
+    open(&mut h, third, 2, false).unwrap();
+    assert_eq!(
+        open(&mut h, third, 1, false),
+        Err(ErrorCode::limit_reached(Limit::Leases))
+    );
     assert_eq!(h.saved_leases(), 5);
     h.check();
     // An agent at the limit gets its own leases back.
@@ -283,14 +301,14 @@ fn leases_are_bounded_per_token_and_per_relay_and_freed_when_they_end() {
     open(&mut h, third, 1, false).unwrap();
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::Leases))
     );
     // An away agent's leases count until they expire.
     h.disconnect(back);
     h.advance(Duration::from_secs(29));
     assert_eq!(
         open(&mut h, second, 2, false),
-        Err(ErrorCode::LIMIT_REACHED)
+        Err(ErrorCode::limit_reached(Limit::Leases))
     );
     h.advance(Duration::from_secs(1));
     open(&mut h, second, 2, false).unwrap();
@@ -418,6 +436,43 @@ fn a_replaced_link_that_forwards_after_its_agent_went_away_still_leases_the_tunn
 }
 
 #[test]
+fn at_a_lease_limit_the_leases_of_an_away_agent_give_way_to_a_live_one() {
+    let mut config = HarnessConfig::new(Token::new(TOKEN));
+    config.max_leases_per_token = 4;
+    let mut h = Harness::new(config);
+    // One agent holds every lease of the token while it is here.
+    let holder = h.connect(&new_agent(TOKEN)).unwrap();
+    let held: Vec<_> = (1..=4)
+        .map(|port| open(&mut h, holder, port, false).unwrap())
+        .collect();
+    let newcomer = h.connect(&new_agent(TOKEN)).unwrap();
+    assert_eq!(
+        open(&mut h, newcomer, 1, false),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken))
+    );
+    // Once it is away, its oldest lease gives way, one per new lease, and no more.
+    h.disconnect(holder);
+    open(&mut h, newcomer, 1, false).unwrap();
+    open(&mut h, newcomer, 2, false).unwrap();
+    assert_eq!(
+        open(&mut h, newcomer, 3, false),
+        Err(ErrorCode::limit_reached(Limit::LeasesPerToken)),
+        "the two agents hold two each"
+    );
+    assert!(
+        h.route(&held[0].hostname).is_none(),
+        "the oldest lease ended"
+    );
+    assert_eq!(h.saved_leases(), 4);
+    h.check();
+    // The agent back gets the leases it still has.
+    let back = h.connect(&again(&h, TOKEN, holder)).unwrap();
+    let kept = open(&mut h, back, 4, false).unwrap();
+    assert_eq!(kept.hostname, held[3].hostname);
+    h.check();
+}
+
+#[test]
 fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
     let mut h = harness();
     let old = h.connect(&new_agent(TOKEN)).unwrap();
@@ -428,7 +483,10 @@ fn a_tunnel_taken_back_counts_against_the_tunnel_limit() {
         open(&mut h, new, port, false).unwrap();
     }
     // At its limit, the new link cannot take the old link's tunnel too.
-    assert_eq!(open(&mut h, new, 1, false), Err(ErrorCode::LIMIT_REACHED));
+    assert_eq!(
+        open(&mut h, new, 1, false),
+        Err(ErrorCode::limit_reached(Limit::TunnelsPerAgent))
+    );
     h.check();
 }
 

@@ -35,7 +35,18 @@ impl Registry {
         for (agent, _) in self.leases.keys() {
             *per_token.entry(agent.1).or_default() += 1;
         }
-        assert_eq!(per_token, self.leases_per_token, "leases per token");
+        for (token, count) in &per_token {
+            assert_eq!(
+                self.leases_of_token(*token),
+                *count,
+                "leases of token {token}"
+            );
+        }
+        assert_eq!(
+            self.lease_places.len(),
+            self.leases.len(),
+            "a place per lease"
+        );
         assert!(
             self.leases.len() <= self.max_leases,
             "more leases than allowed"

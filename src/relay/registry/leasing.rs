@@ -3,13 +3,17 @@
 
 use tokio::time::Instant;
 
-use super::{semaphore, AgentKey, Owner, Registry, TcpPort, Tunnel};
+use super::{AgentKey, Owner, Registry, TcpPort, Tunnel};
+use crate::limit::Limit;
 use crate::relay::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use crate::relay::pool::AddressPool;
+use crate::relay::share::Admission;
 use crate::relay::ticket::Verifier;
 
 impl Registry {
     /// Records the lease `key` of `hostname`, for the agent whose ticket `verifier`
-    /// verifies; the hostname it replaces, if any.
+    /// verifies, taking back an away agent's lease if it must (that tunnel ends); the
+    /// hostname it replaces, if any.
     pub(super) fn add_lease(
         &mut self,
         key: LeaseKey,
@@ -18,8 +22,22 @@ impl Registry {
     ) -> Option<String> {
         let stale = self.leases.insert(key, hostname);
         if stale.is_none() {
-            *self.leases_per_token.entry(key.0 .1).or_default() += 1;
             self.agents.add_lease(key.0, verifier);
+            let (place, taken_back) = match self.lease_shares.admit(key.0 .1, key.0) {
+                Admission::Taken(place) => (Some(place), None),
+                Admission::TakenBack { place, from } => (Some(place), Some(from)),
+                // Checked by `lease_limit` under the same lock; a restored lease is
+                // checked the same way.
+                Admission::Refused => (None, None),
+            };
+            if let Some(place) = place {
+                self.lease_places.insert(key, place);
+                self.lease_of_place.insert(place, key);
+            }
+            let victim = taken_back.and_then(|from| self.lease_of_place.get(&from).copied());
+            if let Some(victim) = victim.and_then(|victim| self.leases.get(&victim).cloned()) {
+                self.end_tunnel(&victim);
+            }
         }
         stale
     }
@@ -30,26 +48,36 @@ impl Registry {
             return;
         }
         self.agents.remove_lease(key.0);
-        let token = key.0 .1;
-        if let Some(count) = self.leases_per_token.get_mut(&token) {
-            *count -= 1;
-            if *count == 0 {
-                self.leases_per_token.remove(&token);
-            }
+        if let Some(place) = self.lease_places.remove(&key) {
+            self.lease_of_place.remove(&place);
+            self.lease_shares.release(place);
         }
     }
 
-    /// The lease limit a new lease of `agent` would go beyond: its setting's name and
-    /// value; `None` if it may have one more.
-    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(&'static str, usize)> {
-        let of_token = self.leases_per_token.get(&agent.1).copied().unwrap_or(0);
-        if of_token >= self.max_leases_per_token {
-            Some(("max_leases_per_token", self.max_leases_per_token))
-        } else if self.leases.len() >= self.max_leases {
-            Some(("max_leases", self.max_leases))
-        } else {
-            None
+    /// Marks the lease `key` as one an agent that is away holds (it yields to a new
+    /// lease at the limits), or no longer.
+    pub(super) fn yield_lease(&mut self, key: LeaseKey, away: bool) {
+        if let Some(&place) = self.lease_places.get(&key) {
+            self.lease_shares.set_yielding(place, away);
         }
+    }
+
+    /// The lease limit a new lease of `agent` would go beyond, and its value; `None` if
+    /// it may have one more (perhaps by taking back a lease of an agent that is away).
+    pub(crate) fn lease_limit(&self, agent: AgentKey) -> Option<(Limit, usize)> {
+        if self.lease_shares.would_admit(agent.1, agent) {
+            None
+        } else if self.lease_shares.at_cap(agent.1) {
+            Some((Limit::LeasesPerToken, self.max_leases_per_token))
+        } else {
+            Some((Limit::Leases, self.max_leases))
+        }
+    }
+
+    /// Leases the agents of `token` hold, here or away.
+    #[cfg(any(test, feature = "harness"))]
+    pub(crate) fn leases_of_token(&self, token: usize) -> usize {
+        self.lease_shares.held_by(token)
     }
 
     /// Leases held now, by agents here or away.
@@ -93,7 +121,7 @@ impl Registry {
         until: Instant,
     ) -> Result<(), &'static str> {
         if let Some((limit, _)) = self.lease_limit(record.agent) {
-            return Err(limit);
+            return Err(limit.name());
         }
         if self.tunnels.contains_key(&record.hostname) || self.leases.contains_key(&record.key()) {
             return Err("a duplicate");
@@ -115,6 +143,7 @@ impl Registry {
             unencrypted,
             ..
         } = record;
+        let tcp = tcp.map(|tcp| tcp.holding(self.tcp_port_place(agent.1)));
         let tunnel = Tunnel {
             port,
             h2,
@@ -122,10 +151,11 @@ impl Registry {
             tcp,
             lease: Some(agent),
             owner: Owner::Away { until },
-            connections: semaphore(self.max_connections_per_tunnel),
+            connections: AddressPool::new(self.max_connections_per_tunnel),
         };
         self.tunnels.insert(hostname.clone(), tunnel);
         self.add_lease((agent, port), hostname, verifier);
+        self.yield_lease((agent, port), true);
         Ok(())
     }
 
@@ -134,7 +164,10 @@ impl Registry {
     pub(crate) fn drop_leases(&mut self) {
         self.tunnels.retain(|_, tunnel| tunnel.lease.is_none());
         self.leases.clear();
-        self.leases_per_token.clear();
+        for (_, place) in self.lease_places.drain() {
+            self.lease_shares.release(place);
+        }
+        self.lease_of_place.clear();
         self.agents.clear_leases();
     }
 

@@ -9,10 +9,8 @@
 //! [`Registry::next_expiry`]. The lease bookkeeping is in `leasing`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use rand::TryRngCore;
-use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -23,6 +21,8 @@ mod leasing;
 use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
+use super::pool::{AddressPool, Pool, PortPlace};
+use super::share::{PlaceId, Shares, TakeBack};
 use super::ticket::Verifier;
 use crate::netstack::Stack;
 use crate::wire::{ForwardRequest, Forwarded};
@@ -52,6 +52,8 @@ pub(crate) struct TcpPort {
     /// The task accepting its connections, ended with the tunnel (`None`: no task, in
     /// the sans-IO harness).
     _acceptor: Option<Acceptor>,
+    /// Its place in the token's share of the range.
+    place: Option<PortPlace>,
 }
 
 impl TcpPort {
@@ -60,7 +62,14 @@ impl TcpPort {
         TcpPort {
             port,
             _acceptor: acceptor,
+            place: None,
         }
+    }
+
+    /// The port, holding `place` in its token's share of the range.
+    pub(crate) fn holding(mut self, place: Option<PortPlace>) -> TcpPort {
+        self.place = place;
+        self
     }
 }
 
@@ -84,14 +93,14 @@ pub(crate) struct Tunnel {
     lease: Option<AgentKey>,
     owner: Owner,
     /// Places for this tunnel's public connections.
-    connections: Arc<Semaphore>,
+    connections: AddressPool,
 }
 
 /// What one live session holds.
 struct SessionEntry {
     stack: Stack,
     /// Places for the public connections of all the session's tunnels.
-    connections: Arc<Semaphore>,
+    connections: AddressPool,
     /// The ports this session opened (or took over) and has not closed, and their
     /// hostnames. A port taken over by a newer session of the same agent stays here,
     /// so that the older one cannot forward it again.
@@ -108,9 +117,9 @@ pub(crate) struct Route {
     /// Whether the TLS edge offers ALPN `h2`.
     pub(crate) h2: bool,
     /// Places for the tunnel's public connections.
-    pub(crate) tunnel_connections: Arc<Semaphore>,
+    pub(crate) tunnel_connections: AddressPool,
     /// Places for the public connections of every tunnel of the session.
-    pub(crate) agent_connections: Arc<Semaphore>,
+    pub(crate) agent_connections: AddressPool,
 }
 
 /// The relay's tunnels, leases and sessions.
@@ -118,14 +127,21 @@ pub(crate) struct Registry {
     tunnels: HashMap<String, Tunnel>,
     /// Leased tunnels' hostnames by agent and port.
     leases: HashMap<LeaseKey, String>,
-    /// How many leases each token's agents hold (no entry: none).
-    leases_per_token: HashMap<usize, usize>,
+    /// The leases' places, shared by token (each kept its share of `max_leases`, none
+    /// beyond `max_leases_per_token`) and within a token by agent; an away agent's
+    /// leases yield.
+    lease_shares: Shares<usize, AgentKey>,
+    /// Each lease's place, and back.
+    lease_places: HashMap<LeaseKey, PlaceId>,
+    lease_of_place: HashMap<PlaceId, LeaseKey>,
+    /// The raw TCP ports' places, shared by token (each kept its share of the range).
+    tcp_port_places: Pool<usize, ()>,
     sessions: HashMap<SessionId, SessionEntry>,
     /// The agents known by their tickets: their newest sessions and verifiers.
     agents: Agents,
     next_session: u64,
     /// What routes of tunnels nobody serves lead to: connections fail at once.
-    away: (Stack, Arc<Semaphore>),
+    away: (Stack, AddressPool),
     /// Whether new tunnels may open (not once the relay shuts down).
     accepting: bool,
     /// How the leases changed since [`take_lease_changes`](Self::take_lease_changes),
@@ -153,6 +169,10 @@ pub(crate) struct Settings {
     pub(crate) max_connections_per_agent: usize,
     pub(crate) max_leases_per_token: usize,
     pub(crate) max_leases: usize,
+    /// How many tokens the relay takes (each is kept its share of the leases).
+    pub(crate) tokens: usize,
+    /// How many ports the raw TCP range has (each token is kept its share).
+    pub(crate) tcp_ports: usize,
     pub(crate) min_takeover_interval: std::time::Duration,
     pub(crate) lease_grace: std::time::Duration,
     /// Settings of the closed stack that routes of away agents lead to.
@@ -170,6 +190,8 @@ impl Settings {
             max_connections_per_agent: config.max_connections_per_agent,
             max_leases_per_token: config.max_leases_per_token,
             max_leases: config.max_leases,
+            tokens: config.tokens.len(),
+            tcp_ports: config.tcp_ports.clone().count(),
             min_takeover_interval: config.min_takeover_interval,
             lease_grace: config.lease_grace,
             stack: config.stack.clone(),
@@ -177,24 +199,29 @@ impl Settings {
     }
 }
 
-/// A semaphore of `permits`, capped at what tokio supports.
-pub(crate) fn semaphore(permits: usize) -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(permits.min(Semaphore::MAX_PERMITS)))
+/// The shares of a registry's leases under `settings`.
+fn lease_shares(settings: &Settings) -> Shares<usize, AgentKey> {
+    Shares::with_known(settings.max_leases, TakeBack::Yielding, settings.tokens)
+        .with_cap(settings.max_leases_per_token)
 }
 
 impl Registry {
     /// An empty registry.
     pub(crate) fn new(settings: Settings) -> Registry {
+        let lease_shares = lease_shares(&settings);
         let nobody = Stack::new(settings.stack);
         nobody.close();
         Registry {
             tunnels: HashMap::new(),
             leases: HashMap::new(),
-            leases_per_token: HashMap::new(),
+            lease_shares,
+            lease_places: HashMap::new(),
+            lease_of_place: HashMap::new(),
+            tcp_port_places: Pool::reserving(settings.tcp_ports, settings.tokens),
             sessions: HashMap::new(),
             agents: Agents::new(settings.min_takeover_interval),
             next_session: 1,
-            away: (nobody, semaphore(settings.max_connections_per_agent)),
+            away: (nobody, AddressPool::new(settings.max_connections_per_agent)),
             accepting: true,
             lease_changes: Vec::new(),
             domain: settings.domain,
@@ -232,7 +259,7 @@ impl Registry {
         self.next_session += 1;
         let entry = SessionEntry {
             stack,
-            connections: semaphore(self.max_connections_per_agent),
+            connections: AddressPool::new(self.max_connections_per_agent),
             ports: HashMap::new(),
         };
         self.sessions.insert(id, entry);
@@ -261,8 +288,10 @@ impl Registry {
             if tunnel.owner != Owner::Session(id) {
                 continue;
             }
-            if tunnel.lease.is_some() {
+            if let Some(agent) = tunnel.lease {
                 tunnel.owner = Owner::Away { until };
+                let key = (agent, tunnel.port);
+                self.yield_lease(key, true);
             } else {
                 self.tunnels.remove(hostname);
             }
@@ -290,6 +319,12 @@ impl Registry {
     /// The most tunnels a session may have open.
     pub(crate) fn max_tunnels_per_agent(&self) -> usize {
         self.max_tunnels_per_agent
+    }
+
+    /// A place for one more raw TCP port of `token`'s agents; `None` if the token
+    /// holds as many as it may while others could still want theirs.
+    pub(crate) fn tcp_port_place(&self, token: usize) -> Option<PortPlace> {
+        self.tcp_port_places.admit(token, ())
     }
 
     /// Whether new tunnels may open.
@@ -324,7 +359,9 @@ impl Registry {
             return None;
         }
         tunnel.owner = Owner::Session(id);
-        tunnel.connections = semaphore(self.max_connections_per_tunnel);
+        tunnel.connections = AddressPool::new(self.max_connections_per_tunnel);
+        self.yield_lease(key, false);
+        let tunnel = &self.tunnels[&hostname];
         let forwarded = Forwarded {
             request_id: request.request_id,
             port: request.port,
@@ -372,7 +409,7 @@ impl Registry {
             tcp,
             lease: agent.map(|(agent, _)| agent),
             owner: Owner::Session(id),
-            connections: semaphore(self.max_connections_per_tunnel),
+            connections: AddressPool::new(self.max_connections_per_tunnel),
         };
         if let Some((agent, verifier)) = agent {
             self.lease_changes.push(LeaseChange::Put(LeaseRecord {

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::Limit;
 
 #[test]
 fn debug_redacts_token() {
@@ -43,6 +44,24 @@ fn error_code_names() {
     assert_eq!(format!("{:?}", ErrorCode(42)), "ErrorCode(42)");
     assert_eq!(ErrorCode::PORT_IN_USE.to_string(), "PORT_IN_USE (3)");
     assert_eq!(ErrorCode(42).to_string(), "42");
+}
+
+#[test]
+fn limit_codes_name_their_limit() {
+    let leases = ErrorCode::limit_reached(Limit::LeasesPerToken);
+    assert_eq!(leases, ErrorCode(0x0108), "numbers never change");
+    assert_eq!(leases.limit(), Some(Limit::LeasesPerToken));
+    assert_eq!(leases.to_string(), "LIMIT_REACHED max_leases_per_token (264)");
+    assert_eq!(
+        format!("{leases:?}"),
+        "ErrorCode::limit_reached(LeasesPerToken)"
+    );
+    // An older relay's code, one this build has no name for, and codes of other kinds.
+    assert_eq!(ErrorCode::LIMIT_REACHED.limit(), Some(Limit::Unknown(0)));
+    assert_eq!(ErrorCode(0x01ff).limit(), Some(Limit::Unknown(255)));
+    for other in [ErrorCode::TOO_SOON, ErrorCode(0x0100), ErrorCode(0x0200)] {
+        assert_eq!(other.limit(), None, "{other:?}");
+    }
 }
 
 #[test]
