@@ -107,7 +107,8 @@ pub struct StackConfig {
     /// A budget this stack shares with others (a relay's sessions), checked beside
     /// [`buffer_budget`](Self::buffer_budget); `None`: only that one.
     pub shared_budget: Option<SharedBudget>,
-    /// Soft bound on the bytes waiting in the outbound queue.
+    /// Soft bound on the bytes waiting in the outbound queue; one flow holds at most a
+    /// quarter of it (see [`queue`]).
     pub outbound_queue_bytes: usize,
     /// Connections a listener holds before they are accepted; SYNs beyond it get a RST.
     pub accept_backlog: usize,
