@@ -287,23 +287,26 @@ pub const CONTROL_QUEUE: usize = 64;
 /// `outbound` is dropped.
 pub async fn run<R, W>(
     mut reader: FrameReader<R>,
-    mut writer: FrameWriter<W>,
+    writer: FrameWriter<W>,
     stack: Stack,
     inbound: mpsc::Sender<Frame>,
-    mut outbound: ControlReceiver,
+    outbound: ControlReceiver,
     config: LinkConfig,
 ) -> Result<(), LinkError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (pong_tx, mut pong_rx) = mpsc::channel::<u64>(8);
-    let (packets_from, ping_interval, idle_timeout, batch) = (
+    let (pong_tx, pong_rx) = mpsc::channel::<u64>(8);
+    // A task of its own: the writer answers the socket's readiness at once, also while
+    // the reader is busy handing a burst of packets to the stack.
+    let mut write_side = AbortOnDrop(tokio::spawn(write_frames(
+        writer,
         stack.clone(),
-        config.ping_interval,
-        config.idle_timeout,
-        config.write_batch_bytes,
-    );
+        outbound,
+        pong_rx,
+        config.clone(),
+    )));
     let read_side = async {
         loop {
             match reader.read_frame_within(config.idle_timeout).await? {
@@ -321,64 +324,71 @@ where
             }
         }
     };
-    // A task of its own: the writer answers the socket's readiness at once, also while
-    // the reader is busy handing a burst of packets to the stack.
-    let write_side = async move {
-        let stack = packets_from;
-        let mut ping = tokio::time::interval(ping_interval);
-        let mut nonce = 0u64;
-        let mut packets = Vec::with_capacity(64);
-        loop {
-            tokio::select! {
-                biased;
-                frame = outbound.recv() => match frame {
-                    Some(frame) => writer.push(&frame),
-                    None => {
-                        writer.flush_within(idle_timeout).await?;
-                        return Ok(());
-                    }
-                },
-                Some(nonce) = pong_rx.recv() => writer.push(&Frame::Pong(nonce)),
-                _ = ping.tick() => {
-                    nonce += 1;
-                    writer.push(&Frame::Ping(nonce));
-                }
-                n = stack.outbound().drain(&mut packets, batch) => {
-                    if n == 0 {
-                        writer.flush_within(idle_timeout).await?;
-                        return Ok(());
-                    }
-                }
-            }
-            // Control frames and pongs that are ready go first, then packets up to one
-            // batch: one flush carries them all.
-            while let Ok(frame) = outbound.try_recv() {
-                writer.push(&frame);
-            }
-            while let Ok(nonce) = pong_rx.try_recv() {
-                writer.push(&Frame::Pong(nonce));
-            }
-            if packets.is_empty() {
-                let room = batch.saturating_sub(writer.batched());
-                if room > 0 {
-                    let _ = std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, room))
-                    })
-                    .await;
-                }
-            }
-            for packet in packets.drain(..) {
-                writer.push_packet(&packet);
-            }
-            writer.flush_within(idle_timeout).await?;
-        }
-    };
-    let mut write_side = AbortOnDrop(tokio::spawn(write_side));
     tokio::select! {
         result = read_side => result,
         result = &mut write_side.0 => result.unwrap_or_else(|joined| {
             Err(LinkError::Io(io::Error::other(format!("link writer: {joined}"))))
         }),
+    }
+}
+
+/// The write side of [`run`]: control frames, pongs, a ping every
+/// [`LinkConfig::ping_interval`] and the stack's packets, in small batches written as
+/// the socket takes them. Ends once `outbound` or the stack's queue is closed.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut writer: FrameWriter<W>,
+    stack: Stack,
+    mut outbound: ControlReceiver,
+    mut pongs: mpsc::Receiver<u64>,
+    config: LinkConfig,
+) -> Result<(), LinkError> {
+    let mut ping = tokio::time::interval(config.ping_interval);
+    let mut nonce = 0u64;
+    let mut packets = Vec::with_capacity(64);
+    let batch = config.write_batch_bytes;
+    loop {
+        tokio::select! {
+            biased;
+            frame = outbound.recv() => match frame {
+                Some(frame) => writer.push(&frame),
+                None => {
+                    writer.flush_within(config.idle_timeout).await?;
+                    return Ok(());
+                }
+            },
+            Some(nonce) = pongs.recv() => writer.push(&Frame::Pong(nonce)),
+            _ = ping.tick() => {
+                nonce += 1;
+                writer.push(&Frame::Ping(nonce));
+            }
+            n = stack.outbound().drain(&mut packets, batch) => {
+                if n == 0 {
+                    writer.flush_within(config.idle_timeout).await?;
+                    return Ok(());
+                }
+            }
+        }
+        // Control frames and pongs that are ready go first, then packets up to one
+        // batch: one flush carries them all.
+        while let Ok(frame) = outbound.try_recv() {
+            writer.push(&frame);
+        }
+        while let Ok(nonce) = pongs.try_recv() {
+            writer.push(&Frame::Pong(nonce));
+        }
+        if packets.is_empty() {
+            let room = batch.saturating_sub(writer.batched());
+            if room > 0 {
+                let _ = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(stack.outbound().poll_drain(cx, &mut packets, room))
+                })
+                .await;
+            }
+        }
+        for packet in packets.drain(..) {
+            writer.push_packet(&packet);
+        }
+        writer.flush_within(config.idle_timeout).await?;
     }
 }
 
