@@ -303,15 +303,19 @@ struct CliRelay {
 }
 
 fn start_cli_relay() -> CliRelay {
-    start_cli_relay_in(
-        TempDir::new("cli"),
-        &[
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--public-addr",
-            "127.0.0.1:0",
-        ],
-    )
+    start_cli_relay_with(&[])
+}
+
+/// A `portferry relay` on loopback ports of its own, with `more` flags.
+fn start_cli_relay_with(more: &[&str]) -> CliRelay {
+    let mut args = vec![
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--public-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(more);
+    start_cli_relay_in(TempDir::new("cli"), &args)
 }
 
 /// A `portferry relay` with `args`, keeping its state in `state`.
@@ -462,17 +466,7 @@ async fn forward_command_exposes_several_ports_over_one_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_that_fails_fails_forward_naming_it_and_closes_the_others() {
     // One lease per token: the second port is refused while the first holds it.
-    let relay = start_cli_relay_in(
-        TempDir::new("cli"),
-        &[
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--public-addr",
-            "127.0.0.1:0",
-            "--max-leases-per-token",
-            "1",
-        ],
-    );
+    let relay = start_cli_relay_with(&["--max-leases-per-token", "1"]);
     let (first, second) = (http_service("first").await, http_service("second").await);
     let mut forward = relay.forward(
         None,
@@ -757,17 +751,7 @@ async fn sigterm_closes_the_tunnel_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_refused_at_a_relay_limit_waits_and_gets_its_tunnel_later() {
-    let relay = start_cli_relay_in(
-        TempDir::new("cli"),
-        &[
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--public-addr",
-            "127.0.0.1:0",
-            "--max-agent-sessions",
-            "1",
-        ],
-    );
+    let relay = start_cli_relay_with(&["--max-agent-sessions", "1"]);
     let service = http_service("patient").await;
     let port = service.port().to_string();
     let mut first = relay.forward(None, &[&port]);
@@ -1168,17 +1152,7 @@ async fn sigterm_to_forward_mid_transfer_across_a_delayed_link_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_the_relay_mid_transfer_across_a_delayed_link_exits() {
-    let mut relay = start_cli_relay_in(
-        TempDir::new("cli"),
-        &[
-            "--agent-addr",
-            "127.0.0.1:0",
-            "--public-addr",
-            "127.0.0.1:0",
-            "--shutdown-grace",
-            "2",
-        ],
-    );
+    let mut relay = start_cli_relay_with(&["--shutdown-grace", "2"]);
     let _forward = downloads_across_a_delayed_link(&relay).await;
     relay.process.signal("TERM");
     let status = relay.process.exits_within(Duration::from_secs(20)).await;
