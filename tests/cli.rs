@@ -308,14 +308,7 @@ fn start_cli_relay() -> CliRelay {
 
 /// A `portferry relay` on loopback ports of its own, with `more` flags.
 fn start_cli_relay_with(more: &[&str]) -> CliRelay {
-    let mut args = vec![
-        "--agent-addr",
-        "127.0.0.1:0",
-        "--public-addr",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(more);
-    start_cli_relay_in(TempDir::new("cli"), &args)
+    start_cli_relay_in(TempDir::new("cli"), &common::on_free_ports(more))
 }
 
 /// A `portferry relay` with `args`, keeping its state in `state`.

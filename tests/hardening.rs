@@ -893,18 +893,6 @@ async fn relay_exit(args: &[&str], env: &[(&str, &str)]) -> (std::process::ExitS
     (status, stderr)
 }
 
-/// Free loopback ports for both listeners, then `more`.
-fn on_free_ports<'a>(more: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--agent-addr",
-        "127.0.0.1:0",
-        "--public-addr",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(more);
-    args
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_with_settings_that_cannot_work_does_not_start_and_names_the_flag() {
     for (args, env) in [
@@ -913,11 +901,12 @@ async fn a_relay_with_settings_that_cannot_work_does_not_start_and_names_the_fla
         (&["--tokens", "good, "][..], &[][..]),
         (&[][..], &[("PORTFERRY_TOKENS", " ")][..]),
     ] {
-        let (status, stderr) = relay_exit(&on_free_ports(args), env).await;
+        let (status, stderr) = relay_exit(&common::on_free_ports(args), env).await;
         assert_eq!(status.code(), Some(1), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains("--tokens"), "{args:?} {env:?}: {stderr}");
     }
-    let (status, stderr) = relay_exit(&on_free_ports(&["--handshake-timeout", "0"]), &[]).await;
+    let (status, stderr) =
+        relay_exit(&common::on_free_ports(&["--handshake-timeout", "0"]), &[]).await;
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("--handshake-timeout"), "{stderr}");
 

@@ -99,6 +99,18 @@ impl Child {
     }
 }
 
+/// `portferry relay` arguments: free loopback ports for both listeners, then `more`.
+pub fn on_free_ports<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--public-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 /// The `portferry` binary with `args`, with every `PORTFERRY_*` variable (and
 /// `RUST_LOG`) removed from its environment, so that the machine's settings cannot
 /// leak into a test, and stdin closed.
