@@ -153,6 +153,8 @@ pub mod agent;
 pub mod demo;
 mod error;
 mod limit;
+#[cfg(any(feature = "agent", feature = "relay"))]
+mod metrics;
 #[cfg(feature = "relay")]
 pub mod relay;
 mod task;
@@ -164,8 +166,8 @@ pub mod token;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelAddress,
-    TunnelListener, TunnelState, TunnelStream,
+    forward, forward_with, Agent, AgentConfig, AgentStats, ForwardOptions, LinkState, Tunnel,
+    TunnelAddress, TunnelListener, TunnelState, TunnelStream,
 };
 pub use error::{parse_port, Error};
 pub use limit::Limit;

@@ -159,6 +159,11 @@ impl Control {
         self.link_up
     }
 
+    /// Tunnels open: granted and not closed.
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
     /// Asks the relay for a tunnel to `local` (for `forward`) or to the program itself
     /// (`None`, for `listen`). Picks the inner port: `local` itself if `bind` can listen
     /// on it, else the first free one from [`INNER_PORTS_START`] on, so inner ports of

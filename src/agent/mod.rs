@@ -7,7 +7,7 @@
 //!
 //! Layout: `config` (settings), `control` (the sans-IO request/close table, and the
 //! tunnels' states), `reconnect` (the link and its upkeep), `tunnel` (the handles),
-//! `state` (what a handle reports), `local` (serving a tunnel from the local service);
+//! `state` (what a handle reports), `stats` (what the agent reports), `local` (serving a tunnel from the local service);
 //! this file ties them together and drives the table: after every change to it,
 //! whoever waits is woken, and its deadlines are kept by a task of their own.
 
@@ -19,8 +19,10 @@ mod local;
 pub mod control;
 mod reconnect;
 mod state;
+mod stats;
 mod tunnel;
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,6 +35,7 @@ pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN
 use control::{BindError, Control};
 pub use reconnect::retry_at_limits;
 pub use state::{TunnelAddress, TunnelState};
+pub use stats::AgentStats;
 pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
 
 /// The state of an agent's link to the relay ([`Agent::link_state`]).
@@ -77,6 +80,8 @@ pub(crate) struct Shared {
     /// link, a deadline passed.
     changed: Arc<Notify>,
     state: watch::Sender<LinkState>,
+    /// Links made again after one was lost.
+    reconnects: AtomicU64,
     /// The runtime the agent was connected in, which runs its tasks.
     runtime: tokio::runtime::Handle,
 }
@@ -117,6 +122,7 @@ impl Agent {
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),
                 state: watch::Sender::new(LinkState::Connected),
+                reconnects: AtomicU64::new(0),
                 runtime: tokio::runtime::Handle::current(),
                 config,
             }),

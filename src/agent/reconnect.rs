@@ -2,6 +2,7 @@
 //! ([`open_link`]), and the task that keeps a link up for the agent's whole life,
 //! reconnecting with capped, jittered exponential backoff ([`maintain`]).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -203,6 +204,7 @@ pub(crate) async fn maintain(agent: Weak<Shared>, changed: Arc<Notify>, mut halv
             };
             match open_link(&shared.config, &shared.resume).await {
                 Ok(halves) => {
+                    shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     shared.update(|control| control.link_up(super::now()));
                     shared.state.send_replace(LinkState::Connected);
                     break halves;

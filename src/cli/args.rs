@@ -137,6 +137,11 @@ pub(crate) struct RelayArgs {
     /// reset on both sides; 0: never.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
     pub(crate) idle_timeout: f64,
+    /// Serve Prometheus metrics (/metrics) and health (/healthz, /readyz: 503 once
+    /// shutting down) over plain HTTP here, e.g. 127.0.0.1:9090; off by default. Keep
+    /// it on loopback or a private network; never one of the relay's other addresses.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) state: StateArgs,
 }
@@ -162,6 +167,11 @@ pub(crate) struct ForwardArgs {
     /// own: `PORT,to=HOST:PORT`.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub(crate) to: Option<String>,
+    /// Serve the agent's Prometheus metrics (/metrics) and health (/healthz, /readyz:
+    /// 200 while the link is up) over plain HTTP here, e.g. 127.0.0.1:9091; off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_addr: Option<SocketAddr>,
 }
 
 /// One port of `portferry forward` and its options, as `PORT[,OPTION...]` gives them.

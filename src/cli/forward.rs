@@ -40,6 +40,15 @@ async fn resolve_target(to: &str) -> Result<Vec<SocketAddr>> {
 pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
     let mut signals = ShutdownSignals::new()?;
     let config = AgentConfig::from_env()?;
+    // Bound first, so that a taken address fails the command before any tunnel opens.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --metrics-addr {addr}"))?,
+        ),
+        None => None,
+    };
     let mut requests = Vec::new();
     for spec in args.specs()? {
         let local_addrs = match &spec.to {
@@ -61,6 +70,13 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         return Ok(());
     };
     let agent = agent?;
+    // Serves until the command returns and its runtime ends.
+    if let Some(listener) = metrics {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!("metrics at http://{addr}/metrics (health: /healthz, /readyz)");
+        }
+        tokio::spawn(agent.serve_metrics(listener));
+    }
     let mut tunnels = Vec::new();
     for (port, options) in requests {
         match signals.unless(agent.forward_with(port, options)).await {

@@ -77,6 +77,7 @@ pub(crate) async fn relay(args: RelayArgs) -> Result<()> {
     config.handshake_timeout = Duration::from_secs_f64(args.handshake_timeout);
     config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
     config.idle_timeout = Some(Duration::from_secs_f64(args.idle_timeout)).filter(|t| !t.is_zero());
+    config.metrics_addr = args.metrics_addr;
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;
@@ -84,6 +85,9 @@ pub(crate) async fn relay(args: RelayArgs) -> Result<()> {
     // handled (not the default: death).
     let mut signals = ShutdownSignals::new()?;
     tracing::info!(agents = %relay.agent_addr(), public = %relay.public_tls_addr(), "relay listening");
+    if let Some(metrics) = relay.metrics_addr() {
+        tracing::info!("metrics at http://{metrics}/metrics (health: /healthz, /readyz)");
+    }
     let agent_host = if args.agent_addr.ip().is_loopback() {
         "localhost".to_string()
     } else {

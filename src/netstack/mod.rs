@@ -172,6 +172,36 @@ pub struct StackStats {
     pub buffer_bytes_peak: usize,
     /// Window growths refused (or cut short) because the buffer budget was reached.
     pub buffer_budget_refusals: u64,
+    /// Connection attempts to a listener that were accepted and completed their
+    /// handshake.
+    pub accepted: u64,
+    /// Connection attempts to a listener that its owner refused (a forwarded port whose
+    /// local service did not answer, say).
+    pub declined: u64,
+}
+
+impl StackStats {
+    /// Adds `other`'s counters (not its gauges) to these.
+    pub fn add_counters(&mut self, other: &StackStats) {
+        self.packets_in += other.packets_in;
+        self.dropped_malformed += other.dropped_malformed;
+        self.dropped_wrong_address += other.dropped_wrong_address;
+        self.dropped_unknown_flow += other.dropped_unknown_flow;
+        self.refused_syns += other.refused_syns;
+        self.buffer_budget_refusals += other.buffer_budget_refusals;
+        self.accepted += other.accepted;
+        self.declined += other.declined;
+    }
+
+    /// Adds `other` to these: counters and gauges (a peak is the larger of the two).
+    pub fn add(&mut self, other: &StackStats) {
+        self.add_counters(other);
+        self.flows += other.flows;
+        self.listeners += other.listeners;
+        self.queued_bytes += other.queued_bytes;
+        self.buffer_bytes += other.buffer_bytes;
+        self.buffer_bytes_peak = self.buffer_bytes_peak.max(other.buffer_bytes_peak);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -181,6 +211,8 @@ struct Counters {
     dropped_wrong_address: AtomicU64,
     dropped_unknown_flow: AtomicU64,
     refused_syns: AtomicU64,
+    accepted: AtomicU64,
+    declined: AtomicU64,
 }
 
 /// A userspace TCP/IP stack: one end of an agent link. Cheap to clone (shared inside).
@@ -515,7 +547,17 @@ impl Stack {
             buffer_bytes: self.shared.budget.used(),
             buffer_bytes_peak: self.shared.budget.peak(),
             buffer_budget_refusals: self.shared.budget.refused(),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            declined: c.declined.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts a connection attempt to a listener: accepted (its handshake completed),
+    /// or declined by the listener's owner.
+    pub(crate) fn count_pending(&self, accepted: bool) {
+        let c = &self.shared.counters;
+        let counter = if accepted { &c.accepted } else { &c.declined };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Forgets a flow (once its connection is over), first letting go of what it

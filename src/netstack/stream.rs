@@ -371,12 +371,17 @@ impl PendingConnection {
         stream.with_flow(|state, _| state.socket().pause_synack(false));
         let timeout = stream.stack.config().handshake_timeout;
         match tokio::time::timeout(timeout, stream.established()).await {
-            Ok(Ok(())) => Ok(stream),
+            Ok(Ok(())) => {
+                stream.stack.count_pending(true);
+                Ok(stream)
+            }
             Ok(Err(())) => Err(ConnectError::Refused),
             Err(_elapsed) => Err(ConnectError::TimedOut),
         }
     }
 
     /// Refuses the connection: the peer sees a reset.
-    pub fn refuse(self) {}
+    pub fn refuse(self) {
+        self.stream.stack.count_pending(false);
+    }
 }

@@ -25,6 +25,8 @@ pub(crate) struct Claim {
     pub(crate) agent: AgentKey,
     ticket: Ticket,
     verifier: Verifier,
+    /// Whether the ticket was a known agent's: its link came back.
+    pub(crate) resumed: bool,
 }
 
 impl Claim {
@@ -99,6 +101,7 @@ impl Agents {
                         agent,
                         ticket,
                         verifier,
+                        resumed: true,
                     });
                 }
             }
@@ -112,6 +115,7 @@ impl Agents {
                     agent,
                     ticket,
                     verifier,
+                    resumed: false,
                 });
             }
         }

@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::counters::{HandshakeFailures, Refusals, TunnelKinds};
 use crate::limit::Limit;
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
@@ -118,6 +119,10 @@ pub struct RelayConfig {
     /// buffers, and a stalled one is ended by the [`idle_timeout`](Self::idle_timeout).
     /// By default a quarter of the machine's memory ([`machine_buffer_budget`]).
     pub buffer_budget: usize,
+    /// Where the metrics endpoint listens (`/metrics`, `/healthz`, `/readyz` over plain
+    /// HTTP), if anywhere: never one of the relay's other addresses. Put it on loopback
+    /// or a private network: its figures are for the operator.
+    pub metrics_addr: Option<SocketAddr>,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -190,13 +195,15 @@ impl RelayConfig {
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             buffer_budget: machine_buffer_budget(),
+            metrics_addr: None,
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }
     }
 
     /// Checks that the settings can work: at least one token and no blank one, a raw
-    /// TCP port range with a port in it, and every limit and timeout above zero.
+    /// TCP port range with a port in it, every limit and timeout above zero, and a
+    /// metrics address that is none of the others.
     /// [`Relay::bind`](super::Relay::bind) checks this first.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.tokens.is_empty() {
@@ -232,7 +239,33 @@ impl RelayConfig {
                 setting: limit.name(),
             });
         }
+        if let Some(other) = self.metrics_clash() {
+            return Err(ConfigError::SameAddress {
+                setting: "metrics_addr",
+                other,
+            });
+        }
         Ok(())
+    }
+
+    /// The setting whose address the metrics address is too, if any. A port 0 (any
+    /// free one) clashes with nothing.
+    fn metrics_clash(&self) -> Option<&'static str> {
+        let metrics = self.metrics_addr.filter(|addr| addr.port() != 0)?;
+        let same = |addr: SocketAddr| {
+            addr.port() == metrics.port()
+                && (addr.ip() == metrics.ip()
+                    || addr.ip().is_unspecified()
+                    || metrics.ip().is_unspecified())
+        };
+        if same(self.public_tls_addr) {
+            return Some("public_tls_addr");
+        }
+        if same(self.agent_addr) {
+            return Some("agent_addr");
+        }
+        let in_range = self.tcp_ports.contains(&metrics.port());
+        (in_range && same(SocketAddr::new(self.tcp_bind, metrics.port()))).then_some("tcp_ports")
     }
 
     /// The count `limit` is set to; `None` for a limit that is not a count.
@@ -335,6 +368,31 @@ pub struct RelayStats {
     /// The relay-side stacks' counters, summed over the live sessions (a session's
     /// counts leave the sum when it ends).
     pub stacks: StackStats,
+    /// The counters of the stacks of sessions that have ended (their gauges stay 0):
+    /// with [`stacks`](Self::stacks), counts that never go down.
+    pub ended_stacks: StackStats,
+    /// Tunnels currently routed, by kind.
+    pub tunnels_by_kind: TunnelKinds,
+    /// Public connections admitted to a tunnel.
+    pub public_connections_opened: u64,
+    /// Admitted public connections whose inner connection did not open: the agent
+    /// refused it (nothing listens, or its service is unreachable), or its link is gone.
+    pub inner_connects_failed: u64,
+    /// [`refused_by_limit`](Self::refused_by_limit) by limit.
+    pub refusals: Refusals,
+    /// [`failed_handshakes`](Self::failed_handshakes) by endpoint and reason.
+    pub handshake_failures: HandshakeFailures,
+    /// Agent sessions that resumed a known agent by its resume ticket: reconnected links.
+    pub sessions_resumed: u64,
+    /// Tunnel leases given back to their agent when it came back.
+    pub leases_reclaimed: u64,
+    /// Tunnel leases restored from the [lease file](RelayConfig::lease_file) at start.
+    pub leases_restored: u64,
+    /// Bytes public clients sent through their tunnels, over connections that have ended.
+    pub bytes_from_clients: u64,
+    /// Bytes public clients received through their tunnels, over connections that have
+    /// ended.
+    pub bytes_to_clients: u64,
 }
 
 /// Why a relay's settings cannot work ([`RelayConfig::validate`]), or its listeners
@@ -360,6 +418,13 @@ pub enum ConfigError {
         /// The setting.
         setting: &'static str,
     },
+    /// Two settings name the same address.
+    SameAddress {
+        /// The setting that must differ.
+        setting: &'static str,
+        /// The setting it names the address of.
+        other: &'static str,
+    },
     /// A listener could not be bound (the address is in use, say).
     Bind {
         /// The setting holding the address.
@@ -382,6 +447,7 @@ fn flag(setting: &str) -> &'static str {
         "tokens" => "--tokens, --tokens-file or PORTFERRY_TOKENS",
         "handshake_timeout" => "--handshake-timeout",
         "buffer_budget" => "--buffer-budget",
+        "metrics_addr" => "--metrics-addr",
         _ => "no flag",
     }
 }
@@ -411,6 +477,13 @@ impl std::fmt::Display for ConfigError {
             Self::Zero { setting } => {
                 write!(f, "{setting} ({}) must be more than 0", flag(setting))
             }
+            Self::SameAddress { setting, other } => write!(
+                f,
+                "{setting} ({}) must differ from {other} ({}): the metrics stay off the \
+                 relay's public and agent ports",
+                flag(setting),
+                flag(other)
+            ),
             Self::Bind {
                 setting,
                 addr,

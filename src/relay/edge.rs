@@ -14,6 +14,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::accept::AcceptErrors;
+use super::counters::{Endpoint, Failure};
 use super::pool::AddressPlace;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
@@ -99,7 +100,7 @@ impl Route {
         };
         match admitted {
             Ok((relay, tunnel, agent)) => {
-                shared.public_connections.fetch_add(1, Ordering::Relaxed);
+                shared.count_opened();
                 Some(ConnectionPermit {
                     counted: Counted(shared.clone()),
                     places: Places {
@@ -133,23 +134,26 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
     let tcp = SharedTcp::new(tcp);
     let transport = tcp.clone();
     let taken_back = handshake.taken_back();
+    let started = Instant::now();
     let admitted = tokio::select! {
         admitted = handshake_public(&shared, tcp, &handshake, from.ip()) => admitted,
         () = taken_back => {
-            shared.count_failed_handshake();
+            shared.count_failed_handshake(Endpoint::Public, Failure::Displaced);
             None
         }
     };
     let Some((route, tls, permit)) = admitted else {
         return;
     };
+    let seconds = started.elapsed().as_secs_f64();
+    shared.counters.tls_handshake.observe(seconds);
     let ConnectionPermit {
         counted: _counted,
         places,
     } = permit;
     let taken_back = places.taken_back();
     // Nothing reaches the agent before the client has finished its handshake.
-    let Ok(inner) = route.stack.connect_holding(route.port, places).await else {
+    let Ok(inner) = shared.connect_inner(&route, places).await else {
         // Refused by the agent (nothing listens on the port).
         return;
     };
@@ -188,9 +192,10 @@ async fn handshake_public(
             late
         }
     };
-    let Ok(Ok(start)) = hello else {
-        shared.count_failed_handshake();
-        return None;
+    let start = match hello {
+        Ok(Ok(start)) => start,
+        Ok(Err(_)) => return failed(shared, Failure::Tls),
+        Err(_) => return failed(shared, Failure::Timeout),
     };
     let Some(route) = start
         .client_hello()
@@ -210,11 +215,18 @@ async fn handshake_public(
     } else {
         &shared.http1
     };
-    let Ok(Ok(tls)) = timeout_at(deadline, start.into_stream(tls_config.clone())).await else {
-        shared.count_failed_handshake();
-        return None;
+    let tls = match timeout_at(deadline, start.into_stream(tls_config.clone())).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(_)) => return failed(shared, Failure::Tls),
+        Err(_) => return failed(shared, Failure::Timeout),
     };
     Some((route, tls, permit))
+}
+
+/// Counts a public handshake that failed for `why`; nothing to go on with.
+fn failed<T>(shared: &Shared, why: Failure) -> Option<T> {
+    shared.count_failed_handshake(Endpoint::Public, why);
+    None
 }
 
 /// Answers a ClientHello for no tunnel with a fatal TLS `unrecognized_name` alert, in
@@ -301,13 +313,14 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
         };
         let _ = stream.set_nodelay(true);
         let options = shared.config.splice_options();
+        let relay = shared.clone();
         shared.tasks.spawn(async move {
             let ConnectionPermit {
                 counted: _counted,
                 places,
             } = permit;
             let taken_back = places.taken_back();
-            match route.stack.connect_holding(route.port, places).await {
+            match relay.connect_inner(&route, places).await {
                 Ok(inner) => tokio::select! {
                     _ = splice_tcp_with(&inner, stream, options) => {}
                     // The client sees the connection closed; the service, a reset.

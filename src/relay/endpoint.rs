@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
+use super::counters::{Endpoint, Failure};
 use super::edge::{bind_tunnel_port, CLIENT_HELLO_DEADLINE};
 use super::pool::{AddressPlace, Place, Source};
 use super::session::{admit, Admission, Counted, Session, Step};
@@ -31,9 +32,17 @@ pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: 
     // Without it the link still works, with a longer queue below the scheduler.
     let _ = link::configure_socket(&tcp, &shared.config.link);
     let accept = timeout_at(deadline, shared.agent_tls.accept(tcp));
-    let Some(Ok(Ok(tls))) = handshake.run(CLIENT_HELLO_DEADLINE, accept).await else {
-        shared.count_failed_handshake();
-        return;
+    let tls = match handshake.run(CLIENT_HELLO_DEADLINE, accept).await {
+        Some(Ok(Ok(tls))) => tls,
+        failed => {
+            let why = match failed {
+                None => Failure::Displaced,
+                Some(Err(_)) => Failure::Timeout,
+                Some(Ok(_)) => Failure::Tls,
+            };
+            shared.count_failed_handshake(Endpoint::Agent, why);
+            return;
+        }
     };
     serve_agent_link(shared, tls, from, handshake, deadline).await;
 }
@@ -54,12 +63,22 @@ pub(super) async fn serve_agent_link<S>(
         Some(Ok(Some(admitted))) => admitted,
         // Counted where it failed.
         Some(Ok(None)) => return,
-        Some(Err(_)) | None => {
-            shared.count_failed_handshake();
+        failed => {
+            let why = match failed {
+                None => Failure::Displaced,
+                _ => Failure::Timeout,
+            };
+            shared.count_failed_handshake(Endpoint::Agent, why);
             return;
         }
     };
     drop(handshake);
+    if admission.resumed() {
+        shared
+            .counters
+            .sessions_resumed
+            .fetch_add(1, Ordering::Relaxed);
+    }
     let taken_back = slot.taken_back();
     tokio::pin!(taken_back);
 
@@ -135,7 +154,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     let hello = match handshake::read_hello(&mut stream).await {
         Ok(hello) => hello,
         Err(error) => {
-            shared.count_failed_handshake();
+            shared.count_failed_handshake(Endpoint::Agent, Failure::Hello);
             refuse(&mut stream, ErrorCode::PROTOCOL, error.to_string()).await;
             return None;
         }
@@ -147,7 +166,9 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(admission) => admission,
         Err(refusal) => {
             match refusal.counted {
-                Counted::FailedHandshake => shared.count_failed_handshake(),
+                Counted::FailedHandshake => {
+                    shared.count_failed_handshake(Endpoint::Agent, Failure::Hello);
+                }
                 Counted::Unauthorized => {
                     shared.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
                 }

@@ -69,6 +69,7 @@
 mod accept;
 mod agents;
 mod config;
+mod counters;
 mod edge;
 mod endpoint;
 #[cfg(any(test, feature = "harness"))]
@@ -96,11 +97,14 @@ use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
 pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
+pub use counters::{FailureReasons, HandshakeFailures, Refusals, TunnelKinds};
 
 use crate::error::Error;
 use crate::limit::Limit;
-use crate::netstack::{lock, SharedBudget, StackStats};
+use crate::netstack::{lock, ConnectError, InnerStream, SharedBudget, StackStats};
+use crate::task::AbortOnDrop;
 use accept::{accept_loop, Handshakes};
+use counters::{Counters, Endpoint, Failure};
 use pool::{AddressPool, Pool, Source};
 use registry::{Registry, Route};
 use shutdown::{Phase, StopOnDrop};
@@ -113,6 +117,8 @@ pub struct Relay {
     shared: Arc<Shared>,
     agents: TcpListener,
     public: TcpListener,
+    /// The metrics endpoint's listener ([`RelayConfig::metrics_addr`]).
+    metrics: Option<TcpListener>,
 }
 
 /// A cheap, cloneable view of a relay that stays usable while
@@ -155,14 +161,6 @@ struct Shared {
     tasks: TaskSet,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    refused_by_limit: AtomicU64,
-    unknown_sni: AtomicU64,
-    failed_handshakes: AtomicU64,
-    unauthorized: AtomicU64,
-}
-
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay")
@@ -200,6 +198,10 @@ impl Relay {
         };
         let agents = listen("agent_addr", config.agent_addr).await?;
         let public = listen("public_tls_addr", config.public_tls_addr).await?;
+        let metrics = match config.metrics_addr {
+            Some(addr) => Some(listen("metrics_addr", addr).await?),
+            None => None,
+        };
         let public_tls_port = config
             .public_tls_port
             .unwrap_or(public.local_addr()?.port());
@@ -237,6 +239,7 @@ impl Relay {
             }),
             agents,
             public,
+            metrics,
         };
         relay.shared.restore_leases(saved_leases).await;
         let expiry = expire_leases(
@@ -259,6 +262,16 @@ impl Relay {
         self.public
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Where the metrics endpoint listens, if [`RelayConfig::metrics_addr`] is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        let metrics = self.metrics.as_ref()?;
+        Some(
+            metrics
+                .local_addr()
+                .expect("a bound listener has an address"),
+        )
     }
 
     /// Number of tunnels currently routed.
@@ -297,8 +310,16 @@ impl Relay {
             shared,
             agents,
             public,
+            metrics,
         } = self;
         let stop_on_drop = StopOnDrop(shared.clone());
+        // Serves until this returns (or is dropped): `/readyz` says 503 while draining.
+        let _metrics = metrics.map(|listener| {
+            let site = crate::metrics::relay::site(RelayHandle {
+                shared: shared.clone(),
+            });
+            AbortOnDrop(tokio::spawn(crate::metrics::serve(listener, site)))
+        });
         let signal = async {
             let mut phase = shared.phase.subscribe();
             tokio::select! {
@@ -354,6 +375,18 @@ impl RelayHandle {
     /// A snapshot of the relay's gauges and counters.
     pub fn stats(&self) -> RelayStats {
         self.shared.stats()
+    }
+
+    /// Whether the relay serves and takes new connections: it runs and has not begun
+    /// to shut down.
+    pub(crate) fn is_running(&self) -> bool {
+        self.shared.is_running()
+    }
+
+    /// The relay's timing histograms: TLS handshakes, inner connects.
+    pub(crate) fn timings(&self) -> [&prometheus_client::metrics::histogram::Histogram; 2] {
+        let counters = &self.shared.counters;
+        [&counters.tls_handshake, &counters.inner_connect]
     }
 
     /// Starts a graceful shutdown, as when the future given to
@@ -462,6 +495,9 @@ impl Shared {
                 Err(reason) => tracing::warn!(%hostname, reason, "a saved lease is dropped"),
             }
         }
+        self.counters
+            .leases_restored
+            .fetch_add(count, Ordering::Relaxed);
         tracing::info!(leases = count, "restored tunnel leases");
     }
 
@@ -475,40 +511,45 @@ impl Shared {
 
     fn stats(&self) -> RelayStats {
         let c = &self.counters;
-        let (stacks, tunnels, leases) = {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let (stacks, tunnels, leases, tunnels_by_kind, leases_reclaimed, ended_stacks) = {
             let registry = lock(&self.registry);
             (
                 registry.stacks(),
                 registry.tunnel_count(),
                 registry.lease_count(),
+                registry.tunnel_kinds(),
+                registry.leases_reclaimed(),
+                registry.ended_stacks(),
             )
         };
         let mut sum = StackStats::default();
         for stack in &stacks {
-            let s = stack.stats();
-            sum.flows += s.flows;
-            sum.listeners += s.listeners;
-            sum.packets_in += s.packets_in;
-            sum.dropped_malformed += s.dropped_malformed;
-            sum.dropped_wrong_address += s.dropped_wrong_address;
-            sum.dropped_unknown_flow += s.dropped_unknown_flow;
-            sum.refused_syns += s.refused_syns;
-            sum.queued_bytes += s.queued_bytes;
-            sum.buffer_bytes += s.buffer_bytes;
-            sum.buffer_bytes_peak = sum.buffer_bytes_peak.max(s.buffer_bytes_peak);
-            sum.buffer_budget_refusals += s.buffer_budget_refusals;
+            sum.add(&stack.stats());
         }
+        let (refusals, handshake_failures) = (c.refusals(), c.handshake_failures());
         RelayStats {
             agent_sessions: stacks.len(),
             tunnels,
             leases,
             public_connections: self.public_connections.load(Ordering::Relaxed),
             pending_handshakes: self.pending_handshakes(),
-            refused_by_limit: c.refused_by_limit.load(Ordering::Relaxed),
-            unknown_sni: c.unknown_sni.load(Ordering::Relaxed),
-            failed_handshakes: c.failed_handshakes.load(Ordering::Relaxed),
-            unauthorized: c.unauthorized.load(Ordering::Relaxed),
+            refused_by_limit: refusals.total(),
+            unknown_sni: load(&c.unknown_sni),
+            failed_handshakes: handshake_failures.public.total() + handshake_failures.agent.total(),
+            unauthorized: load(&c.unauthorized),
             stacks: sum,
+            ended_stacks,
+            tunnels_by_kind,
+            public_connections_opened: load(&c.public_opened),
+            inner_connects_failed: load(&c.inner_connects_failed),
+            refusals,
+            handshake_failures,
+            sessions_resumed: load(&c.sessions_resumed),
+            leases_reclaimed,
+            leases_restored: load(&c.leases_restored),
+            bytes_from_clients: load(&c.bytes_from_clients),
+            bytes_to_clients: load(&c.bytes_to_clients),
         }
     }
 
@@ -519,16 +560,43 @@ impl Shared {
 
     /// Counts a refusal at `limit`.
     fn count_refusal(&self, limit: Limit) {
-        self.counters
-            .refused_by_limit
-            .fetch_add(1, Ordering::Relaxed);
+        self.counters.refused(limit);
         tracing::debug!(limit = limit.name(), "refused: limit reached");
     }
 
-    /// Counts a connection closed during its handshake.
-    fn count_failed_handshake(&self) {
-        self.counters
-            .failed_handshakes
-            .fetch_add(1, Ordering::Relaxed);
+    /// Counts a connection closed during its handshake on `endpoint`, for `why`.
+    fn count_failed_handshake(&self, endpoint: Endpoint, why: Failure) {
+        self.counters.failed(endpoint, why);
+    }
+
+    /// Counts a public connection admitted to a tunnel (open until its permit is
+    /// dropped).
+    fn count_opened(&self) {
+        self.public_connections.fetch_add(1, Ordering::Relaxed);
+        self.counters.public_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Opens the inner connection of a public connection admitted to `route`, its flow
+    /// holding `places`: timed (in the inner-connect histogram) if it opens, counted in
+    /// [`RelayStats::inner_connects_failed`] if not.
+    async fn connect_inner(
+        &self,
+        route: &Route,
+        places: impl Send + 'static,
+    ) -> Result<InnerStream, ConnectError> {
+        let started = Instant::now();
+        let inner = route.stack.connect_holding(route.port, places).await;
+        match &inner {
+            Ok(_) => {
+                let seconds = started.elapsed().as_secs_f64();
+                self.counters.inner_connect.observe(seconds);
+            }
+            Err(_) => {
+                self.counters
+                    .inner_connects_failed
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        inner
     }
 }

@@ -54,6 +54,11 @@ impl Admission {
     pub(crate) fn ticket(&self) -> bytes::Bytes {
         self.claim.as_ref().map(Claim::ticket).unwrap_or_default()
     }
+
+    /// Whether the hello presented a known agent's ticket: its link came back.
+    pub(crate) fn resumed(&self) -> bool {
+        self.claim.as_ref().is_some_and(|claim| claim.resumed)
+    }
 }
 
 /// Decides on an agent's hello at `now`: whom it is admitted as (see

@@ -20,11 +20,12 @@ mod leasing;
 
 use super::agents::{Agents, Claim, TooSoon};
 use super::config::RelayConfig;
+use super::counters::TunnelKinds;
 use super::leases::{LeaseChange, LeaseKey, LeaseRecord};
 use super::pool::{AddressPool, Pool, PortPlace};
 use super::share::{PlaceId, Shares, TakeBack};
 use super::ticket::Verifier;
-use crate::netstack::Stack;
+use crate::netstack::{Stack, StackStats};
 use crate::wire::{ForwardRequest, Forwarded};
 
 pub(crate) use super::agents::AgentKey;
@@ -147,6 +148,10 @@ pub(crate) struct Registry {
     /// How the leases changed since [`take_lease_changes`](Self::take_lease_changes),
     /// in order.
     lease_changes: Vec<LeaseChange>,
+    /// Leases given back to their returning agent so far.
+    leases_reclaimed: u64,
+    /// The counters of the stacks of ended sessions, summed.
+    ended_stacks: StackStats,
     domain: String,
     tls_port: u16,
     max_tunnels_per_agent: usize,
@@ -224,6 +229,8 @@ impl Registry {
             away: (nobody, AddressPool::new(settings.max_connections_per_agent)),
             accepting: true,
             lease_changes: Vec::new(),
+            leases_reclaimed: 0,
+            ended_stacks: StackStats::default(),
             domain: settings.domain,
             tls_port: settings.tls_port,
             max_tunnels_per_agent: settings.max_tunnels_per_agent,
@@ -297,6 +304,7 @@ impl Registry {
             }
         }
         entry.stack.close();
+        self.ended_stacks.add_counters(&entry.stack.stats());
         if let Some(agent) = agent {
             self.agents.end(agent, id);
         }
@@ -361,6 +369,7 @@ impl Registry {
         tunnel.owner = Owner::Session(id);
         tunnel.connections = AddressPool::new(self.max_connections_per_tunnel);
         self.yield_lease(key, false);
+        self.leases_reclaimed += 1;
         let tunnel = &self.tunnels[&hostname];
         let forwarded = Forwarded {
             request_id: request.request_id,
@@ -487,6 +496,34 @@ impl Registry {
     /// Tunnels routed now, whether or not anybody serves them.
     pub(crate) fn tunnel_count(&self) -> usize {
         self.tunnels.len()
+    }
+
+    /// The tunnels a live session serves, by kind.
+    pub(crate) fn tunnel_kinds(&self) -> TunnelKinds {
+        let mut kinds = TunnelKinds::default();
+        let served = self
+            .tunnels
+            .values()
+            .filter(|tunnel| matches!(tunnel.owner, Owner::Session(_)));
+        for tunnel in served {
+            let kind = match (tunnel.unencrypted, tunnel.h2) {
+                (true, _) => &mut kinds.tls_tcp,
+                (false, true) => &mut kinds.h2,
+                (false, false) => &mut kinds.tls,
+            };
+            *kind += 1;
+        }
+        kinds
+    }
+
+    /// Leases given back to their returning agent so far.
+    pub(crate) fn leases_reclaimed(&self) -> u64 {
+        self.leases_reclaimed
+    }
+
+    /// The counters of the stacks of the sessions that have ended, summed.
+    pub(crate) fn ended_stacks(&self) -> StackStats {
+        self.ended_stacks
     }
 
     /// The stacks of the live sessions.

@@ -1,0 +1,75 @@
+//! The agent's figures: a collector reading [`AgentStats`](crate::agent::AgentStats) at
+//! scrape time, and its readiness (the link is up).
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::write::{counter, gauge};
+use super::{build_info, stack, Site};
+use crate::agent::Agent;
+use crate::netstack::StackStats;
+
+/// The metrics site of `agent`: ready while its link is up.
+pub(crate) fn site(agent: Agent) -> Arc<dyn Site> {
+    let ready = agent.clone();
+    super::site(AgentCollector(agent), move || ready.is_connected())
+}
+
+/// Reads an agent's figures at each scrape.
+#[derive(Debug)]
+struct AgentCollector(Agent);
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let stats = self.0.stats();
+        let e = &mut encoder;
+        let size = |n: usize| n as u64;
+        build_info(e, "agent")?;
+        gauge(
+            e,
+            "agent_link_up",
+            "Whether the agent's link to the relay is up (1) or not (0).",
+            None,
+            u64::from(stats.link_up),
+        )?;
+        counter(
+            e,
+            "agent_reconnects",
+            "Links to the relay made again after one was lost.",
+            None,
+            stats.reconnects,
+        )?;
+        gauge(
+            e,
+            "agent_tunnels",
+            "Tunnels the agent has open.",
+            None,
+            size(stats.tunnels),
+        )?;
+        gauge(
+            e,
+            "agent_inner_connections",
+            "Inner connections from the relay open now, closing ones included.",
+            None,
+            size(stats.inner_connections_open),
+        )?;
+        counter(
+            e,
+            "agent_inner_connections_opened",
+            "Inner connections from the relay accepted.",
+            None,
+            stats.inner_connections_opened,
+        )?;
+        counter(
+            e,
+            "agent_inner_connections_refused",
+            "Inner connections from the relay refused: the local service did not answer, or nothing listened.",
+            None,
+            stats.inner_connections_refused,
+        )?;
+        stack::encode(e, &stats.stack, &StackStats::default())
+    }
+}

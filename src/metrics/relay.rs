@@ -1,0 +1,189 @@
+//! The relay's figures: a collector reading [`RelayStats`] and the relay's timing
+//! histograms at scrape time, and its readiness (running, not shutting down).
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use super::write::{counter, family, gauge};
+use super::{build_info, stack, Site};
+use crate::limit::Limit;
+use crate::relay::{FailureReasons, RelayHandle};
+
+/// The metrics site of `relay`: ready while it runs and has not begun to shut down.
+pub(crate) fn site(relay: RelayHandle) -> Arc<dyn Site> {
+    let ready = relay.clone();
+    super::site(RelayCollector(relay), move || ready.is_running())
+}
+
+/// Reads a relay's figures at each scrape.
+#[derive(Debug)]
+struct RelayCollector(RelayHandle);
+
+/// A handshake failure count per reason, as label values.
+fn by_reason(failures: &FailureReasons) -> [(&'static str, u64); 4] {
+    [
+        ("timeout", failures.timeout),
+        ("tls", failures.tls),
+        ("hello", failures.hello),
+        ("displaced", failures.displaced),
+    ]
+}
+
+impl Collector for RelayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let stats = self.0.stats();
+        let e = &mut encoder;
+        let size = |n: usize| n as u64;
+        build_info(e, "relay")?;
+        gauge(
+            e,
+            "agent_sessions",
+            "Authenticated agent sessions.",
+            None,
+            size(stats.agent_sessions),
+        )?;
+        let kinds = stats.tunnels_by_kind;
+        family(
+            e,
+            "tunnels",
+            "Tunnels a live agent session serves, by kind: HTTPS (tls), HTTPS and a raw TCP port (tls+tcp), HTTPS with HTTP/2 (h2).",
+            MetricType::Gauge,
+            "kind",
+            &[
+                ("tls", size(kinds.tls)),
+                ("tls+tcp", size(kinds.tls_tcp)),
+                ("h2", size(kinds.h2)),
+            ],
+        )?;
+        gauge(
+            e,
+            "leases",
+            "Tunnel leases held, for agents here or away.",
+            None,
+            size(stats.leases),
+        )?;
+        gauge(
+            e,
+            "public_connections",
+            "Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.",
+            None,
+            size(stats.public_connections),
+        )?;
+        counter(
+            e,
+            "public_connections_opened",
+            "Public connections admitted to a tunnel.",
+            None,
+            stats.public_connections_opened,
+        )?;
+        let refusals = stats.refusals;
+        let limit = |limit: Limit| (limit.name(), refusals.at(limit));
+        family(
+            e,
+            "public_connections_refused",
+            "Public connections turned away, by reason: a limit (by its setting's name), an unknown or missing TLS server name, a failed handshake, or an inner connection the agent did not open.",
+            MetricType::Counter,
+            "reason",
+            &[
+                limit(Limit::PendingHandshakes),
+                limit(Limit::Connections),
+                limit(Limit::ConnectionsPerTunnel),
+                limit(Limit::ConnectionsPerAgent),
+                ("unknown_sni", stats.unknown_sni),
+                ("handshake_failed", stats.handshake_failures.public.total()),
+                ("inner_connect_failed", stats.inner_connects_failed),
+            ],
+        )?;
+        family(
+            e,
+            "public_bytes",
+            "Bytes through the public connections that have ended, by direction.",
+            MetricType::Counter,
+            "direction",
+            &[
+                ("from_clients", stats.bytes_from_clients),
+                ("to_clients", stats.bytes_to_clients),
+            ],
+        )?;
+        gauge(
+            e,
+            "pending_handshakes",
+            "TLS handshakes in progress (public, and agents' until their hello is answered).",
+            None,
+            size(stats.pending_handshakes),
+        )?;
+        family(
+            e,
+            "public_handshake_failures",
+            "Public TLS connections closed during their handshake, by reason.",
+            MetricType::Counter,
+            "reason",
+            &by_reason(&stats.handshake_failures.public),
+        )?;
+        family(
+            e,
+            "agent_handshake_failures",
+            "Agent connections closed during their TLS handshake or hello, by reason.",
+            MetricType::Counter,
+            "reason",
+            &by_reason(&stats.handshake_failures.agent),
+        )?;
+        counter(
+            e,
+            "agents_unauthorized",
+            "Agents refused for a missing or wrong token.",
+            None,
+            stats.unauthorized,
+        )?;
+        let refusals: Vec<(&str, u64)> = refusals
+            .iter()
+            .map(|(limit, count)| (limit.name(), count))
+            .collect();
+        family(
+            e,
+            "limit_refusals",
+            "Connections, sessions and tunnels refused at a limit, by the limit's setting.",
+            MetricType::Counter,
+            "limit",
+            &refusals,
+        )?;
+        family(
+            e,
+            "lease_restores",
+            "Tunnel leases restored: given back to a returning agent, or taken over from the lease file at start.",
+            MetricType::Counter,
+            "from",
+            &[
+                ("reconnect", stats.leases_reclaimed),
+                ("lease_file", stats.leases_restored),
+            ],
+        )?;
+        counter(
+            e,
+            "agent_sessions_resumed",
+            "Agent sessions that resumed a known agent by its ticket: links that came back.",
+            None,
+            stats.sessions_resumed,
+        )?;
+        let [tls_handshake, inner_connect] = self.0.timings();
+        let seconds = Some(&Unit::Seconds);
+        tls_handshake.encode(e.encode_descriptor(
+            "tls_handshake_duration",
+            "Time from a public TLS connection's accept to its finished handshake, for admitted connections.",
+            seconds,
+            MetricType::Histogram,
+        )?)?;
+        inner_connect.encode(e.encode_descriptor(
+            "inner_connect_duration",
+            "Time an inner connection to the agent takes to open (the agent's local connect included), for those that open.",
+            seconds,
+            MetricType::Histogram,
+        )?)?;
+        stack::encode(e, &stats.stacks, &stats.ended_stacks)
+    }
+}

@@ -1,0 +1,56 @@
+//! Writing one metric (a counter, a gauge, a family of either by one label) into a
+//! prometheus-client [`DescriptorEncoder`], for the collectors.
+
+use std::fmt;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+/// Writes a counter `name` (without the `_total` the encoder appends).
+pub(crate) fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: u64,
+) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+/// Writes a gauge `name`.
+pub(crate) fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: u64,
+) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+/// Writes a family `name` of counters or gauges (`kind`) with one sample per
+/// `(label value, value)`.
+pub(crate) fn family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: &str,
+    values: &[(&str, u64)],
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (label_value, value) in values {
+        let labels = [(label, *label_value)];
+        let sample = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*value).encode(sample)?,
+            _ => ConstGauge::new(*value).encode(sample)?,
+        }
+    }
+    Ok(())
+}
