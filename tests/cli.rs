@@ -1151,3 +1151,109 @@ async fn sigterm_to_the_relay_mid_transfer_across_a_delayed_link_exits() {
     let status = relay.process.exits_within(Duration::from_secs(20)).await;
     assert!(status.success(), "{status:?}: {}", relay.process.stderr());
 }
+
+// ───────────────────────────── metrics ─────────────────────────────
+
+/// `curl -s` of `url`; its output (empty if nothing answered).
+fn curl(url: &str) -> String {
+    let mut command = Command::new("curl");
+    command
+        .args(["-s", "--max-time", "5", url])
+        .stdin(Stdio::null());
+    run(command).stdout
+}
+
+/// The value of the sample `name` (as written, labels included) in a `/metrics` body.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (sample, value) = line.rsplit_once(' ')?;
+        (sample == name).then(|| value.parse().ok())?
+    })
+}
+
+#[test]
+fn relay_refuses_a_metrics_address_that_is_its_public_port() {
+    let state = TempDir::new("cli-metrics");
+    let public = format!("127.0.0.1:{}", common::free_port());
+    let args = [
+        "relay",
+        "--state-dir",
+        state.path().to_str().unwrap(),
+        "--agent-addr",
+        "127.0.0.1:0",
+        "--public-addr",
+        &public,
+        "--metrics-addr",
+        &public,
+    ];
+    let stderr = fails_quickly(&args);
+    assert!(
+        stderr.contains("--metrics-addr") && stderr.contains("--public-addr"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_and_forward_serve_their_metrics_to_curl() {
+    let relay_metrics = format!("127.0.0.1:{}", common::free_port());
+    let relay = start_cli_relay_with(&["--metrics-addr", &relay_metrics]);
+    let service = http_service("scraped").await;
+    let forward_metrics = format!("127.0.0.1:{}", common::free_port());
+    let mut command = portferry([
+        "forward".to_owned(),
+        service.port().to_string(),
+        "--metrics-addr".to_owned(),
+        forward_metrics.clone(),
+    ]);
+    command
+        .env("PORTFERRY_RELAY", &relay.relay)
+        .env("PORTFERRY_TOKEN", &relay.token)
+        .env("PORTFERRY_RELAY_CA", &relay.ca);
+    let mut forward = Running::spawn(command);
+    let (_, url) = next_tunnel(&mut forward);
+    let (host, port, _) = split_url(&url);
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("scraped"), "{response}");
+
+    let agent =
+        tokio::task::spawn_blocking(move || curl(&format!("http://{forward_metrics}/metrics")))
+            .await
+            .unwrap();
+    assert_eq!(
+        sample(&agent, "portferry_agent_link_up"),
+        Some(1.0),
+        "{agent}"
+    );
+    assert_eq!(
+        sample(&agent, "portferry_agent_tunnels"),
+        Some(1.0),
+        "{agent}"
+    );
+    assert_eq!(
+        sample(&agent, "portferry_agent_inner_connections_opened_total"),
+        Some(1.0),
+        "{agent}"
+    );
+    let url = format!("http://{relay_metrics}/metrics");
+    let scraped = tokio::task::spawn_blocking(move || curl(&url))
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&scraped, "portferry_agent_sessions"),
+        Some(1.0),
+        "{scraped}"
+    );
+    assert_eq!(
+        sample(&scraped, r#"portferry_tunnels{kind="tls"}"#),
+        Some(1.0),
+        "{scraped}"
+    );
+    assert!(
+        !scraped.contains(&host),
+        "the metrics name the tunnel's host"
+    );
+    assert!(
+        !scraped.contains(&relay.token),
+        "the metrics show the token"
+    );
+}

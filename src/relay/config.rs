@@ -538,4 +538,34 @@ mod tests {
         config.fit_open_files(10);
         assert!(Limit::ALL.iter().all(|l| config.limit(*l) != Some(0)));
     }
+
+    #[test]
+    fn the_metrics_address_is_none_of_the_relays_others() {
+        let mut config = settings();
+        config.public_tls_addr = "127.0.0.1:8443".parse().unwrap();
+        config.agent_addr = "0.0.0.0:7835".parse().unwrap();
+        config.tcp_ports = 20_000..=20_010;
+        let clash = |config: &RelayConfig, addr: &str| {
+            let mut config = config.clone();
+            config.metrics_addr = Some(addr.parse().unwrap());
+            match config.validate() {
+                Err(ConfigError::SameAddress { other, .. }) => Some(other),
+                Ok(()) => None,
+                Err(other) => panic!("{other}"),
+            }
+        };
+        assert_eq!(clash(&config, "127.0.0.1:8443"), Some("public_tls_addr"));
+        assert_eq!(clash(&config, "0.0.0.0:8443"), Some("public_tls_addr"));
+        assert_eq!(clash(&config, "127.0.0.1:7835"), Some("agent_addr"));
+        assert_eq!(clash(&config, "127.0.0.1:20005"), Some("tcp_ports"));
+        assert_eq!(clash(&config, "127.0.0.1:9090"), None);
+        assert_eq!(clash(&config, "127.0.0.2:8443"), None);
+        assert_eq!(clash(&config, "127.0.0.1:0"), None);
+        config.metrics_addr = Some("127.0.0.1:8443".parse().unwrap());
+        let message = config.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--metrics-addr") && message.contains("--public-addr"),
+            "{message}"
+        );
+    }
 }
