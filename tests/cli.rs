@@ -1219,35 +1219,23 @@ async fn relay_and_forward_serve_their_metrics_to_curl() {
         tokio::task::spawn_blocking(move || curl(&format!("http://{forward_metrics}/metrics")))
             .await
             .unwrap();
-    assert_eq!(
-        sample(&agent, "portferry_agent_link_up"),
-        Some(1.0),
-        "{agent}"
-    );
-    assert_eq!(
-        sample(&agent, "portferry_agent_tunnels"),
-        Some(1.0),
-        "{agent}"
-    );
-    assert_eq!(
-        sample(&agent, "portferry_agent_inner_connections_opened_total"),
-        Some(1.0),
-        "{agent}"
-    );
+    for name in [
+        "portferry_agent_link_up",
+        "portferry_agent_tunnels",
+        "portferry_agent_inner_connections_opened_total",
+    ] {
+        assert_eq!(sample(&agent, name), Some(1.0), "{name} in:\n{agent}");
+    }
     let url = format!("http://{relay_metrics}/metrics");
     let scraped = tokio::task::spawn_blocking(move || curl(&url))
         .await
         .unwrap();
-    assert_eq!(
-        sample(&scraped, "portferry_agent_sessions"),
-        Some(1.0),
-        "{scraped}"
-    );
-    assert_eq!(
-        sample(&scraped, r#"portferry_tunnels{kind="tls"}"#),
-        Some(1.0),
-        "{scraped}"
-    );
+    for name in [
+        "portferry_agent_sessions",
+        r#"portferry_tunnels{kind="tls"}"#,
+    ] {
+        assert_eq!(sample(&scraped, name), Some(1.0), "{name} in:\n{scraped}");
+    }
     assert!(
         !scraped.contains(&host),
         "the metrics name the tunnel's host"
