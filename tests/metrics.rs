@@ -137,6 +137,11 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
         let refused = fixture.tls("nothing.portferry.localhost", HTTP1).await;
         assert!(refused.is_err(), "a TLS handshake for no tunnel succeeded");
     }
+    // Plain HTTP to the TLS port: the relay counts it and closes it (at most with an
+    // alert).
+    let plain = TcpStream::connect(fixture.public).await.unwrap();
+    let answer = exchange(STEP, plain, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(!answer.is_ok_and(|bytes| bytes.starts_with(b"HTTP")));
     // Counted once each connection has ended at the relay.
     fixture
         .until_stats("the echoes ended", |stats| stats.public_connections == 0)
@@ -181,11 +186,17 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
         moved
     );
     assert!(grew("portferry_stack_packets_in_total") > 0.0);
+    let not_tls = r#"portferry_public_handshake_failures_total{reason="tls"}"#;
     for sample in after.samples.keys() {
         if sample.contains("handshake_failures_total") {
-            assert_eq!(grew(sample), 0.0, "{sample}");
+            let expected = if sample == not_tls { 1.0 } else { 0.0 };
+            assert_eq!(grew(sample), expected, "{sample}");
         }
     }
+    assert_eq!(
+        grew(r#"portferry_public_connections_refused_total{reason="handshake_failed"}"#),
+        1.0
+    );
 
     // No hostname, token or client address in what an operator's tools store.
     let host = tunnel.tls_socket().0;

@@ -245,6 +245,12 @@ async fn a_cut_link_reconnects_and_the_same_url_and_port_serve_again() {
     let raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
     assert_eq!(exchange(STEP, raw, b"raw").await.unwrap(), b"raw");
     assert!(fixture.agent.is_connected());
+    // Each side counted the one reconnect: the agent its new link, the relay a session
+    // resumed by its ticket and the lease it gave back.
+    assert_eq!(fixture.agent.stats().reconnects, 1);
+    let stats = fixture.relay.stats();
+    assert_eq!((stats.sessions_resumed, stats.leases_reclaimed), (1, 1));
+    assert_eq!(stats.tunnels_by_kind.tls_tcp, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,6 +94,11 @@ async fn a_restarted_relay_gives_the_agent_its_urls_back() {
     let raw = TcpStream::connect(("127.0.0.1", tcp_port)).await.unwrap();
     assert_eq!(exchange(STEP, raw, b"raw").await.unwrap(), b"raw");
     assert_eq!(second.tunnel_count(), 1);
+    // The new relay counted the lease it read from the file, the agent that came back
+    // by its ticket, and the lease it gave back to it.
+    let stats = second.stats();
+    assert_eq!(stats.leases_restored, 1);
+    assert_eq!((stats.sessions_resumed, stats.leases_reclaimed), (1, 1));
 }
 
 /// A `portferry relay` process on fixed loopback ports, keeping its CA, token and
