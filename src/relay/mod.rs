@@ -1,7 +1,9 @@
 //! The relay server: agents connect to it, the public connects through it.
 //!
-//! One file per job: [`config`] (settings and stats), `endpoint` (the agent endpoint's
-//! driver: TLS, hello, link), `session` (one session's control plane, sans-IO),
+//! One file per job: [`config`] (settings and stats), `counters` (event counters and
+//! timing histograms, read by [`RelayStats`] and the metrics endpoint), `endpoint` (the
+//! agent endpoint's driver: TLS, hello, link), `session` (one session's control plane,
+//! sans-IO),
 //! `registry` (every tunnel, lease and session behind one lock), `leases` (the lease
 //! file), `edge` (public TLS and raw TCP), `tasks` (supervision), `accept` (the accept
 //! loops), `shutdown` (the relay's phases and its graceful stop), and this file (binding
@@ -64,7 +66,8 @@
 //! (public, agent and raw TCP ports) and refuses new tunnels and agent streams, then
 //! lets open public connections finish for up to
 //! [`shutdown_grace`](RelayConfig::shutdown_grace), then ends every session and
-//! connection.
+//! connection. The metrics endpoint ([`metrics_addr`](RelayConfig::metrics_addr)) says
+//! `/readyz` 503 from the start of a shutdown, and closes when the relay has stopped.
 
 mod accept;
 mod agents;
