@@ -147,6 +147,7 @@ internal_modules! {
 
 #[cfg(feature = "agent")]
 pub mod agent;
+mod connection;
 /// The sample service of `portferry demo` (for the binary and the benches).
 #[cfg(feature = "cli")]
 #[doc(hidden)]
@@ -164,9 +165,10 @@ pub mod token;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelAddress,
-    TunnelListener, TunnelState, TunnelStream,
+    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, ProxyProtocol, Tunnel,
+    TunnelAddress, TunnelListener, TunnelState, TunnelStream,
 };
+pub use connection::{ConnectionInfo, Edge};
 pub use error::{parse_port, Error};
 pub use limit::Limit;
 pub use token::Token;
