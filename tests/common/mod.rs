@@ -9,6 +9,8 @@
 // Each file under tests/ is its own crate and uses only a subset of these helpers.
 #![allow(dead_code)]
 
+pub mod proxies;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
