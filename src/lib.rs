@@ -82,6 +82,18 @@
 //! # drop(stream); Ok(()) }
 //! ```
 //!
+//! **Who is calling.** Each accepted stream knows its public client ([`TunnelStream::peer_addr`],
+//! [`TunnelStream::info`]); a forwarded service can get it as a PROXY protocol header
+//! ([`ForwardOptions::proxy_protocol`]):
+//!
+//! ```rust,no_run
+//! # async fn run(agent: portferry::Agent) -> Result<(), portferry::Error> {
+//! let mut listener = agent.listen(portferry::ForwardOptions::new()).await?;
+//! let stream = listener.accept().await?;
+//! println!("connection {} from {}", stream.info().id(), stream.peer_addr());
+//! # Ok(()) }
+//! ```
+//!
 //! # How it works
 //!
 //! The agent (this library, linked into a program in the container) keeps ONE TLS
