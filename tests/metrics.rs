@@ -113,9 +113,11 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
     let (fixture, metrics) = relay_with_metrics().await;
     let agent = fixture.agent().await;
     let tunnel = agent.forward(echo_service().await.port()).await.unwrap();
+    // A tunnel to a port where nothing listens: the agent refuses its connections.
+    let nowhere = agent.forward(free_port()).await.unwrap();
     let before = scrape(metrics).await;
     assert_eq!(before.get("portferry_agent_sessions"), 1.0);
-    assert_eq!(before.get(r#"portferry_tunnels{kind="tls"}"#), 1.0);
+    assert_eq!(before.get(r#"portferry_tunnels{kind="tls"}"#), 2.0);
     assert_eq!(before.get(r#"portferry_tunnels{kind="h2"}"#), 0.0);
     assert_eq!(
         before.get(r#"portferry_build_info{version="0.1.0",role="relay"}"#),
@@ -132,9 +134,12 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
             .unwrap();
         assert_eq!(echoed, message);
     }
+    assert!(fixture.get(&nowhere).await.is_err());
     let unknown = 3;
     for _ in 0..unknown {
-        let refused = fixture.tls("nothing.portferry.localhost", HTTP1).await;
+        let refused = fixture
+            .tls("no-such-tunnel.portferry.localhost", HTTP1)
+            .await;
         assert!(refused.is_err(), "a TLS handshake for no tunnel succeeded");
     }
     // Plain HTTP to the TLS port: the relay counts it and closes it (at most with an
@@ -151,9 +156,18 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
     let connections = sizes.len() as f64;
     let moved: f64 = sizes.iter().map(|&size| size as f64).sum();
     let grew = |sample: &str| grew(&before, &after, sample);
+    // Every connection admitted has ended: cleanly, or refused by the agent.
     assert_eq!(
         grew("portferry_public_connections_opened_total"),
+        connections + 1.0
+    );
+    assert_eq!(
+        grew(r#"portferry_public_connections_ended_total{how="closed"}"#),
         connections
+    );
+    assert_eq!(
+        grew(r#"portferry_public_connections_ended_total{how="refused_by_agent"}"#),
+        1.0
     );
     assert_eq!(after.get("portferry_public_connections"), 0.0);
     assert_eq!(
@@ -166,11 +180,11 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
     );
     assert_eq!(
         grew("portferry_tls_handshake_duration_seconds_count"),
-        connections
+        connections + 1.0
     );
     assert_eq!(
         grew(r#"portferry_tls_handshake_duration_seconds_bucket{le="+Inf"}"#),
-        connections
+        connections + 1.0
     );
     assert_eq!(
         grew("portferry_inner_connect_duration_seconds_count"),
@@ -201,7 +215,7 @@ async fn curl_sees_the_counters_move_by_what_went_through() {
     // No hostname, token or client address in what an operator's tools store.
     let host = tunnel.tls_socket().0;
     let label = host.split('.').next().unwrap();
-    for secret in [label, fixture.token.expose(), "127.0.0.1", "nothing"] {
+    for secret in [label, fixture.token.expose(), "127.0.0.1", "no-such-tunnel"] {
         assert!(
             !after.text.contains(secret),
             "the metrics show {secret}:\n{}",

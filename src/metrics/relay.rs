@@ -86,7 +86,7 @@ impl Collector for RelayCollector {
         family(
             e,
             "public_connections_refused",
-            "Public connections turned away, by reason: a limit (by its setting's name), an unknown or missing TLS server name, a failed handshake, or an inner connection the agent did not open.",
+            "Public connections turned away before reaching a tunnel, by reason: a limit (by its setting's name), an unknown or missing TLS server name, or a failed handshake.",
             MetricType::Counter,
             "reason",
             &[
@@ -96,13 +96,28 @@ impl Collector for RelayCollector {
                 limit(Limit::ConnectionsPerAgent),
                 ("unknown_sni", stats.unknown_sni),
                 ("handshake_failed", stats.handshake_failures.public.total()),
-                ("inner_connect_failed", stats.inner_connects_failed),
+            ],
+        )?;
+        let ended = stats.endings;
+        family(
+            e,
+            "public_connections_ended",
+            "Public connections admitted that have ended, by how: both sides closed, the client failed or reset, the inner connection was reset (service, agent or link), idle too long, the place taken back for a newcomer, or refused by the agent (nothing listening, service down).",
+            MetricType::Counter,
+            "how",
+            &[
+                ("closed", ended.closed),
+                ("client_failed", ended.client_failed),
+                ("inner_reset", ended.inner_reset),
+                ("idle_timeout", ended.idle_timeout),
+                ("taken_back", ended.taken_back),
+                ("refused_by_agent", ended.refused_by_agent),
             ],
         )?;
         family(
             e,
             "public_bytes",
-            "Bytes through the public connections that have ended, by direction.",
+            "Bytes through the public connections, counted as each ends, by direction.",
             MetricType::Counter,
             "direction",
             &[

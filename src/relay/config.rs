@@ -5,7 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::counters::{HandshakeFailures, Refusals, TunnelKinds};
+use super::counters::{Endings, HandshakeFailures, Refusals, TunnelKinds};
 use crate::limit::Limit;
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
@@ -91,6 +91,10 @@ pub struct RelayConfig {
     /// this long is reset on both sides, so that a client that sent and left cannot hold
     /// a connection its service never reads. `None`: connections may idle forever.
     pub idle_timeout: Option<Duration>,
+    /// Whether each public connection gets a line in the access log when it ends (at
+    /// info level, target `portferry::access`): its id, the node, the tunnel, the
+    /// client's address, the edge, bytes each way, duration and how it ended.
+    pub access_log: bool,
     /// Tunnel leases the agents of one token may hold at once, here or away (a lease
     /// lasts [`lease_grace`](Self::lease_grace) after its agent's link is lost); a
     /// `Forward` that would need one more is refused with `LIMIT_REACHED`.
@@ -192,6 +196,7 @@ impl RelayConfig {
             min_takeover_interval: Self::DEFAULT_MIN_TAKEOVER_INTERVAL,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
+            access_log: true,
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             buffer_budget: machine_buffer_budget(),
@@ -375,9 +380,6 @@ pub struct RelayStats {
     pub tunnels_by_kind: TunnelKinds,
     /// Public connections admitted to a tunnel.
     pub public_connections_opened: u64,
-    /// Admitted public connections whose inner connection did not open: the agent
-    /// refused it (nothing listens, or its service is unreachable), or its link is gone.
-    pub inner_connects_failed: u64,
     /// [`refused_by_limit`](Self::refused_by_limit) by limit.
     pub refusals: Refusals,
     /// [`failed_handshakes`](Self::failed_handshakes) by endpoint and reason.
@@ -393,6 +395,10 @@ pub struct RelayStats {
     /// Bytes public clients received through their tunnels, over connections that have
     /// ended.
     pub bytes_to_clients: u64,
+    /// Public connections admitted that have ended, by how: with
+    /// [`public_connections`](Self::public_connections), they make up
+    /// [`public_connections_opened`](Self::public_connections_opened).
+    pub endings: Endings,
 }
 
 /// Why a relay's settings cannot work ([`RelayConfig::validate`]), or its listeners

@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
+use crate::splice::SpliceStats;
+
+use super::access::Ended;
 use crate::limit::Limit;
 
 /// Refusals at each of the relay's limits ([`RelayStats::refusals`](super::RelayStats::refusals)).
@@ -79,6 +82,24 @@ pub struct TunnelKinds {
     pub h2: usize,
 }
 
+/// Public connections that have ended, by how ([`RelayStats::endings`](super::RelayStats::endings)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Endings {
+    /// Both sides closed cleanly.
+    pub closed: u64,
+    /// The client's side failed or was reset.
+    pub client_failed: u64,
+    /// The inner connection was reset: by the service, its agent, or a lost link.
+    pub inner_reset: u64,
+    /// No byte moved for the [idle timeout](super::RelayConfig::idle_timeout).
+    pub idle_timeout: u64,
+    /// Its place in a limit was taken back for a newcomer from an address holding fewer.
+    pub taken_back: u64,
+    /// The agent refused its inner connection (nothing listens, or the link is gone).
+    pub refused_by_agent: u64,
+}
+
 /// The endpoint a handshake failed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
@@ -128,11 +149,12 @@ pub(crate) struct Counters {
     pub(crate) unknown_sni: AtomicU64,
     pub(crate) unauthorized: AtomicU64,
     pub(crate) public_opened: AtomicU64,
-    pub(crate) inner_connects_failed: AtomicU64,
     pub(crate) sessions_resumed: AtomicU64,
     pub(crate) leases_restored: AtomicU64,
     pub(crate) bytes_from_clients: AtomicU64,
     pub(crate) bytes_to_clients: AtomicU64,
+    /// Ended public connections, by the place of their [`Ended`] in [`Endings`].
+    endings: [AtomicU64; 6],
     /// Seconds from a public TCP connection's accept to its finished TLS handshake.
     pub(crate) tls_handshake: Histogram,
     /// Seconds an inner connection to the agent takes to open.
@@ -148,11 +170,11 @@ impl Default for Counters {
             unknown_sni: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
             public_opened: AtomicU64::new(0),
-            inner_connects_failed: AtomicU64::new(0),
             sessions_resumed: AtomicU64::new(0),
             leases_restored: AtomicU64::new(0),
             bytes_from_clients: AtomicU64::new(0),
             bytes_to_clients: AtomicU64::new(0),
+            endings: Default::default(),
             // 1 ms to about 16 s: loopback to a slow client across the world.
             tls_handshake: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             // 100 µs to about 3 s: the agent's accept includes its local connect.
@@ -176,6 +198,35 @@ impl Counters {
             Endpoint::Agent => &self.agent_failures,
         };
         add(&counters.0[why as usize], 1);
+    }
+
+    /// Counts a public connection that ended as `how`, having moved `bytes`.
+    pub(crate) fn ended(&self, how: Ended, bytes: SpliceStats) {
+        add(&self.bytes_from_clients, bytes.outer_to_inner);
+        add(&self.bytes_to_clients, bytes.inner_to_outer);
+        let index = match how {
+            Ended::Closed => 0,
+            Ended::ClientFailed => 1,
+            Ended::InnerReset => 2,
+            Ended::Idle => 3,
+            Ended::TakenBack => 4,
+            Ended::Refused => 5,
+        };
+        add(&self.endings[index], 1);
+    }
+
+    /// The public connections ended so far, by how.
+    pub(crate) fn endings(&self) -> Endings {
+        let [closed, client_failed, inner_reset, idle_timeout, taken_back, refused_by_agent] =
+            self.endings.each_ref().map(load);
+        Endings {
+            closed,
+            client_failed,
+            inner_reset,
+            idle_timeout,
+            taken_back,
+            refused_by_agent,
+        }
     }
 
     /// The refusals so far, by limit.
@@ -217,5 +268,26 @@ mod tests {
         assert_eq!(failures.public.displaced, 1);
         assert_eq!(failures.public.timeout, 1);
         assert_eq!(failures.public.total(), 2);
+    }
+
+    #[test]
+    fn each_ending_lands_under_its_own_name_with_its_bytes() {
+        let counters = Counters::default();
+        let bytes = SpliceStats {
+            inner_to_outer: 7,
+            outer_to_inner: 3,
+        };
+        counters.ended(Ended::Idle, bytes);
+        counters.ended(Ended::Refused, SpliceStats::default());
+        counters.ended(Ended::Refused, bytes);
+        let endings = counters.endings();
+        assert_eq!((endings.idle_timeout, endings.refused_by_agent), (1, 2));
+        assert_eq!(
+            endings.closed + endings.client_failed + endings.inner_reset,
+            0
+        );
+        assert_eq!(endings.taken_back, 0);
+        assert_eq!(load(&counters.bytes_from_clients), 6);
+        assert_eq!(load(&counters.bytes_to_clients), 14);
     }
 }

@@ -70,6 +70,7 @@
 //! `/readyz` 503 from the start of a shutdown, and closes when the relay has stopped.
 
 mod accept;
+mod access;
 mod agents;
 mod config;
 mod counters;
@@ -100,13 +101,14 @@ use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
 pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
-pub use counters::{FailureReasons, HandshakeFailures, Refusals, TunnelKinds};
+pub use counters::{Endings, FailureReasons, HandshakeFailures, Refusals, TunnelKinds};
 
 use crate::error::Error;
 use crate::limit::Limit;
 use crate::netstack::{lock, ConnectError, InnerStream, SharedBudget, StackStats};
 use crate::task::AbortOnDrop;
 use accept::{accept_loop, Handshakes};
+use access::{AccessRecord, Ended};
 use counters::{Counters, Endpoint, Failure};
 use pool::{AddressPool, Pool, Source};
 use registry::{Registry, Route};
@@ -159,6 +161,8 @@ struct Shared {
     public_connections: AtomicUsize,
     /// Places for public connections ([`RelayConfig::max_connections`]).
     connections: AddressPool,
+    /// The id of the next public connection ([`ConnectionInfo::id`](crate::ConnectionInfo::id)).
+    next_connection_id: AtomicU64,
     counters: Counters,
     phase: watch::Sender<Phase>,
     tasks: TaskSet,
@@ -235,6 +239,7 @@ impl Relay {
                 session_slots: Pool::with_known(config.max_agent_sessions, config.tokens.len()),
                 public_connections: AtomicUsize::new(0),
                 connections: AddressPool::new(config.max_connections),
+                next_connection_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 phase: watch::Sender::new(Phase::Running),
                 tasks: TaskSet::default(),
@@ -545,7 +550,6 @@ impl Shared {
             ended_stacks,
             tunnels_by_kind,
             public_connections_opened: load(&c.public_opened),
-            inner_connects_failed: load(&c.inner_connects_failed),
             refusals,
             handshake_failures,
             sessions_resumed: load(&c.sessions_resumed),
@@ -553,6 +557,7 @@ impl Shared {
             leases_restored: load(&c.leases_restored),
             bytes_from_clients: load(&c.bytes_from_clients),
             bytes_to_clients: load(&c.bytes_to_clients),
+            endings: c.endings(),
         }
     }
 
@@ -579,27 +584,25 @@ impl Shared {
         self.counters.public_opened.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Ends the record of a public connection that ended as `how`: its bytes and its
+    /// ending counted, then its access-log line written.
+    fn end_connection(&self, record: AccessRecord, how: Ended) {
+        self.counters.ended(how, record.meter().read());
+        record.end(how);
+    }
+
     /// Opens the inner connection of a public connection admitted to `route`, its flow
-    /// holding `places`: timed (in the inner-connect histogram) if it opens, counted in
-    /// [`RelayStats::inner_connects_failed`] if not.
+    /// holding `places`, timed in the inner-connect histogram if it opens (one that does
+    /// not ends as [`Ended::Refused`]).
     async fn connect_inner(
         &self,
         route: &Route,
         places: impl Send + 'static,
     ) -> Result<InnerStream, ConnectError> {
         let started = Instant::now();
-        let inner = route.stack.connect_holding(route.port, places).await;
-        match &inner {
-            Ok(_) => {
-                let seconds = started.elapsed().as_secs_f64();
-                self.counters.inner_connect.observe(seconds);
-            }
-            Err(_) => {
-                self.counters
-                    .inner_connects_failed
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        inner
+        let inner = route.stack.connect_holding(route.port, places).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.counters.inner_connect.observe(seconds);
+        Ok(inner)
     }
 }
