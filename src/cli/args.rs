@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::relay::RelayConfig;
+use portferry::relay::{Cidr, RelayConfig};
 
 /// Expose a port from inside a container through a relay.
 #[derive(Debug, Parser)]
@@ -137,6 +137,12 @@ pub(crate) struct RelayArgs {
     /// reset on both sides; 0: never.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
     pub(crate) idle_timeout: f64,
+    /// Load balancers in front of the relay (CIDR blocks or addresses, comma-separated)
+    /// whose connections start with a PROXY protocol header (v1 or v2) naming the
+    /// client, on every listener: the header's address then counts as the client's.
+    /// From them a header is required; from anyone else it is never read.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub(crate) accept_proxy_protocol_from: Vec<Cidr>,
     #[command(flatten)]
     pub(crate) state: StateArgs,
 }

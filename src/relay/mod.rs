@@ -4,7 +4,7 @@
 //! driver: TLS, hello, link), `session` (one session's control plane, sans-IO),
 //! `registry` (every tunnel, lease and session behind one lock), `leases` (the lease
 //! file), `edge` (public TLS and raw TCP), `tasks` (supervision), `accept` (the accept
-//! loops), `shutdown` (the relay's phases and its graceful stop), and this file (binding
+//! loops), `proxied` (PROXY protocol headers from trusted balancers), `shutdown` (the relay's phases and its graceful stop), and this file (binding
 //! and serving).
 //!
 //! - The **agent endpoint** takes TLS connections from agents, checks their token, and
@@ -68,6 +68,7 @@
 
 mod accept;
 mod agents;
+mod cidr;
 mod config;
 mod edge;
 mod endpoint;
@@ -75,6 +76,7 @@ mod endpoint;
 pub mod harness;
 mod leases;
 mod pool;
+mod proxied;
 mod registry;
 mod session;
 mod share;
@@ -95,6 +97,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
+pub use cidr::{Cidr, CidrError};
 pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;
