@@ -10,13 +10,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use common::proxies::{haproxy, nginx, Binary, Kind, Proxy};
 use common::{
-    echo_service, exchange, free_port, http_get, http_service, pseudo_random, tls_connect, Fixture,
-    TempDir, HTTP1,
+    echo_service, exchange, free_port, http_get, http_service, pseudo_random, tls_connect,
+    unencrypted, Fixture, TempDir, HTTP1,
 };
 use portferry::agent::{Agent, AgentConfig, Tunnel};
 use portferry::relay::Cidr;
@@ -117,11 +118,16 @@ fn substitute(text: &str, replacements: &[(String, String)]) -> String {
 }
 
 /// A relay node behind the balancer: `--node <name>` with its own certificate, showing
-/// the balancer's public port in its URLs and trusting its PROXY headers.
+/// the balancer's public port in its URLs, its raw TCP ports from a range of its own
+/// on an address of its own (the balancer listens on the same ports on 127.0.0.1), and
+/// trusting the balancer's PROXY headers.
 struct Node {
     name: &'static str,
     /// What its agent's service answers.
     serves: &'static str,
+    /// Where its raw TCP ports are bound.
+    tcp_bind: IpAddr,
+    tcp_ports: RangeInclusive<u16>,
     fx: Fixture,
 }
 
@@ -130,16 +136,25 @@ impl Node {
         (name, serves): (&'static str, &'static str),
         pki: &LocalPki,
         public_port: u16,
+        (tcp_bind, tcp_ports): (IpAddr, RangeInclusive<u16>),
     ) -> Node {
         let fx = Fixture::start_with(STEP, |config| {
             config.identity = pki.identity.clone();
             config.domain = DOMAIN.into();
             config.node = Some(name.into());
             config.public_tls_port = Some(public_port);
+            config.tcp_bind = tcp_bind;
+            config.tcp_ports = tcp_ports.clone();
             config.accept_proxy_protocol_from = vec!["127.0.0.1/32".parse::<Cidr>().unwrap()];
         })
         .await;
-        Node { name, serves, fx }
+        Node {
+            name,
+            serves,
+            tcp_bind,
+            tcp_ports,
+            fx,
+        }
     }
 
     /// `name.<DOMAIN>`: what its agents name as their relay, and send as SNI.
@@ -162,21 +177,26 @@ fn balancer_config(kind: Kind, nodes: &[Node; 2], public: u16, agents: u16) -> S
         replacements.push(("tunnels\\.example\\.com".into(), DOMAIN.replace('.', "\\.")));
     }
     replacements.push(("tunnels.example.com".into(), DOMAIN.into()));
-    for (n, node) in nodes.iter().enumerate() {
-        let example = format!("10.0.0.{}", n + 1);
-        replacements.push((format!("{example}:8443"), node.fx.public.to_string()));
-        replacements.push((format!("{example}:7835"), node.agent_addr().to_string()));
-    }
     let (block, listen) = match kind {
         Kind::Nginx => ("nginx", "listen "),
         Kind::Haproxy => ("haproxy", "bind :"),
     };
-    let on_loopback = |port: u16| match kind {
-        Kind::Nginx => format!("listen 127.0.0.1:{port}"),
-        Kind::Haproxy => format!("bind 127.0.0.1:{port}"),
+    let on_loopback = |ports: String| match kind {
+        Kind::Nginx => format!("listen 127.0.0.1:{ports}"),
+        Kind::Haproxy => format!("bind 127.0.0.1:{ports}"),
     };
-    replacements.push((format!("{listen}443"), on_loopback(public)));
-    replacements.push((format!("{listen}7835"), on_loopback(agents)));
+    replacements.push((format!("{listen}443"), on_loopback(public.to_string())));
+    replacements.push((format!("{listen}7835"), on_loopback(agents.to_string())));
+    for (n, node) in nodes.iter().enumerate() {
+        let example = format!("10.0.0.{}", n + 1);
+        replacements.push((format!("{example}:8443"), node.fx.public.to_string()));
+        replacements.push((format!("{example}:7835"), node.agent_addr().to_string()));
+        // What is left of the node's address: its raw TCP ports.
+        replacements.push((example, node.tcp_bind.to_string()));
+        let range = format!("{}-{}", node.tcp_ports.start(), node.tcp_ports.end());
+        let example_range = format!("{0}000-{0}999", 21 + n);
+        replacements.push((format!("{listen}{example_range}"), on_loopback(range)));
+    }
     let config = substitute(&readme_block(block), &replacements);
     assert!(
         !config.contains("example.com") && !config.contains("10.0.0."),
@@ -218,6 +238,21 @@ fn curl(tunnel: &Tunnel, ca: &std::path::Path) -> Option<(String, String)> {
     Some((format!("$ curl --cacert ca.pem {url}"), body))
 }
 
+/// Four consecutive loopback ports, free a moment ago, below the ephemeral range (so
+/// that [`free_port`] does not pick them meanwhile).
+fn free_range() -> RangeInclusive<u16> {
+    loop {
+        let first = 10_000 + rand::random::<u16>() % 9_000;
+        let range = first..=first + 3;
+        let free = range
+            .clone()
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok());
+        if free {
+            return range;
+        }
+    }
+}
+
 /// Two relays, r1 and r2, behind one balancer of `kind` configured as the README says:
 /// each agent reaches its own node through the one agents' port by its node's name,
 /// and each tunnel's URL, through the one public port, reaches its own node's tunnel.
@@ -230,13 +265,19 @@ async fn two_nodes_behind_one_address(kind: Kind) {
     let pkis = ["r1", "r2"]
         .map(|name| portferry::tls::local_pki(state.path(), &format!("{name}.{DOMAIN}")).unwrap());
     let ca = pkis[0].ca_cert_path.clone();
+    let ranges = [free_range(), free_range()];
     let (public, agents) = (free_port(), free_port());
+    let raw = |n: u8, range: &RangeInclusive<u16>| {
+        (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + n)), range.clone())
+    };
     let nodes = [
-        Node::start(("r1", "served by r1"), &pkis[0], public).await,
-        Node::start(("r2", "served by r2"), &pkis[1], public).await,
+        Node::start(("r1", "served by r1"), &pkis[0], public, raw(1, &ranges[0])).await,
+        Node::start(("r2", "served by r2"), &pkis[1], public, raw(2, &ranges[1])).await,
     ];
     let config = balancer_config(kind, &nodes, public, agents);
-    let lb = Proxy::start_on(&binary, &[public, agents], STEP, |_| config.clone()).await;
+    let mut ports = vec![public, agents];
+    ports.extend(ranges.iter().cloned().flatten());
+    let lb = Proxy::start_on(&binary, &ports, STEP, |_| config.clone()).await;
     println!("{kind:?} on 127.0.0.1:{public} (public) and 127.0.0.1:{agents} (agents)");
 
     let connector = TlsConnector::from(portferry::tls::client_config(pkis[0].roots(), HTTP1));
@@ -244,10 +285,8 @@ async fn two_nodes_behind_one_address(kind: Kind) {
     for node in &nodes {
         let agent = agent_through(node, agents, &ca).await;
         let body = node.serves;
-        let tunnel = agent
-            .forward(http_service(body).await.port())
-            .await
-            .unwrap();
+        let service = http_service(body).await.port();
+        let tunnel = agent.forward_with(service, unencrypted()).await.unwrap();
         let (host, port) = tunnel.tls_socket();
         assert!(host.ends_with(&format!(".{}", node.host())), "{host}");
         assert_eq!(port, public, "the URL shows the balancer's port");
@@ -266,6 +305,18 @@ async fn two_nodes_behind_one_address(kind: Kind) {
             }
             None => println!("(no curl: fetched {} in-process: {body})", tunnel.url()),
         }
+        // Its raw TCP socket, as printed: the node's range on the balancer.
+        let (tcp_host, tcp_port) = tunnel.tcp_socket().unwrap();
+        assert!(node.tcp_ports.contains(&tcp_port), "{tcp_port}");
+        let get = async {
+            let tcp = TcpStream::connect((tcp_host.as_str(), tcp_port)).await?;
+            http_get(tcp, &tcp_host).await
+        };
+        let got = timeout(STEP, get)
+            .await
+            .expect("raw TCP through the balancer hung");
+        assert_eq!(got.unwrap(), body, "raw TCP {tcp_host}:{tcp_port}");
+        println!("raw TCP {tcp_host}:{tcp_port} (through the balancer): {body}");
         kept.push((agent, tunnel));
     }
     for node in &nodes {
