@@ -49,7 +49,12 @@
 //! its hello (a stream given to [`RelayHandle::serve_agent_stream`], for its hello), and
 //! can make the relay buffer little: besides the TLS session's own bounded buffers, a
 //! hello is read only once its header says it is a hello of at most [`MAX_HELLO_LEN`]
-//! bytes. A public TLS connection gets the same deadline for its whole handshake.
+//! bytes. A public TLS connection gets the same deadline for its whole handshake. A
+//! connection from a trusted balancer
+//! ([`accept_proxy_protocol_from`](RelayConfig::accept_proxy_protocol_from)) sends its
+//! PROXY header first, within the same deadline (at most 4 KiB, read without reading
+//! past it); the client it names then holds the handshake place, and the connection's
+//! places in every pool shared by address.
 //! Garbage, a silent peer or a bad hello close the connection and are counted in
 //! [`RelayStats::failed_handshakes`]; a wrong token in [`RelayStats::unauthorized`]; an
 //! unknown SNI in [`RelayStats::unknown_sni`].
