@@ -15,7 +15,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::accept::{admit_client, AcceptErrors, Handshakes};
 use super::pool::AddressPlace;
-use super::proxied;
+use super::proxied::{self, ClientAddr};
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
@@ -296,7 +296,10 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
         };
         errors.accepted();
         if !proxied::trusts(&shared.config.accept_proxy_protocol_from, from.ip()) {
-            serve_raw_connection(&shared, stream, from.ip(), &hostname);
+            match proxied::of_socket(&stream) {
+                Some(client) => serve_raw_connection(&shared, stream, client, &hostname),
+                None => drop(stream.set_zero_linger()),
+            }
             continue;
         }
         // From a balancer: the client its PROXY header names is read on a task of its
@@ -313,7 +316,7 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             let pool = Handshakes::Public;
             match admit_client(&shared, &mut stream, handshake, pool, deadline).await {
                 Some((client, _handshake)) => {
-                    serve_raw_connection(&shared, stream, client.client.ip(), &hostname)
+                    serve_raw_connection(&shared, stream, client, &hostname)
                 }
                 None => drop(stream.set_zero_linger()),
             }
@@ -321,16 +324,21 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
     }
 }
 
-/// Admits a raw TCP connection from `from` to the tunnel `hostname` and splices it into
-/// an inner connection on a task of its own; a client beyond a limit or a tunnel gone
-/// sees a reset, as from a closed port.
-fn serve_raw_connection(shared: &Arc<Shared>, stream: TcpStream, from: IpAddr, hostname: &str) {
+/// Admits a raw TCP connection from `client` to the tunnel `hostname` and splices it
+/// into an inner connection on a task of its own; a client beyond a limit or a tunnel
+/// gone sees a reset, as from a closed port.
+fn serve_raw_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    client: ClientAddr,
+    hostname: &str,
+) {
     // Looked up per connection: a reconnected agent's session takes the route over.
     let Some(route) = shared.route(hostname) else {
         let _ = stream.set_zero_linger();
         return;
     };
-    let Some(permit) = route.admit(shared, from) else {
+    let Some(permit) = route.admit(shared, client.client.ip()) else {
         // At a limit (counted).
         let _ = stream.set_zero_linger();
         return;

@@ -89,15 +89,8 @@ pub(crate) async fn client_of(
     trusted: &[Cidr],
     deadline: Instant,
 ) -> Result<ClientAddr, HeaderError> {
-    let (peer, local) = match (tcp.peer_addr(), tcp.local_addr()) {
-        (Ok(peer), Ok(local)) => (peer, local),
-        _ => return Err(HeaderError::Truncated),
-    };
-    let socket = ClientAddr {
-        client: peer,
-        reached: local,
-    };
-    if !trusts(trusted, peer.ip()) {
+    let socket = of_socket(tcp).ok_or(HeaderError::Truncated)?;
+    if !trusts(trusted, socket.client.ip()) {
         return Ok(socket);
     }
     match timeout_at(deadline, read_header(tcp)).await {
@@ -105,6 +98,15 @@ pub(crate) async fn client_of(
         Ok(Err(error)) => Err(error),
         Err(_) => Err(HeaderError::TimedOut),
     }
+}
+
+/// The socket's own addresses: its peer, and where it reached us (`None` once it is
+/// no longer connected).
+pub(crate) fn of_socket(tcp: &TcpStream) -> Option<ClientAddr> {
+    Some(ClientAddr {
+        client: tcp.peer_addr().ok()?,
+        reached: tcp.local_addr().ok()?,
+    })
 }
 
 /// Reads the PROXY header at the start of `tcp`, and not a byte past it: what is
