@@ -12,7 +12,9 @@
 //! whoever waits is woken, and its deadlines are kept by a task of their own.
 
 mod config;
+mod introduction;
 mod local;
+mod proxy_header;
 // Public only for test harnesses and fuzz targets that drive the agent's control plane
 // without sockets; not part of the supported API.
 #[doc(hidden)]
@@ -31,6 +33,7 @@ use crate::netstack::{lock, ListenError, Listener, Stack};
 
 pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN};
 use control::{BindError, Control};
+pub use proxy_header::ProxyProtocol;
 pub use reconnect::retry_at_limits;
 pub use state::{TunnelAddress, TunnelState};
 pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
@@ -150,10 +153,12 @@ impl Agent {
         };
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
-        let task = self
-            .shared
-            .runtime
-            .spawn(local::serve(listener, targets, connect_timeout));
+        let task = self.shared.runtime.spawn(local::serve(
+            listener,
+            targets,
+            connect_timeout,
+            options.proxy_protocol,
+        ));
         Ok(Tunnel::new(
             self.clone(),
             inner,
