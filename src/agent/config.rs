@@ -106,6 +106,17 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// Where to connect for [`relay`](Self::relay): the same `host:port`, with a name
+    /// under `.localhost` as `localhost` ([`loopback_alias`]). The TLS server name stays
+    /// the name given, so a balancer in front of several relays on one machine can route
+    /// by it (`r1.portferry.localhost`).
+    pub(crate) fn connect_addr(&self) -> String {
+        match self.relay.rsplit_once(':') {
+            Some((host, port)) => format!("{}:{port}", loopback_alias(host)),
+            None => self.relay.clone(),
+        }
+    }
+
     /// The relay's host, as the name its certificate must carry.
     pub(crate) fn server_name(&self) -> Result<ServerName<'static>, Error> {
         let host = match self.relay.rsplit_once(':') {
@@ -123,6 +134,17 @@ impl AgentConfig {
             name: ENV_RELAY,
             reason: format!("{host:?} is not a valid host name or address"),
         })
+    }
+}
+
+/// `host`, or `localhost` for a name under `.localhost`: every such name is this
+/// machine (RFC 6761), but only curl and browsers resolve them, while `localhost`
+/// itself resolves everywhere.
+pub(crate) fn loopback_alias(host: &str) -> &str {
+    if host.to_ascii_lowercase().ends_with(".localhost") {
+        "localhost"
+    } else {
+        host
     }
 }
 
@@ -238,6 +260,19 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn a_relay_under_localhost_is_reached_at_localhost_by_its_own_name() {
+        let token = Token::new("t");
+        let config = AgentConfig::new("r1.portferry.localhost:7835", token.clone());
+        assert_eq!(config.connect_addr(), "localhost:7835");
+        let name = config.server_name().unwrap();
+        assert_eq!(name.to_str(), "r1.portferry.localhost");
+        for relay in ["relay.example.com:7835", "[::1]:7835", "localhost:7835"] {
+            let config = AgentConfig::new(relay, token.clone());
+            assert_eq!(config.connect_addr(), relay);
+        }
     }
 
     #[test]

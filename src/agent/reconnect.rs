@@ -109,7 +109,7 @@ pub(crate) async fn open_link(config: &AgentConfig, resume: &Resume) -> Result<L
         relay: config.relay.clone(),
         reason,
     };
-    let tcp = match timeout(limit, TcpStream::connect(&config.relay)).await {
+    let tcp = match timeout(limit, TcpStream::connect(config.connect_addr())).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),

@@ -25,12 +25,13 @@ pub(crate) fn site(relay: RelayHandle) -> Arc<dyn Site> {
 struct RelayCollector(RelayHandle);
 
 /// A handshake failure count per reason, as label values.
-fn by_reason(failures: &FailureReasons) -> [(&'static str, u64); 4] {
+fn by_reason(failures: &FailureReasons) -> [(&'static str, u64); 5] {
     [
         ("timeout", failures.timeout),
         ("tls", failures.tls),
         ("hello", failures.hello),
         ("displaced", failures.displaced),
+        ("proxy_header", failures.proxy_header),
     ]
 }
 
@@ -135,7 +136,7 @@ impl Collector for RelayCollector {
         family(
             e,
             "public_handshake_failures",
-            "Public TLS connections closed during their handshake, by reason.",
+            "Public connections closed during their handshake (TLS, or a trusted balancer's PROXY header), by reason.",
             MetricType::Counter,
             "reason",
             &by_reason(&stats.handshake_failures.public),

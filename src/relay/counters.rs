@@ -51,12 +51,16 @@ pub struct FailureReasons {
     pub hello: u64,
     /// Its handshake place was taken back for a newcomer from an address holding fewer.
     pub displaced: u64,
+    /// From a trusted balancer
+    /// ([`accept_proxy_protocol_from`](super::RelayConfig::accept_proxy_protocol_from)):
+    /// no valid PROXY protocol header in time.
+    pub proxy_header: u64,
 }
 
 impl FailureReasons {
     /// All reasons together.
     pub fn total(&self) -> u64 {
-        self.timeout + self.tls + self.hello + self.displaced
+        self.timeout + self.tls + self.hello + self.displaced + self.proxy_header
     }
 }
 
@@ -114,20 +118,22 @@ pub(crate) enum Failure {
     Tls,
     Hello,
     Displaced,
+    ProxyHeader,
 }
 
 /// Counters of one endpoint's handshake failures, by [`Failure`].
 #[derive(Debug, Default)]
-struct FailureCounters([AtomicU64; 4]);
+struct FailureCounters([AtomicU64; 5]);
 
 impl FailureCounters {
     fn snapshot(&self) -> FailureReasons {
-        let [timeout, tls, hello, displaced] = self.0.each_ref().map(load);
+        let [timeout, tls, hello, displaced, proxy_header] = self.0.each_ref().map(load);
         FailureReasons {
             timeout,
             tls,
             hello,
             displaced,
+            proxy_header,
         }
     }
 }
@@ -263,11 +269,13 @@ mod tests {
         counters.failed(Endpoint::Agent, Failure::Hello);
         counters.failed(Endpoint::Public, Failure::Displaced);
         counters.failed(Endpoint::Public, Failure::Timeout);
+        counters.failed(Endpoint::Public, Failure::ProxyHeader);
         let failures = counters.handshake_failures();
         assert_eq!((failures.agent.hello, failures.agent.total()), (1, 1));
         assert_eq!(failures.public.displaced, 1);
         assert_eq!(failures.public.timeout, 1);
-        assert_eq!(failures.public.total(), 2);
+        assert_eq!(failures.public.proxy_header, 1);
+        assert_eq!(failures.public.total(), 3);
     }
 
     #[test]
