@@ -190,7 +190,7 @@ impl Collector for RelayCollector {
         let seconds = Some(&Unit::Seconds);
         tls_handshake.encode(e.encode_descriptor(
             "tls_handshake_duration",
-            "Time from a public TLS connection's accept to its finished handshake, for admitted connections.",
+            "Time a public TLS handshake takes, from the accept (or a trusted balancer's PROXY header) to the finished handshake, for admitted connections.",
             seconds,
             MetricType::Histogram,
         )?)?;

@@ -161,7 +161,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_to_clients: AtomicU64,
     /// Ended public connections, by the place of their [`Ended`] in [`Endings`].
     endings: [AtomicU64; 6],
-    /// Seconds from a public TCP connection's accept to its finished TLS handshake.
+    /// Seconds a public TLS handshake takes, from the accept (or a trusted balancer's
+    /// PROXY header) to the finished handshake.
     pub(crate) tls_handshake: Histogram,
     /// Seconds an inner connection to the agent takes to open.
     pub(crate) inner_connect: Histogram,
