@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
 
-use super::write::{counter, gauge};
+use super::write::single;
 use super::{build_info, stack, Site};
 use crate::agent::Agent;
 use crate::netstack::StackStats;
@@ -28,43 +29,49 @@ impl Collector for AgentCollector {
         let e = &mut encoder;
         let size = |n: usize| n as u64;
         build_info(e, "agent")?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "agent_link_up",
             "Whether the agent's link to the relay is up (1) or not (0).",
             None,
             u64::from(stats.link_up),
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "agent_reconnects",
             "Links to the relay made again after one was lost.",
             None,
             stats.reconnects,
         )?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "agent_tunnels",
             "Tunnels the agent has open.",
             None,
             size(stats.tunnels),
         )?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "agent_inner_connections",
             "Inner connections from the relay open now, closing ones included.",
             None,
             size(stats.inner_connections_open),
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "agent_inner_connections_opened",
             "Inner connections from the relay accepted.",
             None,
             stats.inner_connections_opened,
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "agent_inner_connections_refused",
             "Inner connections from the relay refused: the local service did not answer, or nothing listened.",
             None,

@@ -9,7 +9,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use super::write::{counter, family, gauge};
+use super::write::{family, single};
 use super::{build_info, stack, Site};
 use crate::limit::Limit;
 use crate::relay::{FailureReasons, RelayHandle};
@@ -41,8 +41,9 @@ impl Collector for RelayCollector {
         let e = &mut encoder;
         let size = |n: usize| n as u64;
         build_info(e, "relay")?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "agent_sessions",
             "Authenticated agent sessions.",
             None,
@@ -61,22 +62,25 @@ impl Collector for RelayCollector {
                 ("h2", size(kinds.h2)),
             ],
         )?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "leases",
             "Tunnel leases held, for agents here or away.",
             None,
             size(stats.leases),
         )?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "public_connections",
             "Public connections (TLS and raw TCP) admitted to a tunnel and not yet ended.",
             None,
             size(stats.public_connections),
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "public_connections_opened",
             "Public connections admitted to a tunnel.",
             None,
@@ -126,8 +130,9 @@ impl Collector for RelayCollector {
                 ("to_clients", stats.bytes_to_clients),
             ],
         )?;
-        gauge(
+        single(
             e,
+            MetricType::Gauge,
             "pending_handshakes",
             "TLS handshakes in progress (public, and agents' until their hello is answered).",
             None,
@@ -149,8 +154,9 @@ impl Collector for RelayCollector {
             "reason",
             &by_reason(&stats.handshake_failures.agent),
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "agents_unauthorized",
             "Agents refused for a missing or wrong token.",
             None,
@@ -179,8 +185,9 @@ impl Collector for RelayCollector {
                 ("lease_file", stats.leases_restored),
             ],
         )?;
-        counter(
+        single(
             e,
+            MetricType::Counter,
             "agent_sessions_resumed",
             "Agent sessions that resumed a known agent by its ticket: links that came back.",
             None,

@@ -6,7 +6,7 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use super::write::{counter, family, gauge};
+use super::write::{family, single};
 use crate::netstack::StackStats;
 
 /// Writes the `portferry_stack_*` metrics: gauges from `live` (the stacks running now),
@@ -21,43 +21,49 @@ pub(crate) fn encode(
     total.add_counters(live);
     let bytes = Some(&Unit::Bytes);
     let size = |n: usize| n as u64;
-    gauge(
+    single(
         encoder,
+        MetricType::Gauge,
         "stack_flows",
         "Inner TCP connections the userspace stacks hold, closing ones included.",
         None,
         size(live.flows),
     )?;
-    gauge(
+    single(
         encoder,
+        MetricType::Gauge,
         "stack_buffer",
         "Bytes of socket buffers the userspace stacks hold.",
         bytes,
         size(live.buffer_bytes),
     )?;
-    gauge(
+    single(
         encoder,
+        MetricType::Gauge,
         "stack_buffer_peak",
         "The most bytes of socket buffers one userspace stack has held at once.",
         bytes,
         size(live.buffer_bytes_peak),
     )?;
-    gauge(
+    single(
         encoder,
+        MetricType::Gauge,
         "stack_queued",
         "Bytes of packets waiting to go out on the link.",
         bytes,
         size(live.queued_bytes),
     )?;
-    counter(
+    single(
         encoder,
+        MetricType::Counter,
         "stack_buffer_budget_refusals",
         "Window growths refused or cut short because a buffer budget was reached.",
         None,
         total.buffer_budget_refusals,
     )?;
-    counter(
+    single(
         encoder,
+        MetricType::Counter,
         "stack_packets_in",
         "Packets from the link delivered to a connection or answered.",
         None,
@@ -75,8 +81,9 @@ pub(crate) fn encode(
             ("unknown_flow", total.dropped_unknown_flow),
         ],
     )?;
-    counter(
+    single(
         encoder,
+        MetricType::Counter,
         "stack_refused_syns",
         "Connection attempts from the link answered with a reset.",
         None,

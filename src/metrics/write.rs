@@ -3,34 +3,32 @@
 
 use std::fmt;
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-/// Writes a counter `name` (without the `_total` the encoder appends).
-pub(crate) fn counter(
+/// Writes a counter (without the `_total` the encoder appends to its name) or a gauge
+/// (`kind`) `name`.
+pub(crate) fn single(
     encoder: &mut DescriptorEncoder,
+    kind: MetricType,
     name: &str,
     help: &str,
     unit: Option<&Unit>,
     value: u64,
 ) -> fmt::Result {
-    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    ConstCounter::new(value).encode(metric)
+    let metric = encoder.encode_descriptor(name, help, unit, kind)?;
+    sample(metric, kind, value)
 }
 
-/// Writes a gauge `name`.
-pub(crate) fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: u64,
-) -> fmt::Result {
-    let metric = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    ConstGauge::new(value).encode(metric)
+/// Writes one sample of a counter or a gauge (`kind`).
+fn sample(metric: MetricEncoder, kind: MetricType, value: u64) -> fmt::Result {
+    match kind {
+        MetricType::Counter => ConstCounter::new(value).encode(metric),
+        _ => ConstGauge::new(value).encode(metric),
+    }
 }
 
 /// Writes a family `name` of counters or gauges (`kind`) with one sample per
@@ -46,11 +44,7 @@ pub(crate) fn family(
     let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
     for (label_value, value) in values {
         let labels = [(label, *label_value)];
-        let sample = metric.encode_family(&labels)?;
-        match kind {
-            MetricType::Counter => ConstCounter::new(*value).encode(sample)?,
-            _ => ConstGauge::new(*value).encode(sample)?,
-        }
+        sample(metric.encode_family(&labels)?, kind, *value)?;
     }
     Ok(())
 }
