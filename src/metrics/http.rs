@@ -105,3 +105,63 @@ async fn drain(stream: &mut TcpStream) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// A site that is always ready and has one metric.
+    struct Fixed;
+
+    impl Site for Fixed {
+        fn metrics(&self) -> String {
+            "up 1\n# EOF\n".into()
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+    }
+
+    /// A server of [`Fixed`] on a loopback port, and a client connected to it.
+    async fn connected() -> TcpStream {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Arc::new(Fixed)));
+        TcpStream::connect(addr).await.unwrap()
+    }
+
+    /// Everything the server sends until it closes.
+    async fn response(client: &mut TcpStream) -> String {
+        let mut text = String::new();
+        client.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
+    // Paused time: the read timeout passes as soon as the server only waits for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_no_whole_head_gets_408_and_the_close() {
+        let mut client = connected().await;
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let text = response(&mut client).await;
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_in_pieces_is_answered_once_whole() {
+        let mut client = connected().await;
+        for piece in [&b"GET /met"[..], b"rics HTTP/1.1\r\nHost: x\r", b"\n\r\n"] {
+            client.write_all(piece).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        let text = response(&mut client).await;
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nup 1\n# EOF\n"), "{text}");
+    }
+}
