@@ -107,11 +107,12 @@ impl Collector for RelayCollector {
         family(
             e,
             "public_connections_ended",
-            "Public connections admitted that have ended, by how: both sides closed, the client failed or reset, the inner connection was reset (service, agent or link), idle too long, the place taken back for a newcomer, or refused by the agent (nothing listening, service down).",
+            "Public connections admitted that have ended, by how: both sides closed, the client closed without TLS close_notify, the client failed or reset, the inner connection was reset (service, agent or link), idle too long, the place taken back for a newcomer, or refused by the agent (nothing listening, service down).",
             MetricType::Counter,
             "how",
             &[
                 ("closed", ended.closed),
+                ("client_closed", ended.client_closed),
                 ("client_failed", ended.client_failed),
                 ("inner_reset", ended.inner_reset),
                 ("idle_timeout", ended.idle_timeout),

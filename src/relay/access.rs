@@ -24,6 +24,9 @@ pub(crate) const TUNNEL_PREFIX_LEN: usize = 8;
 pub(crate) enum Ended {
     /// Both sides closed cleanly.
     Closed,
+    /// The client closed its side without a TLS `close_notify`: what many HTTP clients
+    /// do once they have their response, and what a cut connection looks like too.
+    ClientClosed,
     /// The client's side failed or was reset.
     ClientFailed,
     /// The inner connection was reset: by the service, its agent, or a lost link.
@@ -43,6 +46,9 @@ impl Ended {
             Ok(_) => Ended::Closed,
             Err(SpliceError::InnerReset) => Ended::InnerReset,
             Err(SpliceError::Idle) => Ended::Idle,
+            Err(SpliceError::Outer(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Ended::ClientClosed
+            }
             Err(_) => Ended::ClientFailed,
         }
     }
@@ -51,6 +57,7 @@ impl Ended {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Ended::Closed => "closed",
+            Ended::ClientClosed => "client_closed",
             Ended::ClientFailed => "client_failed",
             Ended::InnerReset => "inner_reset",
             Ended::Idle => "idle_timeout",

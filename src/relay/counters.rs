@@ -92,6 +92,10 @@ pub struct TunnelKinds {
 pub struct Endings {
     /// Both sides closed cleanly.
     pub closed: u64,
+    /// The client closed its side without a TLS `close_notify` (many HTTP clients do,
+    /// once they have their response); what it sent is passed on, then the connection is
+    /// reset.
+    pub client_closed: u64,
     /// The client's side failed or was reset.
     pub client_failed: u64,
     /// The inner connection was reset: by the service, its agent, or a lost link.
@@ -160,7 +164,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_from_clients: AtomicU64,
     pub(crate) bytes_to_clients: AtomicU64,
     /// Ended public connections, by the place of their [`Ended`] in [`Endings`].
-    endings: [AtomicU64; 6],
+    endings: [AtomicU64; 7],
     /// Seconds a public TLS handshake takes, from the accept (or a trusted balancer's
     /// PROXY header) to the finished handshake.
     pub(crate) tls_handshake: Histogram,
@@ -218,16 +222,18 @@ impl Counters {
             Ended::Idle => 3,
             Ended::TakenBack => 4,
             Ended::Refused => 5,
+            Ended::ClientClosed => 6,
         };
         add(&self.endings[index], 1);
     }
 
     /// The public connections ended so far, by how.
     pub(crate) fn endings(&self) -> Endings {
-        let [closed, client_failed, inner_reset, idle_timeout, taken_back, refused_by_agent] =
+        let [closed, client_failed, inner_reset, idle_timeout, taken_back, refused_by_agent, client_closed] =
             self.endings.each_ref().map(load);
         Endings {
             closed,
+            client_closed,
             client_failed,
             inner_reset,
             idle_timeout,
