@@ -285,11 +285,20 @@ fn help_mentions_the_commands_and_flags() {
                 "--key",
                 "--tokens-file",
                 "--accept-proxy-protocol-from",
+                "--metrics-addr",
+                "--no-access-log",
             ],
         ),
         (
             &["forward", "--help"],
-            &["--unencrypted", "--h2", "--to", "1 to 65535"],
+            &[
+                "--unencrypted",
+                "--h2",
+                "--to",
+                "--proxy-protocol",
+                "--metrics-addr",
+                "1 to 65535",
+            ],
         ),
     ];
     for (args, mentions) in cases {
