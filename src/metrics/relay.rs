@@ -107,7 +107,7 @@ impl Collector for RelayCollector {
         family(
             e,
             "public_connections_ended",
-            "Public connections admitted that have ended, by how: both sides closed, the client closed without TLS close_notify, the client failed or reset, the inner connection was reset (service, agent or link), idle too long, the place taken back for a newcomer, or refused by the agent (nothing listening, service down).",
+            "Public connections admitted that have ended, by how: both sides closed, the client closed or reset without a clean end (as most HTTP clients do once they have their response), the client failed otherwise (TLS error, timeout), the inner connection was reset (service, agent or link), idle too long, the place taken back for a newcomer, or refused by the agent (nothing listening, service down).",
             MetricType::Counter,
             "how",
             &[

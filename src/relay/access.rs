@@ -10,6 +10,7 @@
 //! the bytes each way, the duration and how the connection ended.
 
 use std::fmt;
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,10 +25,11 @@ pub(crate) const TUNNEL_PREFIX_LEN: usize = 8;
 pub(crate) enum Ended {
     /// Both sides closed cleanly.
     Closed,
-    /// The client closed its side without a TLS `close_notify`: what many HTTP clients
-    /// do once they have their response, and what a cut connection looks like too.
+    /// The client closed or reset its connection without a clean end (a TLS
+    /// `close_notify`, or a FIN after everything was read): what most HTTP clients do once
+    /// they have their response, and what a client that went away looks like too.
     ClientClosed,
-    /// The client's side failed or was reset.
+    /// The client's side failed otherwise: a TLS error, a timeout.
     ClientFailed,
     /// The inner connection was reset: by the service, its agent, or a lost link.
     InnerReset,
@@ -46,7 +48,12 @@ impl Ended {
             Ok(_) => Ended::Closed,
             Err(SpliceError::InnerReset) => Ended::InnerReset,
             Err(SpliceError::Idle) => Ended::Idle,
-            Err(SpliceError::Outer(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(SpliceError::Outer(e))
+                if matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                ) =>
+            {
                 Ended::ClientClosed
             }
             Err(_) => Ended::ClientFailed,

@@ -92,11 +92,11 @@ pub struct TunnelKinds {
 pub struct Endings {
     /// Both sides closed cleanly.
     pub closed: u64,
-    /// The client closed its side without a TLS `close_notify` (many HTTP clients do,
-    /// once they have their response); what it sent is passed on, then the connection is
-    /// reset.
+    /// The client closed or reset its connection without a clean end (no TLS
+    /// `close_notify`, or a reset): what most HTTP clients do once they have their
+    /// response, and what a client that went away looks like too.
     pub client_closed: u64,
-    /// The client's side failed or was reset.
+    /// The client's side failed otherwise: a TLS error, a timeout.
     pub client_failed: u64,
     /// The inner connection was reset: by the service, its agent, or a lost link.
     pub inner_reset: u64,
