@@ -39,7 +39,9 @@ async fn resolve_target(to: &str) -> Result<Vec<SocketAddr>> {
 
 pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
     let mut signals = ShutdownSignals::new()?;
-    let config = AgentConfig::from_env()?;
+    let mut config = AgentConfig::from_env()?;
+    config.failover_after = Duration::from_secs_f64(args.failover_after);
+    let several_relays = config.relays()?.len() > 1;
     let mut requests = Vec::new();
     for spec in args.specs()? {
         let local_addrs = match &spec.to {
@@ -61,6 +63,9 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         return Ok(());
     };
     let agent = agent?;
+    if several_relays {
+        say(&format!("relay:      {}\n", agent.relay()));
+    }
     let mut tunnels = Vec::new();
     for (port, options) in requests {
         match signals.unless(agent.forward_with(port, options)).await {
@@ -97,9 +102,11 @@ fn say_retrying(refusal: &portferry::Error, delay: Duration) {
     tracing::warn!("{refusal}; trying again in {delay:.1?}");
 }
 
-/// Prints the new address of each tunnel that moves, until forwarding cannot go on: a
-/// tunnel is lost, or the relay refuses the agent. Says why.
+/// Prints the new address of each tunnel that moves (and the relay, when it moved to
+/// another), until forwarding cannot go on: a tunnel is lost, or the relay refuses the
+/// agent. Says why.
 async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
+    let mut relay = agent.relay().address;
     let (changed, mut changes) = tokio::sync::mpsc::channel(tunnels.len().max(1));
     // Dropped on return, which ends the watchers.
     let mut watchers = tokio::task::JoinSet::new();
@@ -123,10 +130,22 @@ async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
                 TunnelState::Lost { error, .. } => {
                     return anyhow::anyhow!("the tunnel of port {port} is gone: {error}");
                 }
-                moved => say(&format!(
-                    "moved:      port {port}; the relay no longer held its old address\nport:       {port}\n{}\n",
-                    describe(moved.address())
-                )),
+                moved => {
+                    let now = agent.relay();
+                    let why = if now.address == relay {
+                        "the relay no longer held its old address".to_owned()
+                    } else {
+                        format!("relay {relay} was lost; now through relay {}", now.address)
+                    };
+                    if now.address != relay {
+                        say(&format!("relay:      {now}\n"));
+                        relay = now.address;
+                    }
+                    say(&format!(
+                        "moved:      port {port}; {why}\nport:       {port}\n{}\n",
+                        describe(moved.address())
+                    ));
+                }
             }
         }
     }
