@@ -219,12 +219,12 @@ pub(crate) async fn connect_nearest(
             .collect()
     };
     if let [relay] = relays.as_slice() {
-        let opened = open_link(config, relay, resume.hello_field(relay), |_| {}).await?;
+        let opened = open_link(config, None, relay, resume.hello_field(relay), |_| {}).await?;
         resume.welcomed(relay, &opened.ticket);
         lock(fleet).use_relay(0, opened.rtt);
         return Ok((0, opened.halves));
     }
-    let mut reports = probe_all(config, &relays, |relay| resume.hello_field(relay));
+    let mut reports = probe_all(config, &relays, |relay| resume.hello_field(relay))?;
     let mut race = Race::new(relays.len(), super::now());
     let mut links: Vec<Option<(LinkHalves, Duration)>> = relays.iter().map(|_| None).collect();
     let mut errors: Vec<Option<Error>> = relays.iter().map(|_| None).collect();
@@ -291,34 +291,39 @@ pub(crate) async fn connect_nearest(
 }
 
 /// Starts a probe of every relay in `relays`, each saying `hello_field(relay)` as its
-/// resume field; their reports, a bounded number per probe.
+/// resume field; their reports, a bounded number per probe. Fails if the TLS settings
+/// cannot be made.
 fn probe_all(
     config: &AgentConfig,
     relays: &[String],
     hello_field: impl Fn(&str) -> Bytes,
-) -> mpsc::Receiver<Report> {
+) -> Result<mpsc::Receiver<Report>, Error> {
+    let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
     // Two steps and an end per probe: never full, so a step is never lost.
     let (reports, received) = mpsc::channel(3 * relays.len());
     for (index, relay) in relays.iter().enumerate() {
         let (config, relay, reports) = (config.clone(), relay.clone(), reports.clone());
+        let tls = Some(tls.clone());
         let resume = hello_field(&relay);
         tokio::spawn(async move {
             let steps = reports.clone();
             let progress = move |step| {
                 let _ = steps.try_send(Report::Step(index, step, super::now()));
             };
-            let opened = open_link(&config, &relay, resume, progress).await;
+            let opened = open_link(&config, tls, &relay, resume, progress).await;
             let _ = reports.send(Report::Done(index, opened)).await;
         });
     }
-    received
+    Ok(received)
 }
 
 /// Probes every relay with a hello that leases nothing, and waits for each (every wait
 /// bounded): what each one measured. Their links are closed.
 pub(crate) async fn measure_all(config: &AgentConfig, relays: &[String]) -> Vec<ProbeOutcome> {
-    let mut reports = probe_all(config, relays, |_| Bytes::new());
     let mut outcomes = vec![ProbeOutcome::Pending; relays.len()];
+    let Ok(mut reports) = probe_all(config, relays, |_| Bytes::new()) else {
+        return outcomes;
+    };
     while let Some(report) = reports.recv().await {
         match report {
             Report::Step(..) => {}

@@ -121,9 +121,11 @@ pub(crate) struct Opened {
 
 /// One attempt to connect to `relay`, authenticate and be welcomed, with `resume` as the
 /// hello's resume field; `progress` hears of each [`Step`]. Every wait is bounded by the
-/// configuration's `connect_timeout`.
+/// configuration's `connect_timeout`. `tls` is `None` for the TLS settings `config`
+/// names, or those settings made once for several links.
 pub(crate) async fn open_link(
     config: &AgentConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
     relay: &str,
     resume: Bytes,
     mut progress: impl FnMut(Step),
@@ -134,7 +136,10 @@ pub(crate) async fn open_link(
             reason: "the token is longer than a hello frame can carry".into(),
         })?;
     let server_name = server_name(relay)?;
-    let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
+    let tls = match tls {
+        Some(tls) => tls,
+        None => crate::tls::client_config_from(config.relay_ca.as_deref())?,
+    };
     let limit = config.connect_timeout;
     let unreachable = |reason: String| Error::RelayUnreachable {
         relay: relay.to_owned(),
@@ -332,7 +337,7 @@ async fn reconnect(agent: &Weak<Shared>) -> Option<LinkHalves> {
         let index = failover.as_mut().map_or(lost, Failover::next_relay);
         let relay = lock(&shared.fleet).address(index).to_owned();
         let resume = shared.resume.hello_field(&relay);
-        match open_link(&shared.config, &relay, resume, |_| {}).await {
+        match open_link(&shared.config, None, &relay, resume, |_| {}).await {
             Ok(opened) => {
                 shared.resume.welcomed(&relay, &opened.ticket);
                 lock(&shared.fleet).use_relay(index, opened.rtt);

@@ -62,7 +62,7 @@ pub(crate) async fn nearer_relay(agent: &Weak<Shared>) -> (usize, Opened) {
         }
         let relay = lock(&shared.fleet).address(index).to_owned();
         let resume = shared.resume.hello_field(&relay);
-        let Ok(opened) = open_link(&shared.config, &relay, resume, |_| {}).await else {
+        let Ok(opened) = open_link(&shared.config, None, &relay, resume, |_| {}).await else {
             continue;
         };
         shared.resume.welcomed(&relay, &opened.ticket);
