@@ -54,7 +54,7 @@ pub struct AgentConfig {
     /// With several relays: how long the agent keeps reconnecting to the relay it lost
     /// before it moves to the next-nearest one (default 60 s, the relay's default lease
     /// grace period, within which a relay that comes back gives the tunnels their
-    /// addresses back). Set it to the relays' `--lease-grace`.
+    /// addresses back). Set it to the relays' `RelayConfig::lease_grace`.
     pub failover_after: Duration,
     /// With several relays: how often, on average, an agent without tunnels measures
     /// them again and perhaps moves to one that has become nearer (default 5 min;

@@ -413,7 +413,7 @@ pub(crate) fn report(event: Event) {
             port,
             %old,
             %new,
-            "the relay no longer held this tunnel's lease: it has a new address"
+            "the tunnel has a new address (its relay no longer held the lease, or the agent moved to another relay)"
         ),
         Event::RestoreFailed { port, error } => {
             tracing::error!(port, %error, "could not restore a tunnel")

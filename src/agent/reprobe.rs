@@ -8,12 +8,13 @@
 //!
 //! [`AgentConfig::reprobe_interval`]: super::AgentConfig::reprobe_interval
 
-use std::sync::Weak;
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
+use super::nearest::Fleet;
 use super::nearest::{close_link, measure_all, millis};
 use super::reconnect::{open_link, Opened};
-use super::Shared;
+use super::{AgentConfig, Shared};
 use crate::netstack::lock;
 
 /// Least improvement of the round trip worth moving for.
@@ -37,54 +38,62 @@ fn jittered(interval: Duration) -> Duration {
 /// is in flight, and what is asked meanwhile goes out on the new link) and returns the
 /// relay and its link. Pending for ever with one relay, or once the agent is gone.
 pub(crate) async fn nearer_relay(agent: &Weak<Shared>) -> (usize, Opened) {
+    // What probing needs, held apart from the agent so that dropping the agent while a
+    // probe is under way is not delayed by it.
+    let Some((config, fleet, resume)) = agent.upgrade().map(|shared| {
+        (
+            shared.config.clone(),
+            shared.fleet.clone(),
+            shared.resume.clone(),
+        )
+    }) else {
+        return std::future::pending().await;
+    };
+    if lock(&fleet).len() < 2 {
+        return std::future::pending().await;
+    }
     loop {
-        let Some((interval, several)) = agent.upgrade().map(|shared| {
-            (
-                shared.config.reprobe_interval,
-                lock(&shared.fleet).len() > 1,
-            )
-        }) else {
-            return std::future::pending().await;
-        };
-        if !several {
-            return std::future::pending().await;
-        }
-        tokio::time::sleep(jittered(interval)).await;
-        let Some(shared) = agent.upgrade() else {
-            return std::future::pending().await;
-        };
+        tokio::time::sleep(jittered(config.reprobe_interval)).await;
         // Measured with tunnels too: a failover goes to the nearest by the last figures.
-        let Some(index) = nearer(&shared).await else {
+        let Some(index) = nearer(&config, &fleet).await else {
             continue;
         };
-        if !shared.read(|control| control.is_idle()) {
+        let idle = |agent: &Weak<Shared>| {
+            agent
+                .upgrade()
+                .is_some_and(|shared| shared.read(|control| control.is_idle()))
+        };
+        if !idle(agent) {
             continue;
         }
-        let relay = lock(&shared.fleet).address(index).to_owned();
-        let resume = shared.resume.hello_field(&relay);
-        let Ok(opened) = open_link(&shared.config, None, &relay, resume, |_| {}).await else {
+        let relay = lock(&fleet).address(index).to_owned();
+        let hello_field = resume.hello_field(&relay);
+        let Ok(opened) = open_link(&config, None, &relay, hello_field, |_| {}).await else {
             continue;
         };
-        shared.resume.welcomed(&relay, &opened.ticket);
-        if shared.update(|control| control.hold_if_idle()) {
+        resume.welcomed(&relay, &opened.ticket);
+        let held = agent
+            .upgrade()
+            .is_some_and(|shared| shared.update(|control| control.hold_if_idle()));
+        if held {
             return (index, opened);
         }
-        // A tunnel was asked for meanwhile: stay.
-        close_link(opened.halves, shared.config.connect_timeout).await;
+        // A tunnel was asked for meanwhile, or the agent is gone: stay.
+        close_link(opened.halves, config.connect_timeout).await;
     }
 }
 
-/// Probes every relay (each wait bounded) and records the figures; the relay clearly
-/// nearer than the one in use, if any.
-async fn nearer(shared: &Shared) -> Option<usize> {
+/// Probes every relay (each wait bounded) and records the figures in `fleet`; the
+/// relay clearly nearer than the one in use, if any.
+async fn nearer(config: &AgentConfig, fleet: &Mutex<Fleet>) -> Option<usize> {
     let relays: Vec<String> = {
-        let fleet = lock(&shared.fleet);
+        let fleet = lock(fleet);
         (0..fleet.len())
             .map(|i| fleet.address(i).to_owned())
             .collect()
     };
-    let outcomes = measure_all(&shared.config, &relays).await;
-    let mut fleet = lock(&shared.fleet);
+    let outcomes = measure_all(config, &relays).await;
+    let mut fleet = lock(fleet);
     for (index, outcome) in outcomes.iter().enumerate() {
         fleet.record(index, outcome.clone());
     }

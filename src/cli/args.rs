@@ -165,7 +165,8 @@ pub(crate) struct ForwardArgs {
     pub(crate) to: Option<String>,
     /// With several relays in PORTFERRY_RELAY: seconds to keep reconnecting to the
     /// relay in use after it is lost before moving to the next-nearest one (the relays'
-    /// --lease-grace: within it a relay that comes back keeps the URLs).
+    /// lease grace period, 60 s by default: within it a relay that comes back keeps the
+    /// URLs).
     #[arg(long, value_name = "SECONDS", default_value_t = AgentConfig::DEFAULT_FAILOVER_AFTER.as_secs_f64(), value_parser = parse_seconds)]
     pub(crate) failover_after: f64,
 }
