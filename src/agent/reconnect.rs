@@ -312,6 +312,7 @@ async fn reconnect(agent: &Weak<Shared>) -> Option<LinkHalves> {
     };
     let mut backoff = Backoff::new();
     let mut failover: Option<Failover> = None;
+    let mut tried_lost = false;
     loop {
         let mut delay = backoff.next_delay();
         if let (None, Some(grace)) = (&failover, grace) {
@@ -322,7 +323,8 @@ async fn reconnect(agent: &Weak<Shared>) -> Option<LinkHalves> {
         tokio::time::sleep(delay).await;
         let shared = agent.upgrade()?;
         if let (None, Some(grace)) = (&failover, grace) {
-            if lost_at.elapsed() >= grace {
+            // The lost relay is always tried again at least once, however late.
+            if tried_lost && lost_at.elapsed() >= grace {
                 let order = lock(&shared.fleet).failover_order();
                 let relay = lock(&shared.fleet).address(lost).to_owned();
                 tracing::warn!(%relay, "the relay did not come back within {grace:?}; moving to the next-nearest relay");
@@ -335,6 +337,7 @@ async fn reconnect(agent: &Weak<Shared>) -> Option<LinkHalves> {
             }
         }
         let index = failover.as_mut().map_or(lost, Failover::next_relay);
+        tried_lost = true;
         let relay = lock(&shared.fleet).address(index).to_owned();
         let resume = shared.resume.hello_field(&relay);
         match open_link(&shared.config, None, &relay, resume, |_| {}).await {
