@@ -126,7 +126,7 @@ impl Agent {
     pub async fn connect(config: AgentConfig) -> Result<Agent, Error> {
         let resume = Arc::new(reconnect::Resume::default());
         let fleet = Arc::new(Mutex::new(Fleet::new(config.relays()?)));
-        let (_, halves) = nearest::connect_nearest(&config, &fleet, &resume).await?;
+        let halves = nearest::connect_nearest(&config, &fleet, &resume).await?;
         let changed = Arc::new(Notify::new());
         let agent = Agent {
             shared: Arc::new(Shared {

@@ -204,14 +204,14 @@ enum Report {
 }
 
 /// Connects to the nearest of the fleet's relays (see the module docs), resuming each
-/// with its ticket from `resume`: the index of the relay chosen and its link. Records
-/// every figure in `fleet`, now and as late probes finish. With one relay, this is one
-/// link opened.
+/// with its ticket from `resume`: the link, to the relay the fleet then says is in use.
+/// Records every figure in `fleet`, now and as late probes finish. With one relay, this
+/// is one link opened.
 pub(crate) async fn connect_nearest(
     config: &AgentConfig,
     fleet: &Arc<Mutex<Fleet>>,
     resume: &Arc<Resume>,
-) -> Result<(usize, LinkHalves), Error> {
+) -> Result<LinkHalves, Error> {
     let relays: Vec<String> = {
         let fleet = lock(fleet);
         (0..fleet.len())
@@ -222,7 +222,7 @@ pub(crate) async fn connect_nearest(
         let opened = open_link(config, None, relay, resume.hello_field(relay), |_| {}).await?;
         resume.welcomed(relay, &opened.ticket);
         lock(fleet).use_relay(0, opened.rtt);
-        return Ok((0, opened.halves));
+        return Ok(opened.halves);
     }
     let mut reports = probe_all(config, &relays, |relay| resume.hello_field(relay))?;
     let mut race = Race::new(relays.len(), super::now());
@@ -275,7 +275,10 @@ pub(crate) async fn connect_nearest(
         fleet.choice()
     };
     tracing::info!(relay = %choice.address, "chose the nearest relay: {choice}");
-    let (halves, _) = links[chosen].take().expect("a chosen relay has its link");
+    // The race chooses only a relay that answered, whose link is kept.
+    let Some((halves, _)) = links[chosen].take() else {
+        return Err(Error::LinkClosed);
+    };
     for (halves, _) in links.into_iter().flatten() {
         tokio::spawn(close_link(halves, config.connect_timeout));
     }
@@ -287,7 +290,7 @@ pub(crate) async fn connect_nearest(
         config.connect_timeout,
     );
     tokio::spawn(late);
-    Ok((chosen, halves))
+    Ok(halves)
 }
 
 /// Starts a probe of every relay in `relays`, each saying `hello_field(relay)` as its
