@@ -2,7 +2,8 @@
 //!
 //! [`Agent::listen`] hands out connections straight from the agent's userspace TCP
 //! stack; each one is an `AsyncRead + AsyncWrite` stream that hyper serves like a
-//! socket.
+//! socket, and knows its public client (`peer_addr`), which the service answers with
+//! (as axum's `ConnectInfo` would hand it to a handler).
 //!
 //! Start a relay in one terminal; it prints the environment an agent needs:
 //!
@@ -39,11 +40,11 @@ async fn main() -> anyhow::Result<()> {
     loop {
         // Fails only once the agent's link to the relay is gone for good.
         let stream = listener.accept().await?;
+        let client = stream.peer_addr();
         tokio::spawn(async move {
-            let service = service_fn(|_request: Request<Incoming>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                    b"hello from a tunnel with no local port\n",
-                ))))
+            let service = service_fn(move |_request: Request<Incoming>| async move {
+                let body = format!("hello {client}, from a tunnel with no local port\n");
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

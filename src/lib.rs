@@ -82,6 +82,18 @@
 //! # drop(stream); Ok(()) }
 //! ```
 //!
+//! **Who is calling.** Each accepted stream knows its public client ([`TunnelStream::peer_addr`],
+//! [`TunnelStream::info`]); a forwarded service can get it as a PROXY protocol header
+//! ([`ForwardOptions::proxy_protocol`]):
+//!
+//! ```rust,no_run
+//! # async fn run(agent: portferry::Agent) -> Result<(), portferry::Error> {
+//! let mut listener = agent.listen(portferry::ForwardOptions::new()).await?;
+//! let stream = listener.accept().await?;
+//! println!("connection {} from {}", stream.info().id(), stream.peer_addr());
+//! # Ok(()) }
+//! ```
+//!
 //! # How it works
 //!
 //! The agent (this library, linked into a program in the container) keeps ONE TLS
@@ -147,6 +159,7 @@ internal_modules! {
 
 #[cfg(feature = "agent")]
 pub mod agent;
+mod connection;
 /// The sample service of `portferry demo` (for the binary and the benches).
 #[cfg(feature = "cli")]
 #[doc(hidden)]
@@ -164,9 +177,10 @@ pub mod token;
 
 #[cfg(feature = "agent")]
 pub use agent::{
-    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, Tunnel, TunnelAddress,
-    TunnelListener, TunnelState, TunnelStream,
+    forward, forward_with, Agent, AgentConfig, ForwardOptions, LinkState, ProxyProtocol, Tunnel,
+    TunnelAddress, TunnelListener, TunnelState, TunnelStream,
 };
+pub use connection::{ConnectionInfo, Edge};
 pub use error::{parse_port, Error};
 pub use limit::Limit;
 pub use token::Token;

@@ -12,6 +12,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -411,6 +412,99 @@ async fn forward_command_exposes_a_local_port() {
     );
 }
 
+/// A local service that answers every request with the first line it received (for a
+/// tunnel with `proxy=v1`: the PROXY header).
+async fn first_line_service() -> u16 {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(read).lines();
+                let Ok(Ok(Some(first))) = tokio::time::timeout(STEP, lines.next_line()).await
+                else {
+                    return;
+                };
+                // The rest of the request head, up to its empty line.
+                while let Ok(Ok(Some(line))) = tokio::time::timeout(STEP, lines.next_line()).await {
+                    if line.is_empty() {
+                        break;
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{first}",
+                    first.len()
+                );
+                let _ = write.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v1_names_the_client_to_the_service_and_the_relay_logs_each_connection() {
+    let relay = start_cli_relay();
+    let service = first_line_service().await;
+    let mut forward = relay.forward(None, &[&format!("{service},proxy=v1")]);
+    let (_, url) = next_tunnel(&mut forward);
+    let (host, port, _) = split_url(&url);
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    let header = response.rsplit("\r\n\r\n").next().unwrap();
+    let fields: Vec<&str> = header.split(' ').collect();
+    assert_eq!(
+        &fields[..4],
+        ["PROXY", "TCP4", "127.0.0.1", "127.0.0.1"],
+        "{response}"
+    );
+    assert_eq!(fields[5], port.to_string(), "{response}");
+
+    // The relay's access log has the connection: the client's port as the service saw
+    // it, the tunnel's label cut short, the bytes, and a clean end.
+    let label = host.split('.').next().unwrap();
+    let client = format!("client=127.0.0.1:{}", fields[4]);
+    let log = relay.process.stderr_when(|log| log.contains(&client));
+    let line = log
+        .lines()
+        .find(|line| line.contains(&client))
+        .unwrap_or_else(|| panic!("no access-log line with {client}:\n{log}"));
+    assert!(line.contains("portferry::access"), "{line}");
+    assert!(line.contains(&format!("tunnel={}", &label[..8])), "{line}");
+    assert!(
+        !line.contains(label),
+        "the whole label is in the log: {line}"
+    );
+    assert!(
+        line.contains("edge=\"tls\"") || line.contains("edge=tls"),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("to_client={} ", response.len())),
+        "{line}"
+    );
+    assert!(!line.contains("from_client=0 "), "{line}");
+    assert!(line.contains("ended="), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_access_log_means_no_access_log() {
+    let relay = start_cli_relay_with(&["--no-access-log"]);
+    let service = http_service("unlogged").await;
+    let mut forward = relay.forward(None, &[&service.port().to_string()]);
+    let (_, url) = next_tunnel(&mut forward);
+    let (host, port, _) = split_url(&url);
+    let response = https_get(&relay.ca, &host, port, "/").await;
+    assert!(response.ends_with("unlogged"), "{response}");
+    // Given as long to appear as the line of the test above.
+    let log = relay
+        .process
+        .stderr_when(|log| log.contains("portferry::access"));
+    assert!(!log.contains("portferry::access"), "{log}");
+}
+
 /// The next tunnel `portferry forward` prints: its local port and its URL.
 fn next_tunnel(forward: &mut Running) -> (u16, String) {
     let lines = forward.lines_starting_with(&["port:", "url:"]);
@@ -497,9 +591,14 @@ fn forward_checks_each_ports_options_before_connecting() {
         ),
         (
             &["forward", "8000,http3"][..],
-            "h2, unencrypted or to=HOST:PORT",
+            "h2, unencrypted, to=HOST:PORT or proxy=v1|v2",
         ),
         (&["forward", "8000,to=nowhere"][..], "HOST:PORT"),
+        (&["forward", "8000,proxy=v3"][..], "v1 or v2"),
+        (
+            &["forward", "8000", "--proxy-protocol", "v0"][..],
+            "v1 or v2",
+        ),
         (&["forward", "8000", "70000"][..], "1 to 65535"),
     ] {
         let mut command = portferry(args);

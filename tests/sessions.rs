@@ -13,7 +13,7 @@ use portferry::agent::{ForwardOptions, Tunnel};
 use portferry::link::FrameWriter;
 use portferry::netstack::{Stack, StackConfig, StackStats, AGENT_ADDR, RELAY_ADDR};
 use portferry::token::Token;
-use portferry::wire::{Frame, NEW_AGENT};
+use portferry::wire::{Frame, MIN_PROTOCOL_VERSION, NEW_AGENT};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
     IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket,
@@ -423,7 +423,9 @@ async fn packets_outside_the_agents_own_flows_are_dropped_and_counted_and_distur
     let tls = fx.connector(HTTP1);
     assert_eq!(echo_via_url(&tls, &good, b"a", STEP).await.unwrap(), b"a");
 
-    let mut raw = RawAgent::connect(&fx, &fx.token, NEW_AGENT).await;
+    // An agent from before connection frames (version 1): its inner connections carry
+    // only the client's bytes, which the plain echo below sends back.
+    let mut raw = RawAgent::connect_speaking(&fx, &fx.token, NEW_AGENT, MIN_PROTOCOL_VERSION).await;
     let hostname = raw.forward(PORT, false).await.hostname;
     let client = {
         let (connector, public) = (tls.clone(), fx.public);

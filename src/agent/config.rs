@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 
+use super::ProxyProtocol;
 use crate::error::Error;
 use crate::link::LinkConfig;
 use crate::netstack::StackConfig;
@@ -187,6 +188,8 @@ pub struct ForwardOptions {
     pub(crate) h2: bool,
     /// Where the service listens, tried in order; empty for the default.
     pub(crate) local_addrs: Vec<SocketAddr>,
+    /// The PROXY protocol header the service gets first, if any.
+    pub(crate) proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl ForwardOptions {
@@ -218,6 +221,21 @@ impl ForwardOptions {
     /// a host name resolves to).
     pub fn local_addrs(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
         self.local_addrs = addrs.into_iter().collect();
+        self
+    }
+
+    /// Start each connection to the local service with a PROXY protocol header naming
+    /// the public client (and, in version 2, the TLS server name, ALPN and the relay's
+    /// connection id), written before the client's first byte, as nginx
+    /// (`listen … proxy_protocol`) and HAProxy (`accept-proxy`) read it. Off by default:
+    /// the service gets exactly the client's bytes. Only for [`Agent::forward_with`]:
+    /// a [`TunnelStream`] has the client's address as [`TunnelStream::peer_addr`].
+    ///
+    /// [`Agent::forward_with`]: crate::Agent::forward_with
+    /// [`TunnelStream`]: crate::TunnelStream
+    /// [`TunnelStream::peer_addr`]: crate::TunnelStream::peer_addr
+    pub fn proxy_protocol(mut self, version: Option<ProxyProtocol>) -> Self {
+        self.proxy_protocol = version;
         self
     }
 }

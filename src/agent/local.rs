@@ -1,16 +1,21 @@
 //! Serves a forwarded tunnel from the local service: each inner connection first
 //! connects to the service (the first of its addresses that answers), and only then
 //! is the inner handshake completed, so a client of a service that is not running sees
-//! its connection refused. Failed local connects are logged at warn, rate-limited.
+//! its connection refused. The relay's introduction of the connection is read off
+//! first (and becomes a PROXY protocol header if the tunnel asks for one). Failed local
+//! connects are logged at warn, rate-limited.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
+use super::introduction::read_introduction;
+use super::ProxyProtocol;
 use crate::netstack::{lock, Listener};
 use crate::splice::splice_tcp;
 
@@ -32,13 +37,14 @@ pub(crate) async fn serve(
     mut listener: Listener,
     targets: Vec<SocketAddr>,
     connect_timeout: Duration,
+    proxy_protocol: Option<ProxyProtocol>,
 ) {
     let targets: Arc<[SocketAddr]> = targets.into();
     let warnings = Arc::new(Mutex::new(Warnings::default()));
     while let Some(pending) = listener.next().await {
         let (targets, warnings) = (targets.clone(), warnings.clone());
         tokio::spawn(async move {
-            let stream = match connect_any(&targets, connect_timeout).await {
+            let mut stream = match connect_any(&targets, connect_timeout).await {
                 Ok(stream) => stream,
                 Err(failures) => {
                     lock(&warnings).failed(Instant::now(), &failures);
@@ -47,9 +53,24 @@ pub(crate) async fn serve(
             };
             // Small writes (requests, keystrokes) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            if let Ok(inner) = pending.accept().await {
-                let _ = splice_tcp(&inner, stream).await;
+            let Ok(mut inner) = pending.accept().await else {
+                return;
+            };
+            let info = match read_introduction(&mut inner).await {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::warn!("{e}; the connection is reset");
+                    return inner.abort();
+                }
+            };
+            tracing::debug!(id = info.id(), client = %info.client(), "connection");
+            if let Some(version) = proxy_protocol {
+                // One write, before any byte of the client's.
+                if stream.write_all(&version.header(&info)).await.is_err() {
+                    return inner.abort();
+                }
             }
+            let _ = splice_tcp(&inner, stream).await;
         });
     }
 }

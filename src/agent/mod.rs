@@ -15,8 +15,10 @@
 //! whoever waits is woken, and its deadlines are kept by a task of their own.
 
 mod config;
+mod introduction;
 mod local;
 mod nearest;
+mod proxy_header;
 mod race;
 // Public only for test harnesses and fuzz targets that drive the agent's control plane
 // without sockets; not part of the supported API.
@@ -39,6 +41,7 @@ pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN
 use control::{BindError, Control};
 use nearest::Fleet;
 pub use nearest::{ProbeOutcome, RelayChoice, RelayProbe};
+pub use proxy_header::ProxyProtocol;
 pub use reconnect::retry_at_limits;
 pub use state::{TunnelAddress, TunnelState};
 pub use tunnel::{Tunnel, TunnelListener, TunnelStream};
@@ -169,10 +172,12 @@ impl Agent {
         };
         let connect_timeout = self.shared.config.connect_timeout;
         let stopper = listener.stopper();
-        let task = self
-            .shared
-            .runtime
-            .spawn(local::serve(listener, targets, connect_timeout));
+        let task = self.shared.runtime.spawn(local::serve(
+            listener,
+            targets,
+            connect_timeout,
+            options.proxy_protocol,
+        ));
         Ok(Tunnel::new(
             self.clone(),
             inner,

@@ -2,6 +2,7 @@
 //! [`TunnelListener`], whose connections the program accepts itself.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -9,7 +10,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::introduction::read_introduction;
 use super::{Agent, TunnelAddress, TunnelState};
+use crate::connection::ConnectionInfo;
 use crate::error::Error;
 use crate::netstack::{InnerStream, Listener, ListenerStopper};
 
@@ -144,10 +147,30 @@ pub struct TunnelListener {
 /// A connection accepted from a [`TunnelListener`]: `AsyncRead + AsyncWrite`, served
 /// straight from the userspace stack. Dropping it closes the connection (after what
 /// was written is delivered); shutting down its write side sends a FIN.
+///
+/// It knows who is calling: [`peer_addr`](Self::peer_addr) is the public client's
+/// address, and [`info`](Self::info) how the client reached the relay.
 #[derive(Debug)]
-pub struct TunnelStream(InnerStream);
+pub struct TunnelStream(InnerStream, ConnectionInfo);
 
 impl TunnelStream {
+    /// The public client's address and port, as the relay saw it (or as a balancer
+    /// the relay trusts reported it).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.1.client()
+    }
+
+    /// The relay's address the client connected to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.1.relay_addr()
+    }
+
+    /// How the client reached the relay: the edge (TLS with its server name and ALPN,
+    /// or raw TCP) and the relay's id for the connection.
+    pub fn info(&self) -> &ConnectionInfo {
+        &self.1
+    }
+
     /// Resets the connection instead of closing it.
     pub fn abort(self) {
         self.0.abort()
@@ -191,11 +214,18 @@ impl TunnelListener {
     /// Waits for the next connection; fails once the link to the relay is gone.
     pub async fn accept(&mut self) -> Result<TunnelStream, Error> {
         loop {
-            match self.listener.accept().await {
-                Ok(stream) => return Ok(TunnelStream(stream)),
+            let mut stream = match self.listener.accept().await {
+                Ok(stream) => stream,
                 // One client that stalls its handshake is no reason to stop serving.
                 Err(crate::netstack::ConnectError::TimedOut) => continue,
                 Err(_) => return Err(Error::LinkClosed),
+            };
+            match read_introduction(&mut stream).await {
+                Ok(info) => return Ok(TunnelStream(stream, info)),
+                Err(e) => {
+                    tracing::warn!("{e}; the connection is reset");
+                    stream.abort();
+                }
             }
         }
     }

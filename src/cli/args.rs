@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::AgentConfig;
+use portferry::agent::{AgentConfig, ProxyProtocol};
 use portferry::relay::RelayConfig;
 
 /// Expose a port from inside a container through a relay.
@@ -138,6 +138,11 @@ pub(crate) struct RelayArgs {
     /// reset on both sides; 0: never.
     #[arg(long, value_name = "SECONDS", default_value_t = RelayConfig::DEFAULT_IDLE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
     pub(crate) idle_timeout: f64,
+    /// No access log: by default each public connection gets a line when it ends (at
+    /// info level, target `portferry::access`) with its client's address, tunnel, edge,
+    /// bytes each way, duration and how it ended.
+    #[arg(long)]
+    pub(crate) no_access_log: bool,
     #[command(flatten)]
     pub(crate) state: StateArgs,
 }
@@ -145,8 +150,9 @@ pub(crate) struct RelayArgs {
 #[derive(Debug, Args)]
 pub(crate) struct ForwardArgs {
     /// The local ports to expose (1 to 65535), all over one link to the relay. Each may
-    /// carry options of its own after commas: PORT[,h2][,unencrypted][,to=HOST:PORT],
-    /// e.g. `8000,h2 22,unencrypted 8080,to=localhost:9000`.
+    /// carry options of its own after commas:
+    /// PORT[,h2][,unencrypted][,to=HOST:PORT][,proxy=v1|v2], e.g. `8000,h2
+    /// 22,unencrypted 8080,to=localhost:9000,proxy=v2`.
     #[arg(value_name = "PORT[,OPTION...]", required = true, value_parser = parse_port_spec)]
     pub(crate) ports: Vec<PortSpec>,
     /// Also expose the ports as raw TCP on relay ports (for SSH and other protocols
@@ -169,6 +175,12 @@ pub(crate) struct ForwardArgs {
     /// URLs).
     #[arg(long, value_name = "SECONDS", default_value_t = AgentConfig::DEFAULT_FAILOVER_AFTER.as_secs_f64(), value_parser = parse_seconds)]
     pub(crate) failover_after: f64,
+    /// Start each connection to the services with a PROXY protocol header (v1: text,
+    /// v2: binary, with the TLS server name and ALPN) naming the public client, as nginx
+    /// `listen ... proxy_protocol` and HAProxy `accept-proxy` expect. Off by default: the
+    /// services get exactly the client's bytes. For one port only: `PORT,proxy=v2`.
+    #[arg(long, value_name = "v1|v2", value_parser = parse_proxy_protocol)]
+    pub(crate) proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// One port of `portferry forward` and its options, as `PORT[,OPTION...]` gives them.
@@ -178,9 +190,10 @@ pub(crate) struct PortSpec {
     pub(crate) unencrypted: bool,
     pub(crate) h2: bool,
     pub(crate) to: Option<String>,
+    pub(crate) proxy_protocol: Option<ProxyProtocol>,
 }
 
-/// Parses `PORT[,h2][,unencrypted][,to=HOST:PORT]`.
+/// Parses `PORT[,h2][,unencrypted][,to=HOST:PORT][,proxy=v1|v2]`.
 fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
     let mut parts = text.split(',');
     let port = parse_port(parts.next().unwrap_or_default())?;
@@ -189,19 +202,19 @@ fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
         unencrypted: false,
         h2: false,
         to: None,
+        proxy_protocol: None,
     };
     for option in parts {
-        match option {
-            "h2" => spec.h2 = true,
-            "unencrypted" => spec.unencrypted = true,
-            _ => match option.strip_prefix("to=") {
-                Some(to) => spec.to = Some(parse_host_port(to)?),
-                None => {
-                    return Err(format!(
-                        "{option:?} is not an option of a port: h2, unencrypted or to=HOST:PORT"
-                    ))
-                }
-            },
+        match option.split_once('=') {
+            None if option == "h2" => spec.h2 = true,
+            None if option == "unencrypted" => spec.unencrypted = true,
+            Some(("to", to)) => spec.to = Some(parse_host_port(to)?),
+            Some(("proxy", version)) => spec.proxy_protocol = Some(parse_proxy_protocol(version)?),
+            _ => {
+                return Err(format!(
+                    "{option:?} is not an option of a port: h2, unencrypted, to=HOST:PORT or proxy=v1|v2"
+                ))
+            }
         }
     }
     Ok(spec)
@@ -221,6 +234,7 @@ impl ForwardArgs {
             spec.unencrypted |= self.unencrypted;
             spec.h2 |= self.h2;
             spec.to = spec.to.take().or_else(|| self.to.clone());
+            spec.proxy_protocol = spec.proxy_protocol.or(self.proxy_protocol);
             if spec.h2 && spec.unencrypted {
                 bail!(
                     "port {}: h2 (--h2) and unencrypted (--unencrypted) cannot go together: HTTP/2 needs TLS",
@@ -230,6 +244,11 @@ impl ForwardArgs {
         }
         Ok(specs)
     }
+}
+
+fn parse_proxy_protocol(text: &str) -> Result<ProxyProtocol, String> {
+    ProxyProtocol::parse(text)
+        .ok_or_else(|| format!("{text:?} is not a PROXY protocol version: v1 or v2"))
 }
 
 /// Checks `HOST:PORT` (the host is resolved when forwarding starts).

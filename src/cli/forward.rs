@@ -51,7 +51,8 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         let options = ForwardOptions::new()
             .unencrypted(spec.unencrypted)
             .h2(spec.h2)
-            .local_addrs(local_addrs);
+            .local_addrs(local_addrs)
+            .proxy_protocol(spec.proxy_protocol);
         requests.push((spec.port, options));
     }
     // A relay at its sessions' limit (or this token's or address's share of them)

@@ -90,6 +90,10 @@ pub struct RelayConfig {
     /// this long is reset on both sides, so that a client that sent and left cannot hold
     /// a connection its service never reads. `None`: connections may idle forever.
     pub idle_timeout: Option<Duration>,
+    /// Whether each public connection gets a line in the access log when it ends (at
+    /// info level, target `portferry::access`): its id, the node, the tunnel, the
+    /// client's address, the edge, bytes each way, duration and how it ended.
+    pub access_log: bool,
     /// Tunnel leases the agents of one token may hold at once, here or away (a lease
     /// lasts [`lease_grace`](Self::lease_grace) after its agent's link is lost); a
     /// `Forward` that would need one more is refused with `LIMIT_REACHED`.
@@ -187,6 +191,7 @@ impl RelayConfig {
             min_takeover_interval: Self::DEFAULT_MIN_TAKEOVER_INTERVAL,
             shutdown_grace: Self::DEFAULT_SHUTDOWN_GRACE,
             idle_timeout: Some(Self::DEFAULT_IDLE_TIMEOUT),
+            access_log: true,
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             buffer_budget: machine_buffer_budget(),

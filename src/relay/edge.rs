@@ -2,7 +2,7 @@
 //! within its tunnel's and its agent's limits and spliced into an inner connection to
 //! the agent.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,16 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::accept::AcceptErrors;
+use super::access::{AccessRecord, Ended};
 use super::pool::AddressPlace;
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
+use crate::connection::{ConnectionInfo, Edge};
 use crate::limit::Limit;
-use crate::splice::{splice_tcp_with, splice_tls, SharedTcp};
+use crate::netstack::InnerStream;
+use crate::splice::{splice_tcp_with, splice_tls, SharedTcp, SpliceError};
+use crate::wire::Frame;
 
 /// A public connection admitted within its tunnel's and its agent's limits.
 pub(super) struct ConnectionPermit {
@@ -65,6 +69,27 @@ struct Counted(Arc<Shared>);
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.public_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// The access record of a new public connection to the tunnel `hostname` from
+    /// `from` to the relay's `reached`, through `edge`, with the next connection id.
+    fn access_record(
+        &self,
+        hostname: &str,
+        from: SocketAddr,
+        reached: SocketAddr,
+        edge: Edge,
+    ) -> AccessRecord {
+        let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
+        let info = ConnectionInfo::new(id, from, reached, edge);
+        AccessRecord::new(
+            info,
+            hostname,
+            self.config.node.clone(),
+            self.config.access_log,
+        )
     }
 }
 
@@ -127,7 +152,7 @@ pub(super) const CLIENT_HELLO_DEADLINE: Duration = Duration::from_millis(2500);
 /// open the inner connection and splice the two. Its handshake place ends it if taken
 /// back before then; its connection places, while it is spliced.
 pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
-    let Ok(from) = tcp.peer_addr() else {
+    let (Ok(from), Ok(reached)) = (tcp.peer_addr(), tcp.local_addr()) else {
         return;
     };
     let tcp = SharedTcp::new(tcp);
@@ -147,22 +172,57 @@ pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake:
         counted: _counted,
         places,
     } = permit;
+    let connection = tls.get_ref().1;
+    let server_name = connection.server_name().unwrap_or_default().to_owned();
+    let hostname = server_name.clone();
+    let edge = Edge::Tls {
+        alpn: connection.alpn_protocol().map(<[u8]>::to_vec),
+        server_name,
+    };
+    let record = shared.access_record(&hostname, from, reached, edge);
     let taken_back = places.taken_back();
     // Nothing reaches the agent before the client has finished its handshake.
-    let Ok(inner) = route.stack.connect_holding(route.port, places).await else {
+    let Ok(mut inner) = route.stack.connect_holding(route.port, places).await else {
         // Refused by the agent (nothing listens on the port).
-        return;
+        return record.end(Ended::Refused);
     };
     drop(handshake);
+    let options = shared.config.splice_options().metered(record.meter());
     // Ends with close_notify only after the service's clean end; a reset or an idle
     // connection ends with a RST, so the client never takes a cut response as whole.
-    tokio::select! {
-        _ = splice_tls(&inner, tls, shared.config.splice_options()) => {}
+    let ended = tokio::select! {
+        result = async {
+            introduce(&mut inner, &route, record.info()).await?;
+            splice_tls(&inner, tls, options).await
+        } => Ended::from_splice(&result),
         () = taken_back => {
             inner.abort();
             let _ = transport.get_ref().set_zero_linger();
+            Ended::TakenBack
         }
+    };
+    record.end(ended);
+}
+
+/// Tells the agent who `inner`'s client is and how it came, if the agent reads it (see
+/// [`Route::describes_connections`]): a [`Frame::Connection`], the first bytes of the
+/// inner connection, before any of the client's. It fits in the fresh connection's
+/// send buffer, so it never waits for the agent.
+async fn introduce(
+    inner: &mut InnerStream,
+    route: &Route,
+    info: &ConnectionInfo,
+) -> Result<(), SpliceError> {
+    if !route.describes_connections {
+        return Ok(());
     }
+    let frame = Frame::Connection(info.clone());
+    let mut bytes = Vec::with_capacity(frame.encoded_len());
+    frame.encode(&mut bytes);
+    inner
+        .write_all(&bytes)
+        .await
+        .map_err(|_| SpliceError::InnerReset)
 }
 
 /// The handshake of a public TLS connection from `from`: its ClientHello (the place
@@ -300,22 +360,36 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let options = shared.config.splice_options();
+        let Ok(reached) = stream.local_addr() else {
+            continue;
+        };
+        let record = shared.access_record(&hostname, from, reached, Edge::Tcp);
+        let options = shared.config.splice_options().metered(record.meter());
         shared.tasks.spawn(async move {
             let ConnectionPermit {
                 counted: _counted,
                 places,
             } = permit;
             let taken_back = places.taken_back();
-            match route.stack.connect_holding(route.port, places).await {
-                Ok(inner) => tokio::select! {
-                    _ = splice_tcp_with(&inner, stream, options) => {}
+            let ended = match route.stack.connect_holding(route.port, places).await {
+                Ok(mut inner) => tokio::select! {
+                    result = async {
+                        introduce(&mut inner, &route, record.info()).await?;
+                        splice_tcp_with(&inner, stream, options).await
+                    } => Ended::from_splice(&result),
                     // The client sees the connection closed; the service, a reset.
-                    () = taken_back => inner.abort(),
+                    () = taken_back => {
+                        inner.abort();
+                        Ended::TakenBack
+                    }
                 },
                 // Refused by the agent: the client sees a reset, as from a closed port.
-                Err(_) => drop(stream.set_zero_linger()),
-            }
+                Err(_) => {
+                    drop(stream.set_zero_linger());
+                    Ended::Refused
+                }
+            };
+            record.end(ended);
         });
     }
 }

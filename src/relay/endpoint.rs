@@ -17,7 +17,7 @@ use crate::limit::Limit;
 use crate::link::{self, FrameReader, FrameWriter, CONTROL_QUEUE};
 use crate::netstack::Stack;
 use crate::task::AbortOnDrop;
-use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome, PROTOCOL_VERSION};
+use crate::wire::{handshake, ErrorCode, ErrorFrame, Frame, Welcome};
 
 /// A session's place in [`RelayConfig::max_agent_sessions`](super::RelayConfig::max_agent_sessions):
 /// shared by token, and within a token by source address.
@@ -173,7 +173,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         return None;
     };
     let welcome = Frame::Welcome(Welcome {
-        version: PROTOCOL_VERSION,
+        version: admission.version,
         ticket: admission.ticket(),
     });
     handshake::send(&mut stream, &welcome).await.ok()?;

@@ -67,6 +67,7 @@
 //! connection.
 
 mod accept;
+mod access;
 mod agents;
 mod config;
 mod edge;
@@ -150,6 +151,8 @@ struct Shared {
     public_connections: AtomicUsize,
     /// Places for public connections ([`RelayConfig::max_connections`]).
     connections: AddressPool,
+    /// The id of the next public connection ([`ConnectionInfo::id`](crate::ConnectionInfo::id)).
+    next_connection_id: AtomicU64,
     counters: Counters,
     phase: watch::Sender<Phase>,
     tasks: TaskSet,
@@ -230,6 +233,7 @@ impl Relay {
                 session_slots: Pool::with_known(config.max_agent_sessions, config.tokens.len()),
                 public_connections: AtomicUsize::new(0),
                 connections: AddressPool::new(config.max_connections),
+                next_connection_id: AtomicU64::new(1),
                 counters: Counters::default(),
                 phase: watch::Sender::new(Phase::Running),
                 tasks: TaskSet::default(),

@@ -16,7 +16,9 @@ use super::ticket::Verifier;
 use crate::limit::Limit;
 use crate::netstack::Stack;
 use crate::token::Token;
-use crate::wire::{ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, PROTOCOL_VERSION};
+use crate::wire::{
+    ErrorCode, ErrorFrame, ForwardRequest, Frame, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 
 /// What a refused hello is counted as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +47,17 @@ pub(crate) struct Refusal {
 pub(crate) struct Admission {
     /// The token's place in the relay's tokens.
     pub(crate) token: usize,
+    /// The frame format version the link speaks: the agent's.
+    pub(crate) version: u16,
     claim: Option<Claim>,
 }
 
 impl Admission {
+    /// Whether the agent reads a [`Frame::Connection`] first on each inner connection.
+    pub(crate) fn describes_connections(&self) -> bool {
+        self.version >= 2
+    }
+
     /// The ticket the welcome carries: the agent's, or empty if its tunnels are not
     /// leased.
     pub(crate) fn ticket(&self) -> bytes::Bytes {
@@ -67,11 +76,11 @@ pub(crate) fn admit(
     registry: &mut Registry,
     now: Instant,
 ) -> Result<Admission, Refusal> {
-    if hello.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return Err(Refusal {
             code: ErrorCode::BAD_VERSION,
             message: format!(
-                "relay speaks version {PROTOCOL_VERSION}, agent {}",
+                "relay speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, agent {}",
                 hello.version
             ),
             counted: Counted::FailedHandshake,
@@ -97,12 +106,14 @@ pub(crate) fn admit(
     if hello.resume.is_empty() {
         return Ok(Admission {
             token: token_index,
+            version: hello.version,
             claim: None,
         });
     }
     match registry.claim(token_index, &hello.resume, now) {
         Ok(claim) => Ok(Admission {
             token: token_index,
+            version: hello.version,
             claim: Some(claim),
         }),
         Err(too_soon) => Err(Refusal {
@@ -213,7 +224,12 @@ impl Session {
         now: Instant,
     ) -> Session {
         Session {
-            id: registry.start_session(stack, admission.claim.as_ref(), now),
+            id: registry.start_session(
+                stack,
+                admission.claim.as_ref(),
+                admission.describes_connections(),
+                now,
+            ),
             token: admission.token,
             agent: admission
                 .claim

@@ -30,6 +30,8 @@ use std::fmt;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,8 +56,8 @@ pub struct SpliceStats {
     pub outer_to_inner: u64,
 }
 
-/// How a splice treats a connection that stops moving.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How a splice treats a connection that stops moving, and where it counts its bytes.
+#[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct SpliceOptions {
     /// Resets both sides once the connection has made no progress for this long:
@@ -63,12 +65,50 @@ pub struct SpliceOptions {
     /// does not take, none of them moved (bytes the stream sends meanwhile do not
     /// count). `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// Kept up to date with the bytes moved, also when the splice fails or is dropped.
+    pub meter: Option<Arc<Meter>>,
 }
 
 impl SpliceOptions {
     /// Options with the given idle timeout (`None`: connections may idle forever).
     pub fn idle_timeout(idle_timeout: Option<Duration>) -> SpliceOptions {
-        SpliceOptions { idle_timeout }
+        SpliceOptions {
+            idle_timeout,
+            meter: None,
+        }
+    }
+
+    /// These options, counting the bytes moved in `meter`.
+    pub fn metered(self, meter: Arc<Meter>) -> SpliceOptions {
+        SpliceOptions {
+            meter: Some(meter),
+            ..self
+        }
+    }
+}
+
+/// The bytes a splice has moved so far, readable while it runs and after it ended, how
+/// ever it ended.
+#[derive(Debug, Default)]
+pub struct Meter {
+    inner_to_outer: AtomicU64,
+    outer_to_inner: AtomicU64,
+}
+
+impl Meter {
+    /// The bytes moved so far.
+    pub fn read(&self) -> SpliceStats {
+        SpliceStats {
+            inner_to_outer: self.inner_to_outer.load(Ordering::Relaxed),
+            outer_to_inner: self.outer_to_inner.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record(&self, stats: SpliceStats) {
+        self.inner_to_outer
+            .store(stats.inner_to_outer, Ordering::Relaxed);
+        self.outer_to_inner
+            .store(stats.outer_to_inner, Ordering::Relaxed);
     }
 }
 
@@ -150,6 +190,9 @@ where
             let polled = splice.poll(cx, state, now);
             (polled, state.socket().recv_queue() > 0)
         });
+        if let Some(meter) = options.meter.as_ref().filter(|_| splice.stats != before) {
+            meter.record(splice.stats);
+        }
         if let Poll::Ready(result) = polled {
             return Poll::Ready(result);
         }

@@ -49,8 +49,8 @@ pub enum FrameError {
     UnknownFlags(u8),
     /// A packet frame carries no bytes.
     EmptyPacket,
-    /// A string or byte field being validated is longer than its `u16` length prefix
-    /// can count.
+    /// A string or byte field is longer than its length prefix can count (being
+    /// validated), or than the frame allows (being validated or parsed).
     FieldTooLong {
         /// Kind of the frame.
         kind: FrameKind,
@@ -58,6 +58,8 @@ pub enum FrameError {
         field: &'static str,
         /// Length of the field, in bytes.
         len: usize,
+        /// Longest the field may be, in bytes.
+        max: usize,
     },
     /// A field being validated holds a value the wire format reserves for another
     /// meaning: a [`Forwarded::tcp_port`](super::Forwarded::tcp_port) of `Some(0)`, since
@@ -94,10 +96,14 @@ impl fmt::Display for FrameError {
             }
             Self::UnknownFlags(flags) => write!(f, "unknown forward flags {flags:#010b}"),
             Self::EmptyPacket => f.write_str("empty packet frame"),
-            Self::FieldTooLong { kind, field, len } => write!(
+            Self::FieldTooLong {
+                kind,
+                field,
+                len,
+                max,
+            } => write!(
                 f,
-                "field `{field}` of a {kind} frame is {len} bytes, more than {} fit",
-                u16::MAX
+                "field `{field}` of a {kind} frame is {len} bytes, more than the {max} allowed"
             ),
             Self::ReservedValue { kind, field } => {
                 write!(

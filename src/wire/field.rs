@@ -55,6 +55,11 @@ impl<'a> Reader<'a> {
         self.array(field).map(u64::from_be_bytes)
     }
 
+    /// Reads a big-endian `u128`.
+    pub(super) fn u128(&mut self, field: &'static str) -> Result<u128, FrameError> {
+        self.array(field).map(u128::from_be_bytes)
+    }
+
     /// Reads a `bytes16`: a `u16` length, then that many bytes.
     pub(super) fn bytes16(&mut self, field: &'static str) -> Result<&'a [u8], FrameError> {
         let len = self.u16(field)?;
@@ -101,7 +106,12 @@ pub(super) fn len16(len: usize) -> usize {
 /// Checks that a `bytes16` or `str16` field of `len` bytes can be encoded.
 pub(super) fn check16(kind: FrameKind, field: &'static str, len: usize) -> Result<(), FrameError> {
     if len > usize::from(u16::MAX) {
-        return Err(FrameError::FieldTooLong { kind, field, len });
+        return Err(FrameError::FieldTooLong {
+            kind,
+            field,
+            len,
+            max: usize::from(u16::MAX),
+        });
     }
     Ok(())
 }

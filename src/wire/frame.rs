@@ -4,8 +4,10 @@ use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::connection::ConnectionInfo;
+
 use super::field::Reader;
-use super::{
+use super::{connection,
     ErrorFrame, ForwardRequest, Forwarded, FrameError, Hello, Welcome, HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 
@@ -29,6 +31,8 @@ pub enum FrameKind {
     Ping = 0x07,
     /// [`Frame::Pong`].
     Pong = 0x08,
+    /// [`Frame::Connection`].
+    Connection = 0x09,
     /// [`Frame::Packet`].
     Packet = 0x10,
 }
@@ -47,6 +51,7 @@ impl TryFrom<u8> for FrameKind {
             0x06 => Self::Error,
             0x07 => Self::Ping,
             0x08 => Self::Pong,
+            0x09 => Self::Connection,
             0x10 => Self::Packet,
             other => return Err(FrameError::UnknownKind(other)),
         })
@@ -87,6 +92,9 @@ pub enum Frame {
     Ping(u64),
     /// The answer to a [`Frame::Ping`], echoing its nonce.
     Pong(u64),
+    /// Relay → agent, as the first bytes of an inner connection (never on the link):
+    /// who the public client is and how it reached the relay.
+    Connection(ConnectionInfo),
     /// Either way: one raw IP packet of 1 to [`MAX_PAYLOAD_LEN`] bytes.
     Packet(Bytes),
 }
@@ -138,6 +146,7 @@ impl Frame {
             FrameKind::Error => Self::Error(ErrorFrame::parse(&mut r)?),
             FrameKind::Ping => Self::Ping(r.u64("nonce")?),
             FrameKind::Pong => Self::Pong(r.u64("nonce")?),
+            FrameKind::Connection => Self::Connection(connection::parse(&mut r)?),
             FrameKind::Packet => {
                 if len == 0 {
                     return Err(FrameError::EmptyPacket);
@@ -176,6 +185,7 @@ impl Frame {
             Self::Close { port } => dst.put_u16(*port),
             Self::Error(error) => error.emit(dst),
             Self::Ping(nonce) | Self::Pong(nonce) => dst.put_u64(*nonce),
+            Self::Connection(info) => connection::emit(info, dst),
             Self::Packet(packet) => dst.put_slice(packet),
         }
     }
@@ -193,6 +203,7 @@ impl Frame {
             Self::Welcome(welcome) => welcome.validate()?,
             Self::Forwarded(forwarded) => forwarded.validate()?,
             Self::Error(error) => error.validate()?,
+            Self::Connection(info) => connection::validate(info)?,
             Self::Packet(packet) if packet.is_empty() => return Err(FrameError::EmptyPacket),
             Self::Forward(_)
             | Self::Close { .. }
@@ -221,6 +232,7 @@ impl Frame {
             Self::Error(_) => FrameKind::Error,
             Self::Ping(_) => FrameKind::Ping,
             Self::Pong(_) => FrameKind::Pong,
+            Self::Connection(_) => FrameKind::Connection,
             Self::Packet(_) => FrameKind::Packet,
         }
     }
@@ -235,6 +247,7 @@ impl Frame {
             Self::Close { .. } => 2,
             Self::Error(error) => error.payload_len(),
             Self::Ping(_) | Self::Pong(_) => 8,
+            Self::Connection(info) => connection::payload_len(info),
             Self::Packet(packet) => packet.len(),
         }
     }

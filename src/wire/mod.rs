@@ -30,6 +30,7 @@
 //! | `0x06` | [`ErrorFrame`]     | both          | `request_id: u32` (0 = the whole link), `code: u16`, `message: str16`                          |
 //! | `0x07` | [`Frame::Ping`]    | both          | `nonce: u64`                                                                                   |
 //! | `0x08` | [`Frame::Pong`]    | both          | `nonce: u64`                                                                                   |
+//! | `0x09` | [`Frame::Connection`] | relay → agent, first on each inner connection, never on the link | a [`ConnectionInfo`](crate::connection::ConnectionInfo): see `connection.rs` |
 //! | `0x10` | [`Frame::Packet`]  | both          | the whole payload is one raw IP packet, 1 to 65 535 bytes                                      |
 //!
 //! An [`ErrorFrame`]'s `code` is one of [`ErrorCode`]'s; a refusal at a limit names the
@@ -93,6 +94,7 @@
 //! assert_eq!(Frame::parse(&mut buf), Ok(None));
 //! ```
 
+mod connection;
 mod control;
 mod error;
 mod field;
@@ -105,6 +107,7 @@ mod tests;
 pub use control::{
     ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Hello, Welcome, NEW_AGENT, TICKET_LEN,
 };
+pub use connection::MAX_CONNECTION_LEN;
 pub use error::FrameError;
 pub use frame::{packet_header, Frame, FrameKind};
 pub use handshake::MAX_HELLO_LEN;
@@ -115,5 +118,11 @@ pub const HEADER_LEN: usize = 5;
 /// Largest payload a frame may carry: the largest IP packet.
 pub const MAX_PAYLOAD_LEN: usize = 65_535;
 
-/// Version of this frame format, exchanged in [`Hello`] and [`Welcome`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of this frame format, exchanged in [`Hello`] and [`Welcome`]: the newest
+/// one this end speaks. Version 2 added [`Frame::Connection`] at the start of each inner
+/// connection.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest version a relay still speaks: an agent from before [`Frame::Connection`]
+/// gets inner connections without it.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;

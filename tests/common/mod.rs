@@ -10,6 +10,8 @@
 // Each file under tests/ is its own crate and uses only a subset of these helpers.
 #![allow(dead_code)]
 
+pub mod proxies;
+
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -657,13 +659,43 @@ impl RawAgent {
         token: &Token,
         resume: &[u8],
     ) -> Result<RawAgent, portferry::wire::ErrorFrame> {
+        let version = portferry::wire::PROTOCOL_VERSION;
+        RawAgent::try_connect_speaking(fx, from, token, resume, version).await
+    }
+
+    /// [`connect`](Self::connect) with a hello saying frame format `version`.
+    pub async fn connect_speaking(
+        fx: &Fixture,
+        token: &Token,
+        resume: &[u8],
+        version: u16,
+    ) -> RawAgent {
+        let from = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        match RawAgent::try_connect_speaking(fx, from, token, resume, version).await {
+            Ok(agent) => agent,
+            Err(refusal) => panic!("expected a welcome, got {refusal:?}"),
+        }
+    }
+
+    /// [`try_connect_from`](Self::try_connect_from) with a hello saying frame format
+    /// `version`.
+    pub async fn try_connect_speaking(
+        fx: &Fixture,
+        from: IpAddr,
+        token: &Token,
+        resume: &[u8],
+        version: u16,
+    ) -> Result<RawAgent, portferry::wire::ErrorFrame> {
         let connector = fx.connector(&[]);
         let to = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), fx.agent_port);
         let mut tls = timeout(fx.step, tls_connect_from(&connector, from, to, "localhost"))
             .await
             .expect("TLS to the agent port hung")
             .expect("TLS to the agent port failed");
-        let hello = handshake::hello(token.expose(), resume).unwrap();
+        let mut hello = handshake::hello(token.expose(), resume).unwrap();
+        if let Frame::Hello(hello) = &mut hello {
+            hello.version = version;
+        }
         let answer = timeout(fx.step, async {
             handshake::send(&mut tls, &hello).await.unwrap();
             handshake::read_answer(&mut tls).await

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use portferry::agent::{ENV_RELAY, ENV_TOKEN};
-use portferry::{Agent, AgentConfig, Error, ForwardOptions, Token};
+use portferry::{Agent, AgentConfig, Error, ForwardOptions, ProxyProtocol, Token};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
 use tokio::sync::OnceCell;
@@ -71,12 +71,21 @@ impl NativeAgent {
 
     /// Asks the relay for a tunnel to the local `port`; returns at once, with the
     /// request under way. Raises at once what `check_forward` raises.
-    #[pyo3(signature = (port, unencrypted=false, h2=false))]
-    fn forward(&self, port: &Bound<'_, PyAny>, unencrypted: bool, h2: bool) -> PyResult<Opening> {
-        let port = check_forward(port, unencrypted, h2)?;
+    #[pyo3(signature = (port, unencrypted=false, h2=false, proxy_protocol=None))]
+    fn forward(
+        &self,
+        port: &Bound<'_, PyAny>,
+        unencrypted: bool,
+        h2: bool,
+        proxy_protocol: Option<&str>,
+    ) -> PyResult<Opening> {
+        let port = check_forward(port, unencrypted, h2, proxy_protocol)?;
         let connection = self.connection_here();
         let config = self.config.clone();
-        let options = ForwardOptions::new().unencrypted(unencrypted).h2(h2);
+        let options = ForwardOptions::new()
+            .unencrypted(unencrypted)
+            .h2(h2)
+            .proxy_protocol(proxy_protocol.and_then(ProxyProtocol::parse));
         let task = Task::spawn(async move {
             let agent = connection
                 .get_or_try_init(|| Agent::connect(config))
@@ -124,11 +133,17 @@ fn duration(seconds: f64) -> PyResult<Duration> {
 }
 
 /// Checks a request before anything else (the agent, the network): the port must be an
-/// `int` (not a `bool`) from 1 to 65535, by the crate's own rule, and `h2` needs TLS
-/// (the crate says so too, but only once connected). Returns the port.
+/// `int` (not a `bool`) from 1 to 65535, by the crate's own rule, `h2` needs TLS (the
+/// crate says so too, but only once connected), and `proxy_protocol` is `"v1"`, `"v2"`
+/// or `None`. Returns the port.
 #[pyfunction]
-#[pyo3(signature = (port, unencrypted=false, h2=false))]
-pub(crate) fn check_forward(port: &Bound<'_, PyAny>, unencrypted: bool, h2: bool) -> PyResult<u16> {
+#[pyo3(signature = (port, unencrypted=false, h2=false, proxy_protocol=None))]
+pub(crate) fn check_forward(
+    port: &Bound<'_, PyAny>,
+    unencrypted: bool,
+    h2: bool,
+    proxy_protocol: Option<&str>,
+) -> PyResult<u16> {
     let text = if port.is_instance_of::<PyInt>() && !port.is_instance_of::<PyBool>() {
         port.str()?.to_string()
     } else {
@@ -137,6 +152,12 @@ pub(crate) fn check_forward(port: &Bound<'_, PyAny>, unencrypted: bool, h2: bool
     let port = portferry::parse_port(&text).map_err(Failure::from)?;
     if h2 && unencrypted {
         return Err(Failure::from(Error::H2RequiresTls).into());
+    }
+    if let Some(version) = proxy_protocol.filter(|v| ProxyProtocol::parse(v).is_none()) {
+        return Err(Failure::invalid(format!(
+            "proxy_protocol must be \"v1\", \"v2\" or None, not {version:?}"
+        ))
+        .into());
     }
     Ok(port)
 }

@@ -21,6 +21,10 @@ use crate::process::{PerProcess, ProcessBound};
 /// light work, mostly waiting.
 const WORKER_THREADS: usize = 2;
 
+/// The longest [`Task::cancel`] waits for the future to be dropped: a worker of the
+/// runtime drops it as soon as it is free.
+const CANCEL_WAIT: Duration = Duration::from_secs(1);
+
 static RUNTIME: PerProcess<Runtime> = PerProcess::new();
 
 /// This process's runtime, built on first use.
@@ -109,11 +113,21 @@ impl<T: Send + 'static> Task<T> {
         Ok(received?)
     }
 
-    /// Cancels the future (at once, from any thread, also while another waits).
-    pub(crate) fn cancel(&self) {
-        if let Some(abort) = self.abort.get() {
-            abort.abort();
-        }
+    /// Cancels the future (from any thread, also while another waits) and waits,
+    /// without the GIL and at most [`CANCEL_WAIT`], until it has been dropped: what it
+    /// held (a request for a port, say) is let go when this returns, so that the same
+    /// port can be forwarded again at once.
+    pub(crate) fn cancel(&self, py: Python<'_>) {
+        let Some(abort) = self.abort.get() else {
+            return;
+        };
+        abort.abort();
+        py.detach(|| {
+            let deadline = std::time::Instant::now() + CANCEL_WAIT;
+            while !abort.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
     }
 }
 

@@ -37,8 +37,8 @@ impl Opening {
     }
 
     /// Cancels the request; a thread waiting for it gets an error at once.
-    fn cancel(&self) {
-        self.task.cancel();
+    fn cancel(&self, py: Python<'_>) {
+        self.task.cancel(py);
     }
 
     /// The local port asked for.
@@ -174,7 +174,7 @@ impl Closing {
     }
 
     /// Stops waiting for the confirmation (the tunnel is closed anyway).
-    fn cancel(&self) {
-        self.0.cancel();
+    fn cancel(&self, py: Python<'_>) {
+        self.0.cancel(py);
     }
 }

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from clients import CLIENT_TIMEOUT, https_get, read_exactly, tls_connect
 from conftest import EchoServer, Relay, free_port
+import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
@@ -71,3 +72,38 @@ def test_h2_enabled_offers_h2_by_alpn_and_only_then(
     with portferry.forward(port) as tunnel:
         with tls_connect(tunnel.url, relay_env.ca, alpn=["h2", "http/1.1"]) as connection:
             assert connection.selected_alpn_protocol() == "http/1.1"
+
+
+def test_proxy_protocol_names_the_client_to_the_service(relay_env: Relay) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+
+    def serve_one() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(CLIENT_TIMEOUT)
+            data = b""
+            while b"hello" not in data:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            received.append(data)
+            connection.sendall(b"ok")
+
+    threading.Thread(target=serve_one, daemon=True).start()
+    with portferry.forward(port, unencrypted=True, proxy_protocol="v1") as tunnel:
+        host, tcp_port = tunnel.tcp_socket
+        with socket.create_connection((host, tcp_port), timeout=CLIENT_TIMEOUT) as connection:
+            client = connection.getsockname()
+            connection.sendall(b"hello")
+            assert read_exactly(connection, 2) == b"ok"
+    header = f"PROXY TCP4 {client[0]} 127.0.0.1 {client[1]} {tcp_port}\r\n".encode()
+    assert received == [header + b"hello"]
+    listener.close()
+
+
+def test_an_unknown_proxy_protocol_is_refused_at_once(relay_env: Relay) -> None:
+    with pytest.raises(portferry.InvalidError, match="proxy_protocol"):
+        portferry.forward(free_port(), proxy_protocol="v3")

@@ -5,7 +5,7 @@
 use super::*;
 use crate::limit::Limit;
 use crate::token::Token;
-use crate::wire::{ErrorCode, ForwardRequest, Forwarded, PROTOCOL_VERSION};
+use crate::wire::{ErrorCode, ForwardRequest, Forwarded, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::wire::{Frame, Hello};
 use std::time::Duration;
 
@@ -140,9 +140,18 @@ fn invalid_requests_and_limits_are_refused_with_their_codes() {
 #[test]
 fn hellos_are_refused_for_a_bad_version_a_bad_token_and_a_relay_shutting_down() {
     let mut h = harness();
-    let mut old = hello(TOKEN, &[]);
-    old.version = PROTOCOL_VERSION + 1;
-    assert_eq!(h.connect(&old).unwrap_err().code, ErrorCode::BAD_VERSION);
+    for version in [MIN_PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let mut unknown = hello(TOKEN, &[]);
+        unknown.version = version;
+        assert_eq!(
+            h.connect(&unknown).unwrap_err().code,
+            ErrorCode::BAD_VERSION
+        );
+    }
+    // An agent from before connection frames is still served.
+    let mut oldest = hello(TOKEN, &[]);
+    oldest.version = MIN_PROTOCOL_VERSION;
+    assert!(h.connect(&oldest).is_ok());
     assert_eq!(
         h.connect(&hello("wrong", &[])).unwrap_err().code,
         ErrorCode::UNAUTHORIZED

@@ -99,6 +99,8 @@ pub(crate) struct Tunnel {
 /// What one live session holds.
 struct SessionEntry {
     stack: Stack,
+    /// Whether the agent reads a connection frame first on each inner connection.
+    describes_connections: bool,
     /// Places for the public connections of all the session's tunnels.
     connections: AddressPool,
     /// The ports this session opened (or took over) and has not closed, and their
@@ -116,6 +118,9 @@ pub(crate) struct Route {
     pub(crate) port: u16,
     /// Whether the TLS edge offers ALPN `h2`.
     pub(crate) h2: bool,
+    /// Whether the agent reads a [`Frame::Connection`](crate::wire::Frame::Connection)
+    /// first on each inner connection (an agent from before protocol version 2 does not).
+    pub(crate) describes_connections: bool,
     /// Places for the tunnel's public connections.
     pub(crate) tunnel_connections: AddressPool,
     /// Places for the public connections of every tunnel of the session.
@@ -253,12 +258,14 @@ impl Registry {
         &mut self,
         stack: Stack,
         claim: Option<&Claim>,
+        describes_connections: bool,
         now: Instant,
     ) -> SessionId {
         let id = SessionId(self.next_session);
         self.next_session += 1;
         let entry = SessionEntry {
             stack,
+            describes_connections,
             connections: AddressPool::new(self.max_connections_per_agent),
             ports: HashMap::new(),
         };
@@ -468,17 +475,22 @@ impl Registry {
     /// Where connections for `hostname` (any case) go now.
     pub(crate) fn route(&self, hostname: &str) -> Option<Route> {
         let tunnel = self.tunnels.get(&hostname.to_ascii_lowercase())?;
-        let (stack, agent_connections) = match tunnel.owner {
+        let (stack, agent_connections, describes_connections) = match tunnel.owner {
             Owner::Session(id) => {
                 let entry = self.sessions.get(&id)?;
-                (&entry.stack, &entry.connections)
+                (
+                    &entry.stack,
+                    &entry.connections,
+                    entry.describes_connections,
+                )
             }
-            Owner::Away { .. } => (&self.away.0, &self.away.1),
+            Owner::Away { .. } => (&self.away.0, &self.away.1, false),
         };
         Some(Route {
             stack: stack.clone(),
             port: tunnel.port,
             h2: tunnel.h2,
+            describes_connections,
             tunnel_connections: tunnel.connections.clone(),
             agent_connections: agent_connections.clone(),
         })

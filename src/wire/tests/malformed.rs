@@ -14,7 +14,7 @@ fn parse_error(bytes: &[u8]) -> FrameError {
 
 #[test]
 fn unknown_kind_from_first_byte() {
-    for kind in [0x00, 0x09, 0x0f, 0x11, 0xff] {
+    for kind in [0x00, 0x0a, 0x0f, 0x11, 0xff] {
         assert_eq!(Frame::check(&[kind]), Err(FrameError::UnknownKind(kind)));
         assert_eq!(parse_error(&[kind]), FrameError::UnknownKind(kind));
         assert_eq!(
@@ -210,6 +210,7 @@ fn validate_rejects_fields_too_long() {
                 kind,
                 field,
                 len: long.len(),
+                max: usize::from(u16::MAX),
             })
         );
     }
@@ -278,5 +279,70 @@ fn forwarded_fields() -> Forwarded {
         hostname: "h".into(),
         tls_port: 443,
         tcp_port: None,
+    }
+}
+
+/// `CONNECTION_TLS_BYTES` with `edit` applied to its payload and the length fixed up.
+fn connection_edited(edit: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+    let mut payload = CONNECTION_TLS_BYTES[HEADER_LEN..].to_vec();
+    edit(&mut payload);
+    let mut frame = vec![0x09];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    frame
+}
+
+#[test]
+fn connection_frames_with_reserved_or_oversized_values() {
+    let reserved = |field| FrameError::ReservedValue {
+        kind: FrameKind::Connection,
+        field,
+    };
+    // Byte 8 is the client's family, byte 22 the edge.
+    let cases = [
+        (connection_edited(|p| p[8] = 5), reserved("client")),
+        (connection_edited(|p| p[22] = 3), reserved("edge")),
+        // An empty server name.
+        (
+            connection_edited(|p| p.splice(23..28, [0, 0]).for_each(drop)),
+            reserved("server_name"),
+        ),
+        // An IPv4-mapped IPv6 client: only its IPv4 form is canonical.
+        (
+            connection_edited(|p| {
+                let mapped = [[6].as_slice(), &[0; 10], &[0xff, 0xff, 192, 0, 2, 7]].concat();
+                p.splice(8..13, mapped).for_each(drop);
+            }),
+            reserved("address"),
+        ),
+        (
+            connection_edited(|p| {
+                let long = [[0x01, 0x00].as_slice(), &[b'a'; 256]].concat();
+                p.splice(23..28, long).for_each(drop);
+            }),
+            FrameError::FieldTooLong {
+                kind: FrameKind::Connection,
+                field: "server_name",
+                len: 256,
+                max: 255,
+            },
+        ),
+        (
+            connection_edited(|p| p.push(0)),
+            FrameError::TrailingBytes {
+                kind: FrameKind::Connection,
+                extra: 1,
+            },
+        ),
+        (
+            connection_edited(|p| p.truncate(20)),
+            FrameError::Truncated {
+                kind: FrameKind::Connection,
+                field: "relay_addr",
+            },
+        ),
+    ];
+    for (bytes, expected) in cases {
+        assert_eq!(parse_error(&bytes), expected, "{bytes:02x?}");
     }
 }

@@ -9,6 +9,7 @@ mod vectors;
 use bytes::Bytes;
 
 use super::*;
+use crate::connection::{ConnectionInfo, Edge};
 
 static HELLO_BYTES: [u8; 16] = [
     0x01, 0x00, 0x00, 0x00, 0x0b, // header
@@ -134,6 +135,47 @@ fn pong_repr() -> Frame {
     Frame::Pong(0xffee_ddcc_bbaa_9988)
 }
 
+static CONNECTION_TLS_BYTES: [u8; 37] = [
+    0x09, 0x00, 0x00, 0x00, 0x20, // header
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x07, // id
+    0x04, 0xc0, 0x00, 0x02, 0x07, 0x0f, 0xa0, // client 192.0.2.7:4000
+    0x04, 0x7f, 0x00, 0x00, 0x01, 0x20, 0xfb, // relay_addr 127.0.0.1:8443
+    0x01, // edge: TLS
+    0x00, 0x03, b'a', b'.', b'x', // server_name
+    0x00, 0x02, b'h', b'2', // alpn
+];
+
+fn connection_tls_repr() -> Frame {
+    Frame::Connection(ConnectionInfo::new(
+        7,
+        "192.0.2.7:4000".parse().unwrap(),
+        "127.0.0.1:8443".parse().unwrap(),
+        Edge::Tls {
+            server_name: "a.x".into(),
+            alpn: Some(b"h2".to_vec()),
+        },
+    ))
+}
+
+static CONNECTION_TCP6_BYTES: [u8; 52] = [
+    0x09, 0x00, 0x00, 0x00, 0x2f, // header
+    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe, // id
+    0x06, 0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, // client 2001:db8::1
+    0xc3, 0x50, // :50000
+    0x06, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, // relay_addr ::1
+    0x4e, 0x20, // :20000
+    0x02, // edge: raw TCP
+];
+
+fn connection_tcp6_repr() -> Frame {
+    Frame::Connection(ConnectionInfo::new(
+        0xffff_ffff_ffff_fffe,
+        "[2001:db8::1]:50000".parse().unwrap(),
+        "[::1]:20000".parse().unwrap(),
+        Edge::Tcp,
+    ))
+}
+
 static PACKET_BYTES: [u8; 25] = [
     0x10, 0x00, 0x00, 0x00, 0x14, // header
     // An IPv4 header with no payload: 10.0.0.1 -> 10.0.0.2, protocol TCP.
@@ -146,7 +188,7 @@ fn packet_repr() -> Frame {
 }
 
 /// Every test vector: a name (also its fuzz seed file's), its bytes, and its frame.
-fn vectors() -> [(&'static str, &'static [u8], Frame); 10] {
+fn vectors() -> [(&'static str, &'static [u8], Frame); 12] {
     [
         ("hello", &HELLO_BYTES, hello_repr()),
         ("welcome", &WELCOME_BYTES, welcome_repr()),
@@ -161,6 +203,16 @@ fn vectors() -> [(&'static str, &'static [u8], Frame); 10] {
         ("error", &ERROR_BYTES, error_repr()),
         ("ping", &PING_BYTES, ping_repr()),
         ("pong", &PONG_BYTES, pong_repr()),
+        (
+            "connection_tls",
+            &CONNECTION_TLS_BYTES,
+            connection_tls_repr(),
+        ),
+        (
+            "connection_tcp6",
+            &CONNECTION_TCP6_BYTES,
+            connection_tcp6_repr(),
+        ),
         ("packet", &PACKET_BYTES, packet_repr()),
     ]
 }

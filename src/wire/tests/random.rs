@@ -4,7 +4,10 @@ use bytes::{Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
 use super::*;
+use crate::connection::{ConnectionInfo, Edge};
 
 fn random_string(rng: &mut StdRng) -> String {
     let len = rng.random_range(0..=16);
@@ -27,6 +30,30 @@ fn random_packet(rng: &mut StdRng) -> Bytes {
     let mut packet = vec![0; len];
     rng.fill(&mut packet[..]);
     packet.into()
+}
+
+fn random_address(rng: &mut StdRng) -> SocketAddr {
+    let ip: IpAddr = if rng.random() {
+        Ipv4Addr::from(rng.random::<u32>()).into()
+    } else {
+        // Not an IPv4-mapped one: those are taken as IPv4.
+        Ipv6Addr::from(rng.random::<u128>() | 1 << 127).into()
+    };
+    SocketAddr::new(ip, rng.random())
+}
+
+fn random_connection(rng: &mut StdRng) -> ConnectionInfo {
+    let edge = if rng.random() {
+        let alpn = random_bytes(rng, 16);
+        Edge::Tls {
+            server_name: format!("x{}", random_string(rng)).chars().take(60).collect(),
+            alpn: (!alpn.is_empty()).then(|| alpn.to_vec()),
+        }
+    } else {
+        Edge::Tcp
+    };
+    let (client, relay) = (random_address(rng), random_address(rng));
+    ConnectionInfo::new(rng.random(), client, relay, edge)
 }
 
 fn random_frame(rng: &mut StdRng) -> Frame {
@@ -61,6 +88,7 @@ fn random_frame(rng: &mut StdRng) -> Frame {
         }),
         6 => Frame::Ping(rng.random()),
         7 => Frame::Pong(rng.random()),
+        8 => Frame::Connection(random_connection(rng)),
         _ => Frame::Packet(random_packet(rng)),
     }
 }

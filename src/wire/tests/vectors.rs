@@ -35,7 +35,7 @@ fn vectors_cover_every_kind() {
         .filter_map(|byte| FrameKind::try_from(byte).ok())
         .collect();
     let covered: HashSet<FrameKind> = vectors().iter().map(|(_, _, repr)| repr.kind()).collect();
-    assert_eq!(known.len(), 9);
+    assert_eq!(known.len(), 10);
     assert_eq!(covered, known);
 }
 

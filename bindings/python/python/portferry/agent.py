@@ -46,11 +46,18 @@ class Agent:
         """The relay's agent endpoint, ``host:port``."""
         return self._native.relay
 
-    def forward(self, port: int, *, unencrypted: bool = False, h2_enabled: bool = False) -> Tunnel:
+    def forward(
+        self,
+        port: int,
+        *,
+        unencrypted: bool = False,
+        h2_enabled: bool = False,
+        proxy_protocol: str | None = None,
+    ) -> Tunnel:
         """Asks the relay for a tunnel to the local ``port`` (see :func:`forward`)."""
-        _native.check_forward(port, unencrypted, h2_enabled)
+        _native.check_forward(port, unencrypted, h2_enabled, proxy_protocol)
         _logging.refresh_level()
-        opening = self._native.forward(port, unencrypted, h2_enabled)
+        opening = self._native.forward(port, unencrypted, h2_enabled, proxy_protocol)
         return Tunnel(opening, unencrypted=unencrypted, h2_enabled=h2_enabled)
 
     def __repr__(self) -> str:
@@ -91,7 +98,13 @@ def _forget_agents_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_agents_after_fork)
 
 
-def forward(port: int, *, unencrypted: bool = False, h2_enabled: bool = False) -> Tunnel:
+def forward(
+    port: int,
+    *,
+    unencrypted: bool = False,
+    h2_enabled: bool = False,
+    proxy_protocol: str | None = None,
+) -> Tunnel:
     """Exposes the local ``port`` through the relay that the environment names
     (``PORTFERRY_RELAY``, ``PORTFERRY_TOKEN``, optional ``PORTFERRY_RELAY_CA``, read at
     each call).
@@ -99,11 +112,15 @@ def forward(port: int, *, unencrypted: bool = False, h2_enabled: bool = False) -
     Use it as ``with forward(8000) as tunnel:`` or ``async with forward(8000) as
     tunnel:``; the tunnel closes when the block ends. ``unencrypted=True`` also exposes
     the port as raw TCP (:attr:`Tunnel.tcp_socket`); ``h2_enabled=True`` offers HTTP/2
-    on the TLS side (not with ``unencrypted``).
+    on the TLS side (not with ``unencrypted``); ``proxy_protocol="v1"`` or ``"v2"``
+    starts each connection to the service with a PROXY protocol header naming the
+    public client (as nginx ``proxy_protocol`` and HAProxy ``accept-proxy`` read it).
 
     Raises :class:`InvalidError` at once for a bad port, ``h2_enabled`` with
-    ``unencrypted``, or no relay configured; the relay's answer (and its errors) come
+    ``unencrypted``, an unknown ``proxy_protocol``, or no relay configured; the relay's answer (and its errors) come
     when the block starts.
     """
-    _native.check_forward(port, unencrypted, h2_enabled)
-    return _environment_agent().forward(port, unencrypted=unencrypted, h2_enabled=h2_enabled)
+    _native.check_forward(port, unencrypted, h2_enabled, proxy_protocol)
+    return _environment_agent().forward(
+        port, unencrypted=unencrypted, h2_enabled=h2_enabled, proxy_protocol=proxy_protocol
+    )
