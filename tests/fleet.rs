@@ -7,9 +7,7 @@
 //! Nothing here times anything: the waits are upper bounds that only turn a hang into a
 //! failure, and what is checked is which relay was chosen and what was counted.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -218,14 +216,7 @@ async fn a_relay_lost_for_good_moves_the_tunnels_to_the_next_nearest() {
 
     // The relay in use stops for good.
     first.relay.shutdown();
-    timeout(STEP, state.changed())
-        .await
-        .expect("the move was never reported")
-        .unwrap();
-    let moved_to = match &*state.borrow_and_update() {
-        TunnelState::Moved(address) => address.clone(),
-        other => panic!("expected the tunnel to have moved, got {other:?}"),
-    };
+    let moved_to = common::until_moved(&mut state, STEP).await;
     println!(
         "relay killed; agent now at {}; tunnel {old_url} -> {}",
         agent.relay(),
@@ -336,22 +327,6 @@ async fn an_idle_agent_moves_to_a_relay_that_became_clearly_nearer() {
     assert!(echoes_at(&fleet.relays[other], &tunnel, b"moved").await);
 }
 
-/// The rest of the next line from `lines` that starts with `prefix`; panics after a
-/// step.
-async fn next_line(lines: &mut mpsc::UnboundedReceiver<String>, prefix: &str) -> String {
-    let found = async {
-        loop {
-            let line = lines.recv().await.expect("portferry forward exited");
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-        }
-    };
-    timeout(STEP, found)
-        .await
-        .unwrap_or_else(|_| panic!("portferry forward printed no {prefix:?} line"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portferry_forward_prints_its_relay_and_moves_when_it_dies() {
     let fleet = Fleet::start(2, Duration::from_millis(600)).await;
@@ -364,37 +339,26 @@ async fn portferry_forward_prints_its_relay_and_moves_when_it_dies() {
     command
         .env("PORTFERRY_RELAY", &relays)
         .env("PORTFERRY_TOKEN", first.token.expose())
-        .env("PORTFERRY_RELAY_CA", &fleet.ca)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut forward = common::Child(command.spawn().unwrap());
-    let stdout = BufReader::new(forward.0.stdout.take().unwrap());
-    let (send, mut lines) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let chosen = next_line(&mut lines, "relay:").await;
+        .env("PORTFERRY_RELAY_CA", &fleet.ca);
+    let mut forward = common::StdoutLines::spawn(command);
+    let chosen = forward.next("relay:", STEP).await;
     println!("portferry forward: relay: {chosen}");
     assert!(chosen.starts_with(&at(first.agent_port)), "{chosen}");
     assert!(chosen.contains(&at(line.port)), "{chosen}");
-    let old_url = next_line(&mut lines, "url:").await;
-    next_line(&mut lines, "forwarding").await;
+    let old_url = forward.next("url:", STEP).await;
+    forward.next("forwarding", STEP).await;
 
     first.relay.shutdown();
-    let now = next_line(&mut lines, "relay:").await;
+    let now = forward.next("relay:", STEP).await;
     assert!(now.starts_with(&at(line.port)), "{now}");
-    let moved = next_line(&mut lines, "moved:").await;
+    let moved = forward.next("moved:", STEP).await;
     assert!(moved.contains(&format!("port {port}")), "{moved}");
     assert!(moved.contains(&at(line.port)), "{moved}");
-    let new_url = next_line(&mut lines, "url:").await;
+    let new_url = forward.next("url:", STEP).await;
     println!("portferry forward: relay: {now}\nmoved: {moved}\n  {old_url} -> {new_url}");
     assert!(
         new_url.ends_with(&format!(":{}", second.public.port())),
         "{new_url}"
     );
-    forward.terminate();
+    forward.child.terminate();
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState};
 use portferry::link::{self, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
 use portferry::netstack::Stack;
 use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
@@ -100,6 +100,47 @@ impl Child {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+}
+
+/// A child whose stdout is read line by line as it comes (on a thread of its own); its
+/// stderr is discarded. Killed when dropped.
+pub struct StdoutLines {
+    pub child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl StdoutLines {
+    /// Spawns `command`.
+    pub fn spawn(mut command: Command) -> StdoutLines {
+        command.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = Child(command.spawn().unwrap());
+        let stdout = io::BufReader::new(child.0.stdout.take().unwrap());
+        let (send, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in io::BufRead::lines(stdout).map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        StdoutLines { child, lines }
+    }
+
+    /// The rest of the next line that starts with `prefix`, trimmed; panics after
+    /// `limit`, or if the child's stdout ends first.
+    pub async fn next(&mut self, prefix: &str, limit: Duration) -> String {
+        let found = async {
+            loop {
+                let line = self.lines.recv().await.expect("the child's stdout ended");
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return rest.trim().to_owned();
+                }
+            }
+        };
+        timeout(limit, found)
+            .await
+            .unwrap_or_else(|_| panic!("the child printed no {prefix:?} line"))
     }
 }
 
@@ -280,6 +321,22 @@ impl Fixture {
         })
         .await;
         assert!(waited.is_ok(), "{what}: {:?}", self.stats());
+    }
+}
+
+/// Waits, at most `limit`, for the next change of a tunnel's `state`, which must be a
+/// move: the address it moved to.
+pub async fn until_moved(
+    state: &mut tokio::sync::watch::Receiver<TunnelState>,
+    limit: Duration,
+) -> TunnelAddress {
+    timeout(limit, state.changed())
+        .await
+        .expect("the move was never reported")
+        .unwrap();
+    match &*state.borrow_and_update() {
+        TunnelState::Moved(address) => address.clone(),
+        other => panic!("expected the tunnel to have moved, got {other:?}"),
     }
 }
 
