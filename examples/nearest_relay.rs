@@ -9,7 +9,8 @@
 //!
 //! The arguments: runs per configuration, the local port to forward (nothing needs to
 //! listen on it), then each configuration to time, in `PORTFERRY_RELAY` syntax. The
-//! runs take the configurations in turn, so the machine's drift falls on each alike.
+//! runs take the configurations in turn, each after the same pause, so the machine's
+//! drift falls on each alike.
 //! Prints every run, then per configuration the median, the fastest and the slowest,
 //! and the relay chosen; last, the figures of every relay of the last configuration
 //! once each has answered (or failed).
@@ -19,6 +20,9 @@ use std::time::{Duration, Instant};
 use portferry::agent::{Agent, AgentConfig, ProbeOutcome};
 
 type Error = Box<dyn std::error::Error>;
+
+/// The pause before each timed run.
+const PAUSE: Duration = Duration::from_millis(200);
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -34,6 +38,9 @@ async fn main() -> Result<(), Error> {
         for (index, relays) in configurations.iter().enumerate() {
             let mut config = base.clone();
             config.relay = relays.clone();
+            // Every run starts from the same rest, whatever ran before it (a run across
+            // the line idles the machine for 160 ms, after which it wakes up slower).
+            tokio::time::sleep(PAUSE).await;
             let started = Instant::now();
             let agent = Agent::connect(config).await?;
             let tunnel = agent.forward(port).await?;

@@ -8,11 +8,14 @@
 //! that answer after the choice, whose figures are still recorded. Which probe wins
 //! and when is the sans-IO rule of [`super::race`].
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use tokio::time::timeout_at;
 
 use super::race::{Race, Verdict};
@@ -224,7 +227,7 @@ pub(crate) async fn connect_nearest(
         lock(fleet).use_relay(0, opened.rtt);
         return Ok(opened.halves);
     }
-    let mut reports = probe_all(config, &relays, |relay| resume.hello_field(relay))?;
+    let mut probes = Probes::start(config, &relays, |relay| resume.hello_field(relay))?;
     let mut race = Race::new(relays.len(), super::now());
     let mut links: Vec<Option<(LinkHalves, Duration)>> = relays.iter().map(|_| None).collect();
     let mut errors: Vec<Option<Error>> = relays.iter().map(|_| None).collect();
@@ -235,13 +238,13 @@ pub(crate) async fn connect_nearest(
             Verdict::Wait(until) => until,
         };
         let report = match wait {
-            Some(until) => match timeout_at(until.into(), reports.recv()).await {
+            Some(until) => match timeout_at(until.into(), probes.next()).await {
                 Ok(report) => report,
                 Err(_) => continue,
             },
-            None => reports.recv().await,
+            None => probes.next().await,
         };
-        // Every probe reports its end before its sender goes.
+        // Every probe reports its end before there are no more reports.
         let Some(report) = report else {
             return Err(first_refusal(errors));
         };
@@ -283,7 +286,7 @@ pub(crate) async fn connect_nearest(
         tokio::spawn(close_link(halves, config.connect_timeout));
     }
     let late = record_late(
-        reports,
+        probes,
         Arc::clone(fleet),
         Arc::clone(resume),
         relays,
@@ -293,41 +296,89 @@ pub(crate) async fn connect_nearest(
     Ok(halves)
 }
 
-/// Starts a probe of every relay in `relays`, each saying `hello_field(relay)` as its
-/// resume field; their reports, a bounded number per probe. Fails if the TLS settings
-/// cannot be made.
-fn probe_all(
-    config: &AgentConfig,
-    relays: &[String],
-    hello_field: impl Fn(&str) -> Bytes,
-) -> Result<mpsc::Receiver<Report>, Error> {
-    let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
-    // Two steps and an end per probe: never full, so a step is never lost.
-    let (reports, received) = mpsc::channel(3 * relays.len());
-    for (index, relay) in relays.iter().enumerate() {
-        let (config, relay, reports) = (config.clone(), relay.clone(), reports.clone());
-        let tls = Some(tls.clone());
-        let resume = hello_field(&relay);
-        tokio::spawn(async move {
-            let steps = reports.clone();
-            let progress = move |step| {
-                let _ = steps.try_send(Report::Step(index, step, super::now()));
-            };
-            let opened = open_link(&config, tls, &relay, resume, progress).await;
-            let _ = reports.send(Report::Done(index, opened)).await;
-        });
+/// Probes of several relays under way, driven by whoever awaits [`next`](Self::next):
+/// no task of their own, so a probe's steps reach the race without a thread's wake-up.
+struct Probes {
+    /// Each relay's probe, until it ends.
+    running: Vec<Option<ProbeFuture>>,
+    /// Steps the probes reported while polled, in order.
+    steps: Arc<Mutex<VecDeque<Report>>>,
+    /// Ends seen while polling, not yet returned.
+    ended: VecDeque<Report>,
+}
+
+/// One relay's probe.
+type ProbeFuture = Pin<Box<dyn Future<Output = Result<Opened, Error>> + Send>>;
+
+impl Probes {
+    /// Starts a probe of every relay in `relays`, each saying `hello_field(relay)` as
+    /// its resume field. Fails if the TLS settings cannot be made.
+    fn start(
+        config: &AgentConfig,
+        relays: &[String],
+        hello_field: impl Fn(&str) -> Bytes,
+    ) -> Result<Probes, Error> {
+        let tls = crate::tls::client_config_from(config.relay_ca.as_deref())?;
+        let steps: Arc<Mutex<VecDeque<Report>>> = Arc::default();
+        let running = relays
+            .iter()
+            .enumerate()
+            .map(|(index, relay)| {
+                let (config, relay, tls) = (config.clone(), relay.clone(), tls.clone());
+                let resume = hello_field(&relay);
+                let steps = steps.clone();
+                let probe: ProbeFuture = Box::pin(async move {
+                    let progress = move |step| {
+                        lock(&steps).push_back(Report::Step(index, step, super::now()));
+                    };
+                    open_link(&config, Some(tls), &relay, resume, progress).await
+                });
+                Some(probe)
+            })
+            .collect();
+        Ok(Probes {
+            running,
+            steps,
+            ended: VecDeque::new(),
+        })
     }
-    Ok(received)
+
+    /// The next report: a step in the order it happened, then the ends; `None` once
+    /// every probe has ended and been reported. At most two steps and an end per probe.
+    async fn next(&mut self) -> Option<Report> {
+        std::future::poll_fn(|cx| {
+            for (index, slot) in self.running.iter_mut().enumerate() {
+                if let Some(probe) = slot {
+                    if let Poll::Ready(opened) = probe.as_mut().poll(cx) {
+                        *slot = None;
+                        self.ended.push_back(Report::Done(index, opened));
+                    }
+                }
+            }
+            if let Some(step) = lock(&self.steps).pop_front() {
+                return Poll::Ready(Some(step));
+            }
+            if let Some(end) = self.ended.pop_front() {
+                return Poll::Ready(Some(end));
+            }
+            if self.running.iter().all(Option::is_none) {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// Probes every relay with a hello that leases nothing, and waits for each (every wait
 /// bounded): what each one measured. Their links are closed.
 pub(crate) async fn measure_all(config: &AgentConfig, relays: &[String]) -> Vec<ProbeOutcome> {
     let mut outcomes = vec![ProbeOutcome::Pending; relays.len()];
-    let Ok(mut reports) = probe_all(config, relays, |_| Bytes::new()) else {
+    let Ok(mut probes) = Probes::start(config, relays, |_| Bytes::new()) else {
         return outcomes;
     };
-    while let Some(report) = reports.recv().await {
+    while let Some(report) = probes.next().await {
         match report {
             Report::Step(..) => {}
             Report::Done(index, Ok(opened)) => {
@@ -342,13 +393,13 @@ pub(crate) async fn measure_all(config: &AgentConfig, relays: &[String]) -> Vec<
 
 /// Records the figures of probes that end after the choice, and closes their links.
 async fn record_late(
-    mut reports: mpsc::Receiver<Report>,
+    mut probes: Probes,
     fleet: Arc<Mutex<Fleet>>,
     resume: Arc<Resume>,
     relays: Vec<String>,
     limit: Duration,
 ) {
-    while let Some(report) = reports.recv().await {
+    while let Some(report) = probes.next().await {
         let (index, outcome) = match report {
             Report::Step(..) => continue,
             Report::Done(index, Ok(opened)) => {
