@@ -64,8 +64,9 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         return Ok(());
     };
     let agent = agent?;
+    let relay = agent.relay();
     if several_relays {
-        say(&format!("relay:      {}\n", agent.relay()));
+        say(&format!("relay:      {relay}\n"));
     }
     let mut tunnels = Vec::new();
     for (port, options) in requests {
@@ -90,7 +91,10 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         }
     }
     say("forwarding; Ctrl-C to stop\n");
-    if let Some(stop) = signals.unless(follow(&agent, &tunnels)).await {
+    if let Some(stop) = signals
+        .unless(follow(&agent, relay.address, &tunnels))
+        .await
+    {
         signals.closing(close_all(tunnels)).await;
         return Err(stop);
     }
@@ -103,11 +107,10 @@ fn say_retrying(refusal: &portferry::Error, delay: Duration) {
     tracing::warn!("{refusal}; trying again in {delay:.1?}");
 }
 
-/// Prints the new address of each tunnel that moves (and the relay, when it moved to
-/// another), until forwarding cannot go on: a tunnel is lost, or the relay refuses the
-/// agent. Says why.
-async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
-    let mut relay = agent.relay().address;
+/// Prints the new address of each tunnel that moves (and the relay, when the agent
+/// moved from `relay` to another), until forwarding cannot go on: a tunnel is lost, or
+/// the relay refuses the agent. Says why.
+async fn follow(agent: &Agent, mut relay: String, tunnels: &[Tunnel]) -> anyhow::Error {
     let (changed, mut changes) = tokio::sync::mpsc::channel(tunnels.len().max(1));
     // Dropped on return, which ends the watchers.
     let mut watchers = tokio::task::JoinSet::new();
@@ -136,12 +139,11 @@ async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
                     let why = if now.address == relay {
                         "the relay no longer held its old address".to_owned()
                     } else {
-                        format!("relay {relay} was lost; now through relay {}", now.address)
-                    };
-                    if now.address != relay {
                         say(&format!("relay:      {now}\n"));
+                        let why = format!("relay {relay} was lost; now through relay {}", now.address);
                         relay = now.address;
-                    }
+                        why
+                    };
                     say(&format!(
                         "moved:      port {port}; {why}\nport:       {port}\n{}\n",
                         describe(moved.address())
