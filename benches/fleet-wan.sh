@@ -47,13 +47,14 @@ wait_line() { # FILE REGEX: until a line matches (at most 20 s); prints it
 "$WAN" up --rtt-ms "$RTT" --mtu 1500 >"$W/wan.out" 2>&1 &
 WANPID=$!
 wait_line "$W/wan.out" '^wan: up' || exit 1
-# The far relay's certificate covers portferry.localhost: pfw-a resolves it across the line.
+# The far relay's domain, which its certificate covers: pfw-a resolves it across the line.
+# (Not a name under .localhost, which an agent reaches at localhost.)
 mkdir -p /etc/netns/pfw-a
-printf '127.0.0.1 localhost\n198.18.0.1 portferry.localhost\n' >/etc/netns/pfw-a/hosts
+printf '127.0.0.1 localhost\n198.18.0.1 far.test\n' >/etc/netns/pfw-a/hosts
 TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 echo "$TOKEN" >"$W/tokens"
 
-ip netns exec pfw-r "$PF" relay --agent-addr 198.18.0.1:7835 --state-dir "$W/far" \
+ip netns exec pfw-r "$PF" relay --agent-addr 198.18.0.1:7835 --domain far.test --state-dir "$W/far" \
   --tokens-file "$W/tokens" >"$W/far.out" 2>"$W/far.err" &
 pids+=($!)
 ip netns exec pfw-a "$PF" relay --agent-addr 127.0.0.1:7836 --state-dir "$W/near" \
@@ -63,7 +64,7 @@ FAR_CA=$(wait_line "$W/far.out" '^PORTFERRY_RELAY_CA=' | sed 's/^[^=]*=//') || e
 NEAR_CA=$(wait_line "$W/near.out" '^PORTFERRY_RELAY_CA=' | sed 's/^[^=]*=//') || exit 1
 cat "$FAR_CA" "$NEAR_CA" >"$W/cas.pem"
 
-FAR=portferry.localhost:7835
+FAR=far.test:7835
 NEAR=localhost:7836
 # The far relay by address: no name to look up (its certificate does not name the
 # address, so that probe fails, long after the choice): what the lookup costs.

@@ -217,6 +217,21 @@ fn forward_refuses_ports_outside_the_range() {
 }
 
 #[test]
+fn relay_refuses_a_trusted_balancer_block_that_is_not_one() {
+    for (value, reason) in [
+        ("10.0.0.1/8", "the block is 10.0.0.0/8"),
+        ("127.0.0.1,balancer", "\"balancer\" is not an IP address"),
+        ("::1/129", "not a prefix length of 0 to 128"),
+    ] {
+        let stderr = fails_quickly(&["relay", "--accept-proxy-protocol-from", value]);
+        assert!(
+            stderr.contains("--accept-proxy-protocol-from") && stderr.contains(reason),
+            "{value:?}: stderr does not name the flag and {reason:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
 fn forward_without_relay_environment_names_both_variables() {
     let stderr = fails_quickly(&["forward", "8000"]);
     assert!(
@@ -268,6 +283,7 @@ fn help_mentions_the_commands_and_flags() {
                 "--cert",
                 "--key",
                 "--tokens-file",
+                "--accept-proxy-protocol-from",
             ],
         ),
         (

@@ -174,6 +174,28 @@ pub(crate) fn server_name(relay: &str) -> Result<ServerName<'static>, Error> {
     })
 }
 
+/// Where to connect for `relay` (`host:port`): the same, with a name under `.localhost`
+/// as `localhost` ([`loopback_alias`]). The TLS server name stays the name given, so a
+/// balancer in front of several relays on one machine can route by it
+/// (`r1.portferry.localhost`).
+pub(crate) fn connect_addr(relay: &str) -> String {
+    match relay.rsplit_once(':') {
+        Some((host, port)) => format!("{}:{port}", loopback_alias(host)),
+        None => relay.to_owned(),
+    }
+}
+
+/// `host`, or `localhost` for a name under `.localhost`: every such name is this
+/// machine (RFC 6761), but only curl and browsers resolve them, while `localhost`
+/// itself resolves everywhere.
+pub(crate) fn loopback_alias(host: &str) -> &str {
+    if host.to_ascii_lowercase().ends_with(".localhost") {
+        "localhost"
+    } else {
+        host
+    }
+}
+
 /// What to forward and how: [`ForwardOptions::new`] (or `default()`), then the
 /// builder methods.
 ///
@@ -286,6 +308,19 @@ mod tests {
             ),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn a_relay_under_localhost_is_reached_at_localhost_by_its_own_name() {
+        assert_eq!(
+            connect_addr("r1.portferry.localhost:7835"),
+            "localhost:7835"
+        );
+        let name = server_name("r1.portferry.localhost:7835").unwrap();
+        assert_eq!(name.to_str(), "r1.portferry.localhost");
+        for relay in ["relay.example.com:7835", "[::1]:7835", "localhost:7835"] {
+            assert_eq!(connect_addr(relay), relay);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
-use super::config::server_name;
+use super::config::{connect_addr, server_name};
 use super::control::{refusal_error, Event};
 use super::nearest::ProbeOutcome;
 use super::{AgentConfig, LinkState, Shared, ENV_TOKEN};
@@ -145,7 +145,7 @@ pub(crate) async fn open_link(
         relay: relay.to_owned(),
         reason,
     };
-    let tcp = match timeout(limit, TcpStream::connect(relay)).await {
+    let tcp = match timeout(limit, TcpStream::connect(connect_addr(relay))).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {limit:?}"))),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::config::loopback_alias;
 use crate::error::Error;
 use crate::wire::Forwarded;
 
@@ -20,19 +21,13 @@ impl TunnelAddress {
     /// The address the relay's answer gives.
     pub(crate) fn new(forwarded: &Forwarded) -> Self {
         // The raw TCP socket is on the relay node: the hostname without the tunnel
-        // label. Every `*.localhost` name is this machine (RFC 6761), but only curl and
-        // browsers resolve them: `localhost` itself resolves everywhere.
+        // label, one that resolves with a plain `getaddrinfo`.
         let tcp = forwarded.tcp_port.map(|port| {
             let node = forwarded
                 .hostname
                 .split_once('.')
                 .map_or(forwarded.hostname.as_str(), |(_, node)| node);
-            let host = if node.ends_with(".localhost") {
-                "localhost"
-            } else {
-                node
-            };
-            (host.to_owned(), port)
+            (loopback_alias(node).to_owned(), port)
         });
         TunnelAddress {
             hostname: forwarded.hostname.clone(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use portferry::agent::{AgentConfig, ProxyProtocol};
-use portferry::relay::RelayConfig;
+use portferry::relay::{Cidr, RelayConfig};
 
 /// Expose a port from inside a container through a relay.
 #[derive(Debug, Parser)]
@@ -143,6 +143,12 @@ pub(crate) struct RelayArgs {
     /// bytes each way, duration and how it ended.
     #[arg(long)]
     pub(crate) no_access_log: bool,
+    /// Load balancers in front of the relay (CIDR blocks or addresses, comma-separated)
+    /// whose connections start with a PROXY protocol header (v1 or v2) naming the
+    /// client, on every listener: the header's address then counts as the client's.
+    /// From them a header is required; from anyone else it is never read.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub(crate) accept_proxy_protocol_from: Vec<Cidr>,
     #[command(flatten)]
     pub(crate) state: StateArgs,
 }

@@ -78,6 +78,7 @@ pub(crate) async fn relay(args: RelayArgs) -> Result<()> {
     config.shutdown_grace = Duration::from_secs_f64(args.shutdown_grace);
     config.idle_timeout = Some(Duration::from_secs_f64(args.idle_timeout)).filter(|t| !t.is_zero());
     config.access_log = !args.no_access_log;
+    config.accept_proxy_protocol_from = args.accept_proxy_protocol_from;
     let relay = Relay::bind(config)
         .await
         .context("cannot start the relay")?;

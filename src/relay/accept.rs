@@ -1,12 +1,16 @@
-//! The relay's accept loops: a handshake place for every connection, or the close.
+//! The relay's accept loops: a handshake place for every connection, or the close;
+//! and a connection's client ([`admit_client`]), which a trusted balancer names.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 
-use super::pool::AddressPlace;
+use super::edge::CLIENT_HELLO_DEADLINE;
+use super::pool::{AddressPlace, AddressPool};
+use super::proxied::{self, ClientAddr};
 use super::{Phase, Shared};
 use crate::limit::Limit;
 
@@ -33,10 +37,7 @@ pub(super) async fn accept_loop<F, Fut>(
 {
     let mut phase = shared.phase.subscribe();
     let mut errors = AcceptErrors::default();
-    let (budget, limit) = match pool {
-        Handshakes::Agents => (&shared.agent_handshakes, Limit::PendingAgentHandshakes),
-        Handshakes::Public => (&shared.public_handshakes, Limit::PendingHandshakes),
-    };
+    let (budget, limit) = pool.places(&shared);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -58,6 +59,14 @@ pub(super) async fn accept_loop<F, Fut>(
 }
 
 impl Handshakes {
+    /// The pool of these places, and its limit.
+    pub(super) fn places(self, shared: &Shared) -> (&AddressPool, Limit) {
+        match self {
+            Handshakes::Agents => (&shared.agent_handshakes, Limit::PendingAgentHandshakes),
+            Handshakes::Public => (&shared.public_handshakes, Limit::PendingHandshakes),
+        }
+    }
+
     /// What the listener is, for the log.
     fn listener(self) -> &'static str {
         match self {
@@ -65,6 +74,55 @@ impl Handshakes {
             Handshakes::Public => "the public TLS port",
         }
     }
+}
+
+/// The client of a connection holding `handshake` (a place in `pool`, taken for its
+/// peer): the socket's peer, or — from a trusted balancer — the client its PROXY header
+/// names, read by `deadline` (the place yields after [`CLIENT_HELLO_DEADLINE`], as a
+/// slow ClientHello's does). A named client takes a place of its own in `pool` for the
+/// rest of the handshake, in place of the balancer's. `None` if the connection is to be
+/// closed: no valid header (counted in `failed_handshakes`), or no place for the client
+/// (counted at the limit).
+pub(super) async fn admit_client(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    handshake: AddressPlace,
+    pool: Handshakes,
+    deadline: Instant,
+) -> Option<(ClientAddr, AddressPlace)> {
+    let trusted = &shared.config.accept_proxy_protocol_from;
+    let read = proxied::client_of(tcp, trusted, deadline);
+    let client = match handshake.run(CLIENT_HELLO_DEADLINE, read).await {
+        Some(Ok(client)) => client,
+        Some(Err(error)) => {
+            let peer = tcp.peer_addr().ok();
+            tracing::debug!(?peer, %error, "closed a connection from a trusted balancer");
+            shared.count_failed_handshake();
+            return None;
+        }
+        None => {
+            shared.count_failed_handshake();
+            return None;
+        }
+    };
+    let peer = tcp.peer_addr().ok();
+    if peer.is_some_and(|peer| peer.ip() == client.client.ip()) {
+        return Some((client, handshake));
+    }
+    tracing::debug!(
+        balancer = ?peer,
+        client = %client.client,
+        reached = %client.reached,
+        "a trusted balancer named the client"
+    );
+    // Given back first, so that the client's place cannot be the balancer's own.
+    drop(handshake);
+    let (places, limit) = pool.places(shared);
+    let Some(place) = places.admit_from(Some(client.client.ip())) else {
+        shared.count_refusal(limit);
+        return None;
+    };
+    Some((client, place))
 }
 
 /// First pause after a failed accept; it doubles with each failure in a row, up to

@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::cidr::Cidr;
 use crate::limit::Limit;
 use crate::link::LinkConfig;
 use crate::netstack::{StackConfig, StackStats};
@@ -122,6 +123,16 @@ pub struct RelayConfig {
     /// buffers, and a stalled one is ended by the [`idle_timeout`](Self::idle_timeout).
     /// By default a quarter of the machine's memory ([`machine_buffer_budget`]).
     pub buffer_budget: usize,
+    /// The balancers (L4 load balancers, proxies) in front of the relay whose
+    /// connections start with a PROXY protocol header (v1 or v2) naming the client: on
+    /// the public TLS port, the raw TCP ports and the agent endpoint, a connection from
+    /// an address in one of these blocks must send one within the
+    /// [`handshake_timeout`](Self::handshake_timeout) or is closed (and counted in
+    /// [`RelayStats::failed_handshakes`]); the header's source address then stands for
+    /// the client in every limit shared by address. A `LOCAL` header (a health check)
+    /// stands for the balancer itself. From any other address a header is never looked
+    /// for. Empty by default: no header is read from anyone.
+    pub accept_proxy_protocol_from: Vec<Cidr>,
     /// Heartbeats and batching of agent links.
     pub link: LinkConfig,
     /// Settings of each session's userspace stack.
@@ -195,6 +206,7 @@ impl RelayConfig {
             lease_grace: Self::DEFAULT_LEASE_GRACE,
             lease_file: None,
             buffer_budget: machine_buffer_budget(),
+            accept_proxy_protocol_from: Vec::new(),
             link: LinkConfig::default(),
             stack: StackConfig::relay(),
         }

@@ -13,9 +13,10 @@ use tokio::time::{timeout_at, Instant};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::accept::AcceptErrors;
+use super::accept::{admit_client, AcceptErrors, Handshakes};
 use super::access::{AccessRecord, Ended};
 use super::pool::AddressPlace;
+use super::proxied::{self, ClientAddr};
 use super::registry::{Acceptor, Route, TcpPort};
 use super::session::Unbound;
 use super::{Phase, Shared};
@@ -151,15 +152,23 @@ pub(super) const CLIENT_HELLO_DEADLINE: Duration = Duration::from_millis(2500);
 /// One public TLS connection: route by SNI, finish the TLS handshake, and only then
 /// open the inner connection and splice the two. Its handshake place ends it if taken
 /// back before then; its connection places, while it is spliced.
-pub(super) async fn serve_public(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
-    let (Ok(from), Ok(reached)) = (tcp.peer_addr(), tcp.local_addr()) else {
+pub(super) async fn serve_public(shared: Arc<Shared>, mut tcp: TcpStream, handshake: AddressPlace) {
+    let deadline = Instant::now() + shared.config.handshake_timeout;
+    let pool = Handshakes::Public;
+    let Some((client, handshake)) =
+        admit_client(&shared, &mut tcp, handshake, pool, deadline).await
+    else {
         return;
     };
+    let ClientAddr {
+        client: from,
+        reached,
+    } = client;
     let tcp = SharedTcp::new(tcp);
     let transport = tcp.clone();
     let taken_back = handshake.taken_back();
     let admitted = tokio::select! {
-        admitted = handshake_public(&shared, tcp, &handshake, from.ip()) => admitted,
+        admitted = handshake_public(&shared, tcp, &handshake, from.ip(), deadline) => admitted,
         () = taken_back => {
             shared.count_failed_handshake();
             None
@@ -227,14 +236,14 @@ async fn introduce(
 
 /// The handshake of a public TLS connection from `from`: its ClientHello (the place
 /// yields after [`CLIENT_HELLO_DEADLINE`]), its route and admission, and the rest of the
-/// TLS handshake, all by the handshake deadline. `None` (counted) if it fails.
+/// TLS handshake, all by `deadline`. `None` (counted) if it fails.
 async fn handshake_public(
     shared: &Arc<Shared>,
     tcp: SharedTcp,
     handshake: &AddressPlace,
     from: IpAddr,
+    deadline: Instant,
 ) -> Option<(Route, TlsStream<SharedTcp>, ConnectionPermit)> {
-    let deadline = Instant::now() + shared.config.handshake_timeout;
     let counters = &shared.counters;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp.clone());
     tokio::pin!(acceptor);
@@ -349,47 +358,81 @@ async fn serve_raw_tcp(shared: Arc<Shared>, listener: TcpListener, hostname: Str
             }
         };
         errors.accepted();
-        // Looked up per connection: a reconnected agent's session takes the route over.
-        let Some(route) = shared.route(&hostname) else {
+        if !proxied::trusts(&shared.config.accept_proxy_protocol_from, from.ip()) {
+            match proxied::of_socket(&stream) {
+                Some(client) => serve_raw_connection(&shared, stream, client, &hostname),
+                None => drop(stream.set_zero_linger()),
+            }
+            continue;
+        }
+        // From a balancer: the client its PROXY header names is read on a task of its
+        // own, which holds a public handshake place meanwhile.
+        let Some(handshake) = shared.public_handshakes.admit_from(Some(from.ip())) else {
+            shared.count_refusal(Limit::PendingHandshakes);
             let _ = stream.set_zero_linger();
             continue;
         };
-        let Some(permit) = route.admit(&shared, from.ip()) else {
-            // At a limit (counted): the client sees a reset, as from a closed port.
-            let _ = stream.set_zero_linger();
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let Ok(reached) = stream.local_addr() else {
-            continue;
-        };
-        let record = shared.access_record(&hostname, from, reached, Edge::Tcp);
-        let options = shared.config.splice_options().metered(record.meter());
+        let (task_shared, hostname) = (shared.clone(), hostname.clone());
         shared.tasks.spawn(async move {
-            let ConnectionPermit {
-                counted: _counted,
-                places,
-            } = permit;
-            let taken_back = places.taken_back();
-            let ended = match route.stack.connect_holding(route.port, places).await {
-                Ok(mut inner) => tokio::select! {
-                    result = async {
-                        introduce(&mut inner, &route, record.info()).await?;
-                        splice_tcp_with(&inner, stream, options).await
-                    } => Ended::from_splice(&result),
-                    // The client sees the connection closed; the service, a reset.
-                    () = taken_back => {
-                        inner.abort();
-                        Ended::TakenBack
-                    }
-                },
-                // Refused by the agent: the client sees a reset, as from a closed port.
-                Err(_) => {
-                    drop(stream.set_zero_linger());
-                    Ended::Refused
+            let (shared, mut stream) = (task_shared, stream);
+            let deadline = Instant::now() + shared.config.handshake_timeout;
+            let pool = Handshakes::Public;
+            match admit_client(&shared, &mut stream, handshake, pool, deadline).await {
+                Some((client, _handshake)) => {
+                    serve_raw_connection(&shared, stream, client, &hostname)
                 }
-            };
-            record.end(ended);
+                None => drop(stream.set_zero_linger()),
+            }
         });
     }
+}
+
+/// Admits a raw TCP connection from `client` to the tunnel `hostname` and splices it
+/// into an inner connection on a task of its own; a client beyond a limit or a tunnel
+/// gone sees a reset, as from a closed port.
+fn serve_raw_connection(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    client: ClientAddr,
+    hostname: &str,
+) {
+    // Looked up per connection: a reconnected agent's session takes the route over.
+    let Some(route) = shared.route(hostname) else {
+        let _ = stream.set_zero_linger();
+        return;
+    };
+    let Some(permit) = route.admit(shared, client.client.ip()) else {
+        // At a limit (counted).
+        let _ = stream.set_zero_linger();
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let record = shared.access_record(hostname, client.client, client.reached, Edge::Tcp);
+    let options = shared.config.splice_options().metered(record.meter());
+    shared.tasks.spawn(async move {
+        let ConnectionPermit {
+            counted: _counted,
+            places,
+        } = permit;
+        let taken_back = places.taken_back();
+        let ended = match route.stack.connect_holding(route.port, places).await {
+            Ok(mut inner) => tokio::select! {
+                result = async {
+                    introduce(&mut inner, &route, record.info()).await?;
+                    splice_tcp_with(&inner, stream, options).await
+                } => Ended::from_splice(&result),
+                // The client sees the connection closed; the service, a reset.
+                () = taken_back => {
+                    inner.abort();
+                    Ended::TakenBack
+                }
+            },
+            // Refused by the agent: the client sees a reset, as from a closed port.
+            Err(_) => {
+                drop(stream.set_zero_linger());
+                Ended::Refused
+            }
+        };
+        record.end(ended);
+    });
 }

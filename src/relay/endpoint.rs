@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{timeout_at, Instant};
 
+use super::accept::{admit_client, Handshakes};
 use super::edge::{bind_tunnel_port, CLIENT_HELLO_DEADLINE};
 use super::pool::{AddressPlace, Place, Source};
 use super::session::{admit, Admission, Counted, Session, Step};
@@ -25,9 +26,15 @@ type SessionPlace = Place<usize, Source>;
 
 /// One connection to the agent endpoint: its TLS handshake, then its link as
 /// [`serve_agent_link`] serves it, under one deadline for the TLS handshake and the hello.
-pub(super) async fn serve_agent(shared: Arc<Shared>, tcp: TcpStream, handshake: AddressPlace) {
+pub(super) async fn serve_agent(shared: Arc<Shared>, mut tcp: TcpStream, handshake: AddressPlace) {
     let deadline = Instant::now() + shared.config.handshake_timeout;
-    let from = tcp.peer_addr().ok().map(|addr| addr.ip());
+    let pool = Handshakes::Agents;
+    let Some((client, handshake)) =
+        admit_client(&shared, &mut tcp, handshake, pool, deadline).await
+    else {
+        return;
+    };
+    let from = Some(client.client.ip());
     // Without it the link still works, with a longer queue below the scheduler.
     let _ = link::configure_socket(&tcp, &shared.config.link);
     let accept = timeout_at(deadline, shared.agent_tls.accept(tcp));

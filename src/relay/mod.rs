@@ -4,7 +4,7 @@
 //! driver: TLS, hello, link), `session` (one session's control plane, sans-IO),
 //! `registry` (every tunnel, lease and session behind one lock), `leases` (the lease
 //! file), `edge` (public TLS and raw TCP), `tasks` (supervision), `accept` (the accept
-//! loops), `shutdown` (the relay's phases and its graceful stop), and this file (binding
+//! loops), `proxied` (PROXY protocol headers from trusted balancers), `shutdown` (the relay's phases and its graceful stop), and this file (binding
 //! and serving).
 //!
 //! - The **agent endpoint** takes TLS connections from agents, checks their token, and
@@ -49,7 +49,12 @@
 //! its hello (a stream given to [`RelayHandle::serve_agent_stream`], for its hello), and
 //! can make the relay buffer little: besides the TLS session's own bounded buffers, a
 //! hello is read only once its header says it is a hello of at most [`MAX_HELLO_LEN`]
-//! bytes. A public TLS connection gets the same deadline for its whole handshake.
+//! bytes. A public TLS connection gets the same deadline for its whole handshake. A
+//! connection from a trusted balancer
+//! ([`accept_proxy_protocol_from`](RelayConfig::accept_proxy_protocol_from)) sends its
+//! PROXY header first, within the same deadline (at most 4 KiB, read without reading
+//! past it); the client it names then holds the handshake place, and the connection's
+//! places in every pool shared by address.
 //! Garbage, a silent peer or a bad hello close the connection and are counted in
 //! [`RelayStats::failed_handshakes`]; a wrong token in [`RelayStats::unauthorized`]; an
 //! unknown SNI in [`RelayStats::unknown_sni`].
@@ -69,6 +74,7 @@
 mod accept;
 mod access;
 mod agents;
+mod cidr;
 mod config;
 mod edge;
 mod endpoint;
@@ -76,6 +82,7 @@ mod endpoint;
 pub mod harness;
 mod leases;
 mod pool;
+mod proxied;
 mod registry;
 mod session;
 mod share;
@@ -96,6 +103,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsAcceptor;
 
 pub use crate::wire::MAX_HELLO_LEN;
+pub use cidr::{Cidr, CidrError};
 pub use config::{machine_buffer_budget, ConfigError, RelayConfig, RelayStats, LOCAL_DOMAIN};
 
 use crate::error::Error;

@@ -249,46 +249,75 @@ impl Proxy {
     ) -> Proxy {
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            let dir = TempDir::new(binary.kind.program());
-            std::fs::create_dir_all(dir.path()).unwrap();
-            let setup = Setup {
-                dir: dir.path().to_owned(),
-                ports: (0..listeners).map(|_| free_port()).collect(),
-            };
-            let config = binary.render(&setup, &body(&setup));
-            let config_path = dir.path().join(binary.config_name());
-            std::fs::write(&config_path, &config).unwrap();
-            let output = std::fs::File::create(dir.path().join(OUTPUT_LOG)).unwrap();
-            let child = binary
-                .command(dir.path(), &config_path)
-                .stdin(Stdio::null())
-                .stdout(output.try_clone().unwrap())
-                .stderr(output)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", binary.path.display()));
-            let mut proxy = Proxy {
-                kind: binary.kind,
-                ports: setup.ports,
-                config,
-                child: Child(child),
-                dir,
-            };
-            match proxy.until_listening(limit).await {
-                Ok(()) => return proxy,
-                Err(why) => {
-                    let log = proxy.logs();
-                    let taken = log.contains("Address already in use")
-                        || log.contains("cannot bind socket");
-                    if !(taken && attempt < ATTEMPTS) {
-                        panic!(
-                            "{:?} {why}:\n{log}\nconfiguration:\n{}",
-                            proxy.kind, proxy.config
-                        );
-                    }
-                }
+            let ports = (0..listeners).map(|_| free_port()).collect();
+            match Proxy::launch(binary, ports, limit, &body).await {
+                Ok(proxy) => return proxy,
+                Err(failed) if failed.port_taken && attempt < ATTEMPTS => continue,
+                Err(failed) => panic!("{}", failed.report),
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// [`start`](Self::start) on the given `ports` (chosen before, for a configuration
+    /// elsewhere that must name them), once.
+    pub async fn start_on(
+        binary: &Binary,
+        ports: &[u16],
+        limit: Duration,
+        body: impl Fn(&Setup) -> String,
+    ) -> Proxy {
+        match Proxy::launch(binary, ports.to_vec(), limit, &body).await {
+            Ok(proxy) => proxy,
+            Err(failed) => panic!("{}", failed.report),
+        }
+    }
+
+    /// One start on `ports`: the running proxy, or why not.
+    async fn launch(
+        binary: &Binary,
+        ports: Vec<u16>,
+        limit: Duration,
+        body: &impl Fn(&Setup) -> String,
+    ) -> Result<Proxy, Failed> {
+        let dir = TempDir::new(binary.kind.program());
+        std::fs::create_dir_all(dir.path()).unwrap();
+        let setup = Setup {
+            dir: dir.path().to_owned(),
+            ports,
+        };
+        let config = binary.render(&setup, &body(&setup));
+        let config_path = dir.path().join(binary.config_name());
+        std::fs::write(&config_path, &config).unwrap();
+        let output = std::fs::File::create(dir.path().join(OUTPUT_LOG)).unwrap();
+        let child = binary
+            .command(dir.path(), &config_path)
+            .stdin(Stdio::null())
+            .stdout(output.try_clone().unwrap())
+            .stderr(output)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.path.display()));
+        let mut proxy = Proxy {
+            kind: binary.kind,
+            ports: setup.ports,
+            config,
+            child: Child(child),
+            dir,
+        };
+        match proxy.until_listening(limit).await {
+            Ok(()) => Ok(proxy),
+            Err(why) => {
+                let log = proxy.logs();
+                Err(Failed {
+                    port_taken: log.contains("Address already in use")
+                        || log.contains("cannot bind socket"),
+                    report: format!(
+                        "{:?} {why}:\n{log}\nconfiguration:\n{}",
+                        proxy.kind, proxy.config
+                    ),
+                })
+            }
+        }
     }
 
     /// Waits, at most `limit`, until every port is in the `LISTEN` state while the
@@ -372,6 +401,14 @@ impl Proxy {
             )
         })
     }
+}
+
+/// A start that failed.
+struct Failed {
+    /// Another process had one of the ports.
+    port_taken: bool,
+    /// What happened, the proxy's log and its configuration.
+    report: String,
 }
 
 /// The local TCP ports in the `LISTEN` state, IPv4 and IPv6, from `/proc/net`.
