@@ -21,7 +21,7 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `PORTFERRY_RELAY` | `host:port` of the relay's agent endpoint |
+//! | `PORTFERRY_RELAY` | `host:port` of the relay's agent endpoint; or several, comma-separated, and the agent uses the nearest ([`Agent::relay`] says which) |
 //! | `PORTFERRY_TOKEN` | the agent's secret |
 //! | `PORTFERRY_RELAY_CA` | optional: PEM file of CA certificates to trust for the relay instead of the built-in web roots |
 //!

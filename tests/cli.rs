@@ -13,7 +13,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -744,29 +743,6 @@ impl Running {
     }
 }
 
-/// A loopback TCP proxy to `target`: every connection accepted is joined to a new one
-/// to `target`, each direction moved by a task running `pipe`. Returns its port.
-async fn proxy<P, Fut>(target: u16, pipe: P) -> u16
-where
-    P: Fn(OwnedReadHalf, OwnedWriteHalf) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
-                continue;
-            };
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
-            tokio::spawn(pipe(client_read, server_write));
-            tokio::spawn(pipe(server_read, client_write));
-        }
-    });
-    port
-}
-
 /// A TCP proxy to `target` that can be frozen: it then stops moving bytes but keeps
 /// both sockets open, like a relay that stopped answering.
 struct FreezingProxy {
@@ -780,7 +756,7 @@ impl FreezingProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = frozen.clone();
-        let port = proxy(target, move |mut from, mut to| {
+        let port = common::proxy(target, move |mut from, mut to| {
             let frozen = flag.clone();
             async move {
                 let mut buf = vec![0; 16 * 1024];
@@ -795,7 +771,8 @@ impl FreezingProxy {
                 }
             }
         })
-        .await;
+        .await
+        .port;
         FreezingProxy { port, frozen }
     }
 
@@ -1188,43 +1165,14 @@ fn a_relay_port_in_use_is_named() {
 
 // ───────────────────── stopping mid-transfer across a delayed link ─────────────────────
 
-/// A TCP proxy to `target` that hands every byte on `one_way` after it arrived, each
-/// direction a FIFO of at most 16 reads of 64 KiB: the agent's link gets a real round
-/// trip, and a rate (1 MiB per `one_way`) that a bulk transfer fills, so the queues
-/// behind it fill too.
-async fn delay_line(target: u16, one_way: Duration) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    proxy(target, move |mut from, mut to| async move {
-        let (line_in, mut line_out) = tokio::sync::mpsc::channel(16);
-        let carry = async move {
-            let mut buf = vec![0; 64 * 1024];
-            while let Ok(n @ 1..) = from.read(&mut buf).await {
-                let due = tokio::time::Instant::now() + one_way;
-                if line_in.send((due, buf[..n].to_vec())).await.is_err() {
-                    break;
-                }
-            }
-        };
-        let deliver = async move {
-            while let Some((due, bytes)) = line_out.recv().await {
-                tokio::time::sleep_until(due).await;
-                if to.write_all(&bytes).await.is_err() {
-                    break;
-                }
-            }
-            let _ = to.shutdown().await;
-        };
-        tokio::join!(carry, deliver);
-    })
-    .await
-}
-
 /// A `portferry forward --unencrypted` of an endless download, its link through a
 /// 40 ms round trip, with two clients downloading through its raw TCP socket.
 async fn downloads_across_a_delayed_link(relay: &CliRelay) -> Running {
     use tokio::io::AsyncReadExt;
     let service = common::stream_service(u64::MAX).await;
-    let line = delay_line(relay.agent_port, Duration::from_millis(20)).await;
+    let line = common::delay_line(relay.agent_port, Duration::from_millis(20))
+        .await
+        .port;
     let mut forward = relay.forward(
         Some(&format!("localhost:{line}")),
         &[&service.addr.port().to_string(), "--unencrypted"],

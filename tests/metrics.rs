@@ -348,6 +348,13 @@ async fn an_agent_reports_its_connections_and_serves_them_as_metrics() {
     let scraped = scrape(metrics).await;
     assert_eq!(scraped.get("portferry_agent_link_up"), 1.0);
     assert_eq!(scraped.get("portferry_agent_tunnels"), 2.0);
+    // The round trip measured when the link opened, as `Agent::relay` has it.
+    let rtt = agent.stats().relay_rtt.expect("a round trip to the relay");
+    assert_eq!(agent.relay().rtt, Some(rtt));
+    assert_eq!(
+        scraped.get("portferry_agent_relay_rtt_seconds"),
+        rtt.as_secs_f64()
+    );
     assert_eq!(
         scraped.get("portferry_agent_inner_connections_opened_total"),
         agent.stats().inner_connections_opened as f64

@@ -3,9 +3,7 @@
 //!
 //! A small proxy sits between agent and relay so the test can cut or freeze the link.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +11,7 @@ use portferry::agent::{Agent, AgentConfig, Tunnel, TunnelState};
 use portferry::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
@@ -306,14 +304,7 @@ async fn an_expired_lease_moves_the_tunnel_and_its_handle_reports_the_new_url() 
     // Back online, the agent asks again; the relay no longer holds that hostname, so
     // it gives a new one: the watch fires, and the handle says where the tunnel is.
     fixture.proxy.refuse_new_links(false);
-    timeout(STEP, state.changed())
-        .await
-        .expect("the move was never reported")
-        .unwrap();
-    let moved_to = match &*state.borrow_and_update() {
-        TunnelState::Moved(address) => address.clone(),
-        other => panic!("expected the tunnel to have moved, got {other:?}"),
-    };
+    let moved_to = common::until_moved(&mut state, STEP).await;
     let new_url = tunnel.url();
     println!("moved: {old_url} -> {new_url}");
     assert_eq!(new_url, moved_to.url());
@@ -331,22 +322,6 @@ async fn an_expired_lease_moves_the_tunnel_and_its_handle_reports_the_new_url() 
     );
 }
 
-/// The rest of the next line from `lines` that starts with `prefix`; panics after a
-/// step.
-async fn next_line(lines: &mut mpsc::UnboundedReceiver<String>, prefix: &str) -> String {
-    let found = async {
-        loop {
-            let line = lines.recv().await.expect("portferry forward exited");
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return rest.trim().to_owned();
-            }
-        }
-    };
-    timeout(STEP, found)
-        .await
-        .unwrap_or_else(|_| panic!("portferry forward printed no {prefix:?} line"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portferry_forward_prints_the_new_url_when_its_tunnel_moves() {
     let fixture = fixture(Duration::from_millis(300)).await;
@@ -359,28 +334,17 @@ async fn portferry_forward_prints_the_new_url_when_its_tunnel_moves() {
             format!("localhost:{}", fixture.proxy.addr.port()),
         )
         .env("PORTFERRY_TOKEN", config.token.expose())
-        .env("PORTFERRY_RELAY_CA", config.relay_ca.unwrap())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut forward = common::Child(command.spawn().unwrap());
-    let stdout = BufReader::new(forward.0.stdout.take().unwrap());
-    let (send, mut lines) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if send.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let old_url = next_line(&mut lines, "url:").await;
-    next_line(&mut lines, "forwarding").await;
+        .env("PORTFERRY_RELAY_CA", config.relay_ca.unwrap());
+    let mut forward = common::StdoutLines::spawn(command);
+    let old_url = forward.next("url:", STEP).await;
+    forward.next("forwarding", STEP).await;
 
     away_past_the_grace(&fixture).await;
     fixture.proxy.refuse_new_links(false);
 
-    let moved = next_line(&mut lines, "moved:").await;
+    let moved = forward.next("moved:", STEP).await;
     assert!(moved.contains(&format!("port {port}")), "{moved}");
-    let new_url = next_line(&mut lines, "url:").await;
+    let new_url = forward.next("url:", STEP).await;
     println!("portferry forward: moved: {moved}\n  {old_url} -> {new_url}");
     assert_ne!(new_url, old_url);
     let host = |url: &str| {

@@ -13,7 +13,8 @@ use crate::link::LinkConfig;
 use crate::netstack::StackConfig;
 use crate::token::Token;
 
-/// Environment variable naming the relay's agent endpoint, `host:port`.
+/// Environment variable naming the relay's agent endpoint, `host:port`, or several
+/// separated by commas (`a:7835,b:7835`): the agent then uses the nearest.
 pub const ENV_RELAY: &str = "PORTFERRY_RELAY";
 /// Environment variable holding the agent token.
 pub const ENV_TOKEN: &str = "PORTFERRY_TOKEN";
@@ -21,12 +22,18 @@ pub const ENV_TOKEN: &str = "PORTFERRY_TOKEN";
 /// instead of the system's roots.
 pub const ENV_RELAY_CA: &str = "PORTFERRY_RELAY_CA";
 
+/// Most relays one agent may be given: each is probed at every connect.
+pub const MAX_RELAYS: usize = 16;
+
 /// How to reach a relay. Made by [`new`](Self::new) or [`from_env`](Self::from_env);
 /// every field can then be changed.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct AgentConfig {
     /// The relay's agent endpoint, `host:port`; `host` is also the TLS server name.
+    /// Several relays are separated by commas (`a:7835,b:7835`, at most [`MAX_RELAYS`];
+    /// see [`with_relays`](Self::with_relays)): the agent probes them all and uses the
+    /// nearest, and moves to the next-nearest if that one is lost for good.
     pub relay: String,
     /// The agent's secret.
     pub token: Token,
@@ -45,9 +52,21 @@ pub struct AgentConfig {
     /// (default 65,535; at most 4 MiB). Larger windows move more per round trip and
     /// cost that much memory per connection.
     pub socket_buffer: usize,
+    /// With several relays: how long the agent keeps reconnecting to the relay it lost
+    /// before it moves to the next-nearest one (default 60 s, the relay's default lease
+    /// grace period, within which a relay that comes back gives the tunnels their
+    /// addresses back). Set it to the relays' `RelayConfig::lease_grace`.
+    pub failover_after: Duration,
+    /// With several relays: how often, on average, an agent without tunnels measures
+    /// them again and perhaps moves to one that has become nearer (default 5 min;
+    /// each wait is jittered by ±25 %).
+    pub reprobe_interval: Duration,
 }
 
 impl AgentConfig {
+    /// Default of [`failover_after`](Self::failover_after): 60 s.
+    pub const DEFAULT_FAILOVER_AFTER: Duration = Duration::from_secs(60);
+
     /// A configuration with default timeouts.
     pub fn new(relay: impl Into<String>, token: Token) -> Self {
         let link = LinkConfig::default();
@@ -60,7 +79,36 @@ impl AgentConfig {
             ping_interval: link.ping_interval,
             idle_timeout: link.idle_timeout,
             socket_buffer: StackConfig::agent().socket_buffer,
+            failover_after: Self::DEFAULT_FAILOVER_AFTER,
+            reprobe_interval: Duration::from_secs(300),
         }
+    }
+
+    /// The same, with `relays` (each `host:port`) in place of the relay: the agent
+    /// uses the nearest of them.
+    pub fn with_relays<S: AsRef<str>>(mut self, relays: impl IntoIterator<Item = S>) -> Self {
+        let relays: Vec<String> = relays.into_iter().map(|r| r.as_ref().to_owned()).collect();
+        self.relay = relays.join(",");
+        self
+    }
+
+    /// The relays the agent was given, in the order given, each checked to be
+    /// `host:port`; duplicates are dropped.
+    pub fn relays(&self) -> Result<Vec<String>, Error> {
+        let mut relays: Vec<String> = Vec::new();
+        for relay in self.relay.split(',').map(str::trim) {
+            server_name(relay)?;
+            if !relays.iter().any(|known| known == relay) {
+                relays.push(relay.to_owned());
+            }
+        }
+        if relays.len() > MAX_RELAYS {
+            return Err(Error::InvalidConfig {
+                name: ENV_RELAY,
+                reason: format!("{} relays given; at most {MAX_RELAYS}", relays.len()),
+            });
+        }
+        Ok(relays)
     }
 
     /// The same, trusting the CA certificates in the PEM file at `path` for the relay.
@@ -102,38 +150,38 @@ impl AgentConfig {
         };
         let mut config = AgentConfig::new(relay, Token::new(token));
         config.relay_ca = lookup(ENV_RELAY_CA).map(PathBuf::from);
-        config.server_name()?;
+        config.relays()?;
         Ok(config)
     }
+}
 
-    /// Where to connect for [`relay`](Self::relay): the same `host:port`, with a name
-    /// under `.localhost` as `localhost` ([`loopback_alias`]). The TLS server name stays
-    /// the name given, so a balancer in front of several relays on one machine can route
-    /// by it (`r1.portferry.localhost`).
-    pub(crate) fn connect_addr(&self) -> String {
-        match self.relay.rsplit_once(':') {
-            Some((host, port)) => format!("{}:{port}", loopback_alias(host)),
-            None => self.relay.clone(),
+/// The host of `relay` (`host:port`), as the name its certificate must carry.
+pub(crate) fn server_name(relay: &str) -> Result<ServerName<'static>, Error> {
+    let host = match relay.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            host.trim_start_matches('[').trim_end_matches(']')
         }
-    }
+        _ => {
+            return Err(Error::InvalidConfig {
+                name: ENV_RELAY,
+                reason: format!("{relay:?} is not host:port"),
+            })
+        }
+    };
+    ServerName::try_from(host.to_owned()).map_err(|_| Error::InvalidConfig {
+        name: ENV_RELAY,
+        reason: format!("{host:?} is not a valid host name or address"),
+    })
+}
 
-    /// The relay's host, as the name its certificate must carry.
-    pub(crate) fn server_name(&self) -> Result<ServerName<'static>, Error> {
-        let host = match self.relay.rsplit_once(':') {
-            Some((host, port)) if port.parse::<u16>().is_ok() => {
-                host.trim_start_matches('[').trim_end_matches(']')
-            }
-            _ => {
-                return Err(Error::InvalidConfig {
-                    name: ENV_RELAY,
-                    reason: format!("{:?} is not host:port", self.relay),
-                })
-            }
-        };
-        ServerName::try_from(host.to_owned()).map_err(|_| Error::InvalidConfig {
-            name: ENV_RELAY,
-            reason: format!("{host:?} is not a valid host name or address"),
-        })
+/// Where to connect for `relay` (`host:port`) when the system's resolver does not know
+/// its name: the same, with a name under `.localhost` as `localhost`
+/// ([`loopback_alias`]). The TLS server name stays the name given, so a balancer in
+/// front of several relays on one machine can route by it (`r1.portferry.localhost`).
+pub(crate) fn connect_addr(relay: &str) -> String {
+    match relay.rsplit_once(':') {
+        Some((host, port)) => format!("{}:{port}", loopback_alias(host)),
+        None => relay.to_owned(),
     }
 }
 
@@ -264,14 +312,14 @@ mod tests {
 
     #[test]
     fn a_relay_under_localhost_is_reached_at_localhost_by_its_own_name() {
-        let token = Token::new("t");
-        let config = AgentConfig::new("r1.portferry.localhost:7835", token.clone());
-        assert_eq!(config.connect_addr(), "localhost:7835");
-        let name = config.server_name().unwrap();
+        assert_eq!(
+            connect_addr("r1.portferry.localhost:7835"),
+            "localhost:7835"
+        );
+        let name = server_name("r1.portferry.localhost:7835").unwrap();
         assert_eq!(name.to_str(), "r1.portferry.localhost");
         for relay in ["relay.example.com:7835", "[::1]:7835", "localhost:7835"] {
-            let config = AgentConfig::new(relay, token.clone());
-            assert_eq!(config.connect_addr(), relay);
+            assert_eq!(connect_addr(relay), relay);
         }
     }
 
@@ -291,5 +339,42 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn several_relays_are_separated_by_commas() {
+        let config = AgentConfig::from_lookup(lookup(&[
+            (
+                ENV_RELAY,
+                "a.example:7835, b.example:7835,a.example:7835,[::1]:9",
+            ),
+            (ENV_TOKEN, "t"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.relays().unwrap(),
+            ["a.example:7835", "b.example:7835", "[::1]:9"]
+        );
+        let one = AgentConfig::new("a.example:7835", Token::new("t"));
+        assert_eq!(one.relays().unwrap(), ["a.example:7835"]);
+        let listed = one.with_relays(["x:1", "y:2"]);
+        assert_eq!(listed.relay, "x:1,y:2");
+        assert_eq!(listed.relays().unwrap(), ["x:1", "y:2"]);
+        for bad in ["a.example:7835,", "a.example:7835,b.example", ","] {
+            let config = AgentConfig::new(bad, Token::new("t"));
+            assert!(
+                matches!(
+                    config.relays(),
+                    Err(Error::InvalidConfig {
+                        name: ENV_RELAY,
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        let many: Vec<String> = (0..=MAX_RELAYS).map(|i| format!("r{i}:1")).collect();
+        let config = AgentConfig::new("x:1", Token::new("t")).with_relays(&many);
+        assert!(config.relays().is_err());
     }
 }

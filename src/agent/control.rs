@@ -135,6 +135,9 @@ pub struct Control {
     /// Closes waiting for the relay's confirmation, by inner port.
     closing: HashMap<u16, Closing>,
     transmits: VecDeque<Frame>,
+    /// While set, [`poll_transmit`](Control::poll_transmit) gives nothing: the agent
+    /// is moving its idle link to another relay.
+    held: bool,
     events: VecDeque<Event>,
 }
 
@@ -150,8 +153,27 @@ impl Control {
             tunnels: HashMap::new(),
             closing: HashMap::new(),
             transmits: VecDeque::new(),
+            held: false,
             events: VecDeque::new(),
         }
+    }
+
+    /// Whether nothing is open or under way: no tunnel, no request, no close.
+    pub fn is_idle(&self) -> bool {
+        self.tunnels.is_empty() && self.requests.is_empty() && self.closing.is_empty()
+    }
+
+    /// If the table [is idle](Self::is_idle), holds its frames back until
+    /// [`release`](Self::release) and returns `true`: nothing waits for an answer on
+    /// the link, and what is asked meanwhile goes out on the next one.
+    pub fn hold_if_idle(&mut self) -> bool {
+        self.held = self.is_idle();
+        self.held
+    }
+
+    /// Lets held frames go out again.
+    pub fn release(&mut self) {
+        self.held = false;
     }
 
     /// Whether the link is up.
@@ -422,6 +444,7 @@ impl Control {
     /// lease gives back the same hostname and port).
     pub fn link_up(&mut self, now: Instant) {
         self.link_up = true;
+        self.held = false;
         let kept = self
             .tunnels
             .values()
@@ -513,6 +536,9 @@ impl Control {
 
     /// The next frame to send to the relay.
     pub fn poll_transmit(&mut self) -> Option<Frame> {
+        if self.held {
+            return None;
+        }
         self.transmits.pop_front()
     }
 

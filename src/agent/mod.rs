@@ -3,23 +3,29 @@
 //! [`forward`] uses an agent configured from the environment (`PORTFERRY_RELAY`,
 //! `PORTFERRY_TOKEN`, optional `PORTFERRY_RELAY_CA`); [`Agent::connect`] takes an
 //! explicit [`AgentConfig`]. One agent holds one link to the relay, whatever the
-//! number of tunnels and connections.
+//! number of tunnels and connections; given several relays, it uses the nearest.
 //!
 //! Layout: `config` (settings), `control` (the sans-IO request/close table, and the
-//! tunnels' states), `reconnect` (the link and its upkeep), `tunnel` (the handles),
-//! `state` (what a handle reports), `stats` (what the agent reports), `local` (serving a tunnel from the local service);
+//! tunnels' states), `reconnect` (the link and its upkeep, failover included),
+//! `nearest` (probing several relays at once, their figures), `race` (the sans-IO rule
+//! that picks the nearest), `reprobe` (measuring them again while idle), `tunnel` (the
+//! handles), `state` (what a handle reports), `stats` (what the agent reports), `local` (serving a tunnel from the local
+//! service);
 //! this file ties them together and drives the table: after every change to it,
 //! whoever waits is woken, and its deadlines are kept by a task of their own.
 
 mod config;
 mod introduction;
 mod local;
+mod nearest;
 mod proxy_header;
+mod race;
 // Public only for test harnesses and fuzz targets that drive the agent's control plane
 // without sockets; not part of the supported API.
 #[doc(hidden)]
 pub mod control;
 mod reconnect;
+mod reprobe;
 mod state;
 mod stats;
 mod tunnel;
@@ -33,8 +39,10 @@ use tokio::sync::{watch, Notify, OnceCell};
 use crate::error::Error;
 use crate::netstack::{lock, ListenError, Listener, Stack};
 
-pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN};
+pub use config::{AgentConfig, ForwardOptions, ENV_RELAY, ENV_RELAY_CA, ENV_TOKEN, MAX_RELAYS};
 use control::{BindError, Control};
+use nearest::Fleet;
+pub use nearest::{ProbeOutcome, RelayChoice, RelayProbe};
 pub use proxy_header::ProxyProtocol;
 pub use reconnect::retry_at_limits;
 pub use state::{TunnelAddress, TunnelState};
@@ -70,9 +78,11 @@ pub struct Agent {
 /// while holding `control`).
 pub(crate) struct Shared {
     config: AgentConfig,
-    /// The resume ticket presented on every link after the first, so that the relay
-    /// gives a reconnecting agent back the hostnames and ports it leased.
-    resume: reconnect::Resume,
+    /// The resume tickets presented on every link after the first, one per relay, so
+    /// that a relay gives a reconnecting agent back the hostnames and ports it leased.
+    resume: Arc<reconnect::Resume>,
+    /// The relays the agent was given, their figures, and the one it uses.
+    fleet: Arc<Mutex<Fleet>>,
     /// One stack for the agent's whole life: listeners survive a lost link, connections
     /// do not.
     stack: Stack,
@@ -100,7 +110,7 @@ impl Drop for Shared {
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("relay", &self.shared.config.relay)
+            .field("relay", &self.shared.relay().address)
             .finish_non_exhaustive()
     }
 }
@@ -114,14 +124,23 @@ pub(crate) fn now() -> Instant {
 impl Agent {
     /// Connects to the relay, authenticates, and starts the link. The agent keeps the
     /// link up from then on, reconnecting when it is lost.
+    ///
+    /// Given several relays, it probes them all at once and links to the one with the
+    /// lowest round trip, over the winning probe's own connection: once the first
+    /// relay has answered it waits at most 10 ms (or half that relay's round trip, if
+    /// more) for a nearer one, and not at all for relays that are already slower. If
+    /// that relay is lost and stays away for [`AgentConfig::failover_after`], the agent
+    /// moves to the next-nearest; see [`relay`](Self::relay).
     pub async fn connect(config: AgentConfig) -> Result<Agent, Error> {
-        let resume = reconnect::Resume::default();
-        let halves = reconnect::open_link(&config, &resume).await?;
+        let resume = Arc::new(reconnect::Resume::default());
+        let fleet = Arc::new(Mutex::new(Fleet::new(config.relays()?)));
+        let halves = nearest::connect_nearest(&config, &fleet, &resume).await?;
         let changed = Arc::new(Notify::new());
         let agent = Agent {
             shared: Arc::new(Shared {
                 stack: Stack::new(config.stack()),
                 resume,
+                fleet,
                 control: Mutex::new(Control::new(config.request_timeout)),
                 changed: changed.clone(),
                 state: watch::Sender::new(LinkState::Connected),
@@ -240,6 +259,12 @@ impl Agent {
         self.shared.read(|control| control.is_link_up())
     }
 
+    /// The relay the agent's link goes to, its round trip, and the figures of every
+    /// relay the agent was given (nearest first). The agent logs its choice at `info`.
+    pub fn relay(&self) -> RelayChoice {
+        self.shared.relay()
+    }
+
     /// The link's state, now and as it changes.
     pub fn link_state(&self) -> watch::Receiver<LinkState> {
         self.shared.state.subscribe()
@@ -261,6 +286,11 @@ impl Agent {
 }
 
 impl Shared {
+    /// See [`Agent::relay`].
+    pub(crate) fn relay(&self) -> RelayChoice {
+        lock(&self.fleet).choice()
+    }
+
     /// Feeds the control table an input (`f` calls one of its `open`, `close`,
     /// `handle_*`, `link_*` methods), then reports what the table has to tell and wakes
     /// whoever waits on it (the link's pump, callers awaiting an answer, the deadline

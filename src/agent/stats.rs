@@ -2,6 +2,7 @@
 //! ([`Agent::serve_metrics`]).
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -26,6 +27,9 @@ pub struct AgentStats {
     /// Inner connections refused: the local service did not answer, or nothing
     /// listened on their port.
     pub inner_connections_refused: u64,
+    /// The round trip to the relay in use (hello to welcome), as last measured; see
+    /// [`Agent::relay`] for every relay's.
+    pub relay_rtt: Option<Duration>,
     /// The agent's userspace stack's counters.
     pub stack: StackStats,
 }
@@ -44,6 +48,7 @@ impl Agent {
             inner_connections_opened: stack.accepted,
             inner_connections_open: stack.flows,
             inner_connections_refused: stack.declined + stack.refused_syns,
+            relay_rtt: shared.relay().rtt,
             stack,
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
-use portferry::agent::ProxyProtocol;
+use portferry::agent::{AgentConfig, ProxyProtocol};
 use portferry::relay::{Cidr, RelayConfig};
 
 /// Expose a port from inside a container through a relay.
@@ -180,6 +180,12 @@ pub(crate) struct ForwardArgs {
     /// own: `PORT,to=HOST:PORT`.
     #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     pub(crate) to: Option<String>,
+    /// With several relays in PORTFERRY_RELAY: seconds to keep reconnecting to the
+    /// relay in use after it is lost before moving to the next-nearest one (the relays'
+    /// lease grace period, 60 s by default: within it a relay that comes back keeps the
+    /// URLs).
+    #[arg(long, value_name = "SECONDS", default_value_t = AgentConfig::DEFAULT_FAILOVER_AFTER.as_secs_f64(), value_parser = parse_seconds)]
+    pub(crate) failover_after: f64,
     /// Start each connection to the services with a PROXY protocol header (v1: text,
     /// v2: binary, with the TLS server name and ALPN) naming the public client, as nginx
     /// `listen ... proxy_protocol` and HAProxy `accept-proxy` expect. Off by default: the

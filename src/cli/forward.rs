@@ -39,7 +39,9 @@ async fn resolve_target(to: &str) -> Result<Vec<SocketAddr>> {
 
 pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
     let mut signals = ShutdownSignals::new()?;
-    let config = AgentConfig::from_env()?;
+    let mut config = AgentConfig::from_env()?;
+    config.failover_after = Duration::from_secs_f64(args.failover_after);
+    let several_relays = config.relays()?.len() > 1;
     // Bound first, so that a taken address fails the command before any tunnel opens.
     let metrics = match args.metrics_addr {
         Some(addr) => Some(
@@ -78,6 +80,10 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         }
         tokio::spawn(agent.serve_metrics(listener));
     }
+    let relay = agent.relay();
+    if several_relays {
+        say(&format!("relay:      {relay}\n"));
+    }
     let mut tunnels = Vec::new();
     for (port, options) in requests {
         match signals.unless(agent.forward_with(port, options)).await {
@@ -101,7 +107,10 @@ pub(crate) async fn forward(args: ForwardArgs) -> Result<()> {
         }
     }
     say("forwarding; Ctrl-C to stop\n");
-    if let Some(stop) = signals.unless(follow(&agent, &tunnels)).await {
+    if let Some(stop) = signals
+        .unless(follow(&agent, relay.address, &tunnels))
+        .await
+    {
         signals.closing(close_all(tunnels)).await;
         return Err(stop);
     }
@@ -114,9 +123,10 @@ fn say_retrying(refusal: &portferry::Error, delay: Duration) {
     tracing::warn!("{refusal}; trying again in {delay:.1?}");
 }
 
-/// Prints the new address of each tunnel that moves, until forwarding cannot go on: a
-/// tunnel is lost, or the relay refuses the agent. Says why.
-async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
+/// Prints the new address of each tunnel that moves (and the relay, when the agent
+/// moved from `relay` to another), until forwarding cannot go on: a tunnel is lost, or
+/// the relay refuses the agent. Says why.
+async fn follow(agent: &Agent, mut relay: String, tunnels: &[Tunnel]) -> anyhow::Error {
     let (changed, mut changes) = tokio::sync::mpsc::channel(tunnels.len().max(1));
     // Dropped on return, which ends the watchers.
     let mut watchers = tokio::task::JoinSet::new();
@@ -140,10 +150,21 @@ async fn follow(agent: &Agent, tunnels: &[Tunnel]) -> anyhow::Error {
                 TunnelState::Lost { error, .. } => {
                     return anyhow::anyhow!("the tunnel of port {port} is gone: {error}");
                 }
-                moved => say(&format!(
-                    "moved:      port {port}; the relay no longer held its old address\nport:       {port}\n{}\n",
-                    describe(moved.address())
-                )),
+                moved => {
+                    let now = agent.relay();
+                    let why = if now.address == relay {
+                        "the relay no longer held its old address".to_owned()
+                    } else {
+                        say(&format!("relay:      {now}\n"));
+                        let why = format!("relay {relay} was lost; now through relay {}", now.address);
+                        relay = now.address;
+                        why
+                    };
+                    say(&format!(
+                        "moved:      port {port}; {why}\nport:       {port}\n{}\n",
+                        describe(moved.address())
+                    ));
+                }
             }
         }
     }

@@ -5,8 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
 
 use super::write::single;
 use super::{build_info, stack, Site};
@@ -77,6 +79,15 @@ impl Collector for AgentCollector {
             None,
             stats.inner_connections_refused,
         )?;
+        if let Some(rtt) = stats.relay_rtt {
+            let metric = e.encode_descriptor(
+                "agent_relay_rtt",
+                "Round trip to the relay in use, hello to welcome, as last measured.",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(rtt.as_secs_f64()).encode(metric)?;
+        }
         stack::encode(e, &stats.stack, &StackStats::default())
     }
 }

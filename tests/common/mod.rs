@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: a temp-dir guard, a child-process kill
 //! guard, a relay on loopback with its PKI and token, TLS clients that set the tunnel
 //! hostname as SNI, loopback services (echo, HTTP, a long checkable byte stream), agent
-//! links driven by hand ([`RawAgent`]), and bounded waits.
+//! links driven by hand ([`RawAgent`]), loopback proxies (one that delays every byte:
+//! [`delay_line`]), and bounded waits.
 //!
 //! Every helper that waits on the network takes (or carries, in [`Fixture::step`]) an
 //! upper bound, so that a hang fails the test instead of the CI job.
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel};
+use portferry::agent::{Agent, AgentConfig, ForwardOptions, Tunnel, TunnelAddress, TunnelState};
 use portferry::link::{self, FrameReader, FrameWriter, LinkConfig, CONTROL_QUEUE};
 use portferry::netstack::Stack;
 use portferry::relay::{Relay, RelayConfig, RelayHandle, RelayStats, LOCAL_DOMAIN};
@@ -29,6 +30,7 @@ use portferry::token::Token;
 use portferry::wire::{handshake, ForwardRequest, Forwarded, Frame};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -98,6 +100,47 @@ impl Child {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+}
+
+/// A child whose stdout is read line by line as it comes (on a thread of its own); its
+/// stderr is discarded. Killed when dropped.
+pub struct StdoutLines {
+    pub child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+}
+
+impl StdoutLines {
+    /// Spawns `command`.
+    pub fn spawn(mut command: Command) -> StdoutLines {
+        command.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = Child(command.spawn().unwrap());
+        let stdout = io::BufReader::new(child.0.stdout.take().unwrap());
+        let (send, lines) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in io::BufRead::lines(stdout).map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        StdoutLines { child, lines }
+    }
+
+    /// The rest of the next line that starts with `prefix`, trimmed; panics after
+    /// `limit`, or if the child's stdout ends first.
+    pub async fn next(&mut self, prefix: &str, limit: Duration) -> String {
+        let found = async {
+            loop {
+                let line = self.lines.recv().await.expect("the child's stdout ended");
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return rest.trim().to_owned();
+                }
+            }
+        };
+        timeout(limit, found)
+            .await
+            .unwrap_or_else(|_| panic!("the child printed no {prefix:?} line"))
     }
 }
 
@@ -278,6 +321,22 @@ impl Fixture {
         })
         .await;
         assert!(waited.is_ok(), "{what}: {:?}", self.stats());
+    }
+}
+
+/// Waits, at most `limit`, for the next change of a tunnel's `state`, which must be a
+/// move: the address it moved to.
+pub async fn until_moved(
+    state: &mut tokio::sync::watch::Receiver<TunnelState>,
+    limit: Duration,
+) -> TunnelAddress {
+    timeout(limit, state.changed())
+        .await
+        .expect("the move was never reported")
+        .unwrap();
+    match &*state.borrow_and_update() {
+        TunnelState::Moved(address) => address.clone(),
+        other => panic!("expected the tunnel to have moved, got {other:?}"),
     }
 }
 
@@ -853,4 +912,83 @@ where
         .await;
         drop((control, control_frames));
     })
+}
+
+// ───────────────────────────── proxies ─────────────────────────────
+
+/// A loopback proxy started by [`proxy`].
+pub struct Proxy {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// Connections it has accepted, also those it could not join to the target.
+    pub accepted: Arc<AtomicUsize>,
+}
+
+/// A loopback TCP proxy to `target`: every connection accepted is joined to a new one
+/// to `target`, each direction moved by a task running `pipe`; one the target refuses
+/// is closed.
+pub async fn proxy<P, Fut>(target: u16, pipe: P) -> Proxy
+where
+    P: Fn(OwnedReadHalf, OwnedWriteHalf) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, target)).await else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(pipe(client_read, server_write));
+            tokio::spawn(pipe(server_read, client_write));
+        }
+    });
+    Proxy { port, accepted }
+}
+
+/// A TCP proxy to `target` that hands every byte on `one_way` after it arrived, each
+/// direction a FIFO of at most 16 reads of 64 KiB: a link through it gets a real round
+/// trip, and a rate (1 MiB per `one_way`) that a bulk transfer fills, so the queues
+/// behind it fill too.
+pub async fn delay_line(target: u16, one_way: Duration) -> Proxy {
+    let millis = u64::try_from(one_way.as_millis()).unwrap_or(u64::MAX);
+    variable_delay_line(target, Arc::new(AtomicU64::new(millis))).await
+}
+
+/// A [`delay_line`] whose one-way delay, in milliseconds, is read from `one_way_ms`
+/// for every read: a relay that moves away (or nearer) while the test runs.
+pub async fn variable_delay_line(target: u16, one_way_ms: Arc<AtomicU64>) -> Proxy {
+    proxy(target, move |mut from, mut to| {
+        let one_way_ms = one_way_ms.clone();
+        async move {
+            let (line_in, mut line_out) = mpsc::channel(16);
+            let carry = async move {
+                let mut buf = vec![0; 64 * 1024];
+                while let Ok(n @ 1..) = from.read(&mut buf).await {
+                    let one_way = Duration::from_millis(one_way_ms.load(Ordering::SeqCst));
+                    let due = tokio::time::Instant::now() + one_way;
+                    if line_in.send((due, buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let deliver = async move {
+                while let Some((due, bytes)) = line_out.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if to.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = to.shutdown().await;
+            };
+            tokio::join!(carry, deliver);
+        }
+    })
+    .await
 }

@@ -357,3 +357,24 @@ fn a_refusal_is_a_typed_error() {
     }));
     assert!(t.control.poll_event().is_none());
 }
+
+#[test]
+fn frames_are_held_back_only_while_the_table_is_idle() {
+    let mut t = Table::new();
+    assert!(t.control.is_idle());
+    assert!(t.control.hold_if_idle());
+    // A tunnel asked for while held waits for the next link, and goes out on it.
+    let (id, _) = t.open(Some(8000)).unwrap();
+    assert!(t.control.poll_transmit().is_none());
+    t.control.release();
+    assert_eq!(t.relay_answers("a"), [8000]);
+    t.control.answer(id).unwrap().unwrap();
+    // With a tunnel open, nothing is held.
+    assert!(!t.control.is_idle());
+    assert!(!t.control.hold_if_idle());
+    assert!(t.control.close(8000, t.now));
+    assert!(matches!(
+        t.control.poll_transmit(),
+        Some(Frame::Close { port: 8000 })
+    ));
+}
