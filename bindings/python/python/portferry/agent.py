@@ -12,7 +12,8 @@ from .tunnel import Tunnel
 __all__ = ["Agent", "forward", "ENV_RELAY", "ENV_TOKEN", "ENV_RELAY_CA"]
 
 ENV_RELAY = "PORTFERRY_RELAY"
-"""The environment variable naming the relay's agent endpoint, ``host:port``."""
+"""The environment variable naming the relay's agent endpoint, ``host:port``, or several
+separated by commas (the agent uses the nearest, and moves to the next if it is lost)."""
 ENV_TOKEN = "PORTFERRY_TOKEN"
 """The environment variable holding the agent's token."""
 ENV_RELAY_CA = "PORTFERRY_RELAY_CA"
@@ -20,9 +21,9 @@ ENV_RELAY_CA = "PORTFERRY_RELAY_CA"
 
 
 class Agent:
-    """A relay to forward through, given explicitly: its agent endpoint
-    (``host:port``), a token, and optionally a PEM file of CA certificates to trust
-    instead of the built-in web roots. ``connect_timeout`` bounds each step of
+    """A relay to forward through, given explicitly: its agent endpoint (``host:port``, or
+    several separated by commas: the nearest is used), a token, and optionally a PEM file
+    of CA certificates to trust instead of the built-in web roots. ``connect_timeout`` bounds each step of
     connecting (TCP, TLS, the relay's welcome) and ``request_timeout`` each request, in
     seconds (10 by default).
 
@@ -43,7 +44,7 @@ class Agent:
 
     @property
     def relay(self) -> str:
-        """The relay's agent endpoint, ``host:port``."""
+        """The relay's agent endpoint as given: ``host:port``, or several, comma-separated."""
         return self._native.relay
 
     def forward(
