@@ -26,7 +26,8 @@
 //!
 //! Checked after every op, against the protocol's promises rather than a model of the
 //! session: the registry's tables agree with each other; a hello is refused with
-//! `BAD_VERSION` for another version, `UNAUTHORIZED` for a token the relay does not
+//! `BAD_VERSION` for a version it does not speak (outside `MIN_PROTOCOL_VERSION` to
+//! `PROTOCOL_VERSION`), `UNAUTHORIZED` for a token the relay does not
 //! know, `INTERNAL` once the relay shuts down, `TOO_SOON` exactly for the ticket of an
 //! agent whose newest link is open and came less than the takeover interval ago, and
 //! welcomed otherwise, with no ticket for an empty resume, else the presented ticket or
@@ -58,7 +59,7 @@ use portferry::relay::{LOCAL_DOMAIN, MAX_HELLO_LEN};
 use portferry::token::Token;
 use portferry::wire::{
     handshake, ErrorCode, ErrorFrame, ForwardRequest, Forwarded, Frame, Hello, Welcome, HEADER_LEN,
-    NEW_AGENT, PROTOCOL_VERSION, TICKET_LEN,
+    MIN_PROTOCOL_VERSION, NEW_AGENT, PROTOCOL_VERSION, TICKET_LEN,
 };
 use portferry::Limit;
 use shared::Input;
@@ -219,7 +220,7 @@ impl Run {
         let token = TOKENS
             .iter()
             .position(|token| !hello.token.is_empty() && *token == hello.token);
-        let expected = if hello.version != PROTOCOL_VERSION {
+        let expected = if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
             Err(ErrorCode::BAD_VERSION)
         } else if token.is_none() {
             Err(ErrorCode::UNAUTHORIZED)
