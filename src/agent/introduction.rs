@@ -33,10 +33,24 @@ impl std::fmt::Display for IntroductionError {
     }
 }
 
+/// `inner` with what its connection frame says, read off its front; `None` (logged,
+/// and the connection reset) if the frame is missing or malformed.
+pub(crate) async fn introduced(mut inner: InnerStream) -> Option<(InnerStream, ConnectionInfo)> {
+    match read_introduction(&mut inner).await {
+        Ok(info) => {
+            tracing::debug!(id = info.id(), client = %info.client(), "connection");
+            Some((inner, info))
+        }
+        Err(e) => {
+            tracing::warn!("{e}; the connection is reset");
+            inner.abort();
+            None
+        }
+    }
+}
+
 /// Reads the connection frame at the front of `inner`, and nothing after it.
-pub(crate) async fn read_introduction(
-    inner: &mut InnerStream,
-) -> Result<ConnectionInfo, IntroductionError> {
+async fn read_introduction(inner: &mut InnerStream) -> Result<ConnectionInfo, IntroductionError> {
     let read = read_frame(inner, &[FrameKind::Connection], MAX_CONNECTION_LEN);
     match tokio::time::timeout(INTRODUCTION_TIMEOUT, read).await {
         Ok(Ok(Frame::Connection(info))) => Ok(info),

@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use super::introduction::read_introduction;
+use super::introduction::introduced;
 use super::ProxyProtocol;
 use crate::netstack::{lock, Listener};
 use crate::splice::splice_tcp;
@@ -53,17 +53,12 @@ pub(crate) async fn serve(
             };
             // Small writes (requests, keystrokes) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let Ok(mut inner) = pending.accept().await else {
+            let Ok(inner) = pending.accept().await else {
                 return;
             };
-            let info = match read_introduction(&mut inner).await {
-                Ok(info) => info,
-                Err(e) => {
-                    tracing::warn!("{e}; the connection is reset");
-                    return inner.abort();
-                }
+            let Some((inner, info)) = introduced(inner).await else {
+                return;
             };
-            tracing::debug!(id = info.id(), client = %info.client(), "connection");
             if let Some(version) = proxy_protocol {
                 // One write, before any byte of the client's.
                 if stream.write_all(&version.header(&info)).await.is_err() {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::introduction::read_introduction;
+use super::introduction::introduced;
 use super::{Agent, TunnelAddress, TunnelState};
 use crate::connection::ConnectionInfo;
 use crate::error::Error;
@@ -214,18 +214,14 @@ impl TunnelListener {
     /// Waits for the next connection; fails once the link to the relay is gone.
     pub async fn accept(&mut self) -> Result<TunnelStream, Error> {
         loop {
-            let mut stream = match self.listener.accept().await {
+            let stream = match self.listener.accept().await {
                 Ok(stream) => stream,
                 // One client that stalls its handshake is no reason to stop serving.
                 Err(crate::netstack::ConnectError::TimedOut) => continue,
                 Err(_) => return Err(Error::LinkClosed),
             };
-            match read_introduction(&mut stream).await {
-                Ok(info) => return Ok(TunnelStream(stream, info)),
-                Err(e) => {
-                    tracing::warn!("{e}; the connection is reset");
-                    stream.abort();
-                }
+            if let Some((stream, info)) = introduced(stream).await {
+                return Ok(TunnelStream(stream, info));
             }
         }
     }
