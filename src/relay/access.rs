@@ -84,29 +84,19 @@ impl fmt::Display for Ended {
 pub(crate) struct AccessRecord {
     info: ConnectionInfo,
     tunnel: String,
-    node: Option<String>,
     started: Instant,
     meter: Arc<Meter>,
-    logged: bool,
 }
 
 impl AccessRecord {
-    /// The record of the connection `info` to the tunnel `hostname` on `node`, started
-    /// now; written at its end only if `logged`.
-    pub(crate) fn new(
-        info: ConnectionInfo,
-        hostname: &str,
-        node: Option<String>,
-        logged: bool,
-    ) -> AccessRecord {
+    /// The record of the connection `info` to the tunnel `hostname`, started now.
+    pub(crate) fn new(info: ConnectionInfo, hostname: &str) -> AccessRecord {
         let label = hostname.split('.').next().unwrap_or_default();
         AccessRecord {
             info,
             tunnel: label.chars().take(TUNNEL_PREFIX_LEN).collect(),
-            node,
             started: Instant::now(),
             meter: Arc::default(),
-            logged,
         }
     }
 
@@ -120,11 +110,8 @@ impl AccessRecord {
         self.meter.clone()
     }
 
-    /// Writes the connection's line: it ended as `ended`.
-    pub(crate) fn end(self, ended: Ended) {
-        if !self.logged {
-            return;
-        }
+    /// Writes the connection's line: it ended as `ended`, on the relay's `node`.
+    pub(crate) fn log(&self, ended: Ended, node: Option<&str>) {
         let SpliceStats {
             inner_to_outer: to_client,
             outer_to_inner: from_client,
@@ -136,7 +123,7 @@ impl AccessRecord {
         tracing::info!(
             target: "portferry::access",
             id = self.info.id(),
-            node = self.node.as_deref().unwrap_or("-"),
+            node = node.unwrap_or("-"),
             tunnel = %self.tunnel,
             client = %self.info.client(),
             edge,

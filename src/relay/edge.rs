@@ -86,12 +86,7 @@ impl Shared {
     ) -> AccessRecord {
         let id = self.next_connection_id.fetch_add(1, Ordering::Relaxed);
         let info = ConnectionInfo::new(id, from, reached, edge);
-        AccessRecord::new(
-            info,
-            hostname,
-            self.config.node.clone(),
-            self.config.access_log,
-        )
+        AccessRecord::new(info, hostname)
     }
 }
 

@@ -596,7 +596,9 @@ impl Shared {
     /// ending counted, then its access-log line written.
     fn end_connection(&self, record: AccessRecord, how: Ended) {
         self.counters.ended(how, record.meter().read());
-        record.end(how);
+        if self.config.access_log {
+            record.log(how, self.config.node.as_deref());
+        }
     }
 
     /// Opens the inner connection of a public connection admitted to `route`, its flow
