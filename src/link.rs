@@ -22,16 +22,17 @@
 //! batches, 128 KiB unsent) added latency under load and no throughput.
 //!
 //! # A send buffer for the bytes in flight
-//! The bytes in flight count in the socket's send buffer, and Linux wakes a writer
-//! waiting for room only once a third of that buffer is free (`sk_stream_write_space`),
-//! also when it waits for the unsent bytes to drain. A link that keeps its unsent bytes
-//! small therefore has at most two thirds of the buffer in flight: with autotuning's
-//! ceiling (`net.ipv4.tcp_wmem`, 4 MiB by default) that is 0.55 Gbit/s across 40 ms.
-//! So [`configure_socket`] asks for the largest send buffer the host allows
-//! (`net.core.wmem_max`, which Linux doubles) when that is above autotuning's ceiling;
-//! measured across a 40 ms delay line with `wmem_max` at 4 MiB, single-flow throughput
-//! went from 0.48 to 0.95 Gbit/s, latency under load unchanged. Memory follows use:
-//! the buffer holds what is in flight plus the unsent limit, never more.
+//! The bytes in flight count in the socket's send buffer. With its unsent bytes kept
+//! small, the link's TCP was measured keeping only two thirds of autotuning's ceiling
+//! (`net.ipv4.tcp_wmem`, 4 MiB by default) in flight, app-limited, while the queue above
+//! it was full: 0.55 Gbit/s across 40 ms. (Linux wakes a writer waiting for room only
+//! once a third of the buffer is free, `sk_stream_write_space`, which matches; retrying
+//! refused writes on a timer did not help, so it is not the whole story.) A larger
+//! buffer removes the limit, so [`configure_socket`] asks for the largest send buffer
+//! the host allows (`net.core.wmem_max`, which Linux doubles) when that is above
+//! autotuning's ceiling: measured across a 40 ms delay line with `wmem_max` at 4 MiB,
+//! single-flow throughput went from 0.48 to 0.95 Gbit/s, latency under load unchanged.
+//! Memory follows use: the buffer holds what is in flight plus the unsent limit.
 //!
 //! # Bounds and timeouts
 //! The reader buffers at most one frame (`HEADER_LEN + MAX_PAYLOAD_LEN` bytes) beyond
