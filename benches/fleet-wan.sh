@@ -13,40 +13,12 @@ set -u
 RTT=${1:-40}
 RUNS=${2:-10}
 WAN=${WAN:?set WAN to the delay line program}
-[ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)"; exit 1; }
-[ -e /run/netns/pfw-r ] && { echo "the delay line is in use (namespace pfw-r exists)"; exit 1; }
 cargo build --release -q --bin portferry --example nearest_relay || exit 1
 PF=target/release/portferry
 PROBE=target/release/examples/nearest_relay
+. "$(dirname "$0")/wan-common.sh"
 
-W=$(mktemp -d /tmp/fleet-wan.XXXXXX)
-pids=()
-WANPID=
-cleanup() {
-  trap - EXIT INT TERM
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
-  if [ -n "$WANPID" ]; then
-    kill -INT "$WANPID" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$WANPID" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$WANPID" 2>/dev/null; wait "$WANPID" 2>/dev/null
-  fi
-  { [ -e /run/netns/pfw-r ] || [ -e /run/netns/pfw-a ]; } && "$WAN" down
-  rm -rf /etc/netns/pfw-a "$W"; rmdir /etc/netns 2>/dev/null
-}
-trap cleanup EXIT
-trap 'echo interrupted; exit 130' INT TERM
-wait_line() { # FILE REGEX: until a line matches (at most 20 s); prints it
-  for _ in $(seq 200); do
-    grep -m1 -E "$2" "$1" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "no '$2' in $1:" >&2; cat "$1" "${1%.out}.err" >&2 2>/dev/null; return 1
-}
-
-"$WAN" up --rtt-ms "$RTT" --mtu 1500 >"$W/wan.out" 2>&1 &
-WANPID=$!
-wait_line "$W/wan.out" '^wan: up' || exit 1
+start_wan "$RTT" || exit 1
 # The far relay's domain, which its certificate covers: pfw-a resolves it across the line.
 # (Not a name under .localhost, which an agent reaches at localhost.)
 mkdir -p /etc/netns/pfw-a
