@@ -25,12 +25,14 @@
 //! The bytes in flight count in the socket's send buffer. With its unsent bytes kept
 //! small, the link's TCP was measured keeping only two thirds of autotuning's ceiling
 //! (`net.ipv4.tcp_wmem`, 4 MiB by default) in flight, app-limited, while the queue above
-//! it was full: 0.55 Gbit/s across 40 ms. (Linux wakes a writer waiting for room only
-//! once a third of the buffer is free, `sk_stream_write_space`, which matches; retrying
-//! refused writes on a timer did not help, so it is not the whole story.) A larger
-//! buffer removes the limit, so [`configure_socket`] asks for the largest send buffer
-//! the host allows (`net.core.wmem_max`, which Linux doubles) when that is above
-//! autotuning's ceiling: measured across a 40 ms delay line with `wmem_max` at 4 MiB,
+//! it was full: 0.55 Gbit/s across 40 ms. Linux wakes a writer waiting for room only
+//! once a third of the buffer is free (`sk_stream_write_space`), also when it waits for
+//! the unsent bytes to drain; a plain writer that retries on a timer instead gets past
+//! that, but the same retry under the link's TLS did not (see the README's
+//! *Performance*). A larger buffer removes the limit, so [`configure_socket`] asks for
+//! the largest send buffer the host allows (`net.core.wmem_max`, which Linux doubles)
+//! when that is above autotuning's ceiling: measured across a 40 ms delay line with
+//! `wmem_max` at 4 MiB,
 //! single-flow throughput went from 0.48 to 0.95 Gbit/s, latency under load unchanged.
 //! Memory follows use: the buffer holds what is in flight plus the unsent limit.
 //!
