@@ -77,8 +77,7 @@ impl<T: Send + 'static> Task<T> {
 
     /// Waits (without the GIL) up to `timeout`, or until done if `None`. Raises the
     /// future's error, and an error if the task was cancelled, its outcome already taken,
-    /// or it belongs to the parent of this forked process; after a wait that timed out,
-    /// what a signal handler raises (`KeyboardInterrupt` for Ctrl-C).
+    /// or it belongs to the parent of this forked process.
     pub(crate) fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Waited<T>> {
         let timeout = timeout.map(Duration::try_from_secs_f64).transpose();
         let timeout =
@@ -111,14 +110,7 @@ impl<T: Send + 'static> Task<T> {
                 }
             }
         });
-        let received = received?;
-        if matches!(received, Waited::Pending) {
-            // A pending Ctrl-C's handler runs here, not only at the interpreter's own next
-            // check: in one CI run, with another Python thread busy, that check did not
-            // come for the whole connect timeout.
-            py.check_signals()?;
-        }
-        Ok(received)
+        Ok(received?)
     }
 
     /// Cancels the future (from any thread, also while another waits) and waits,
