@@ -21,7 +21,10 @@ PROGRAM_LIMIT = 30.0
 
 
 WAITS_FOR_A_SILENT_RELAY = """
-import threading, portferry
+import signal, threading, portferry
+# Ctrl-C as in a terminal, also when the suite was started with SIGINT ignored (a
+# background job of a non-interactive shell is), which Python would keep.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 ticks = 0
 def tick():
     global ticks
